@@ -1,0 +1,68 @@
+"""Thin ctypes wrappers for the Linux calls the standard library lacks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Final
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+MCL_CURRENT: Final = 1
+MCL_FUTURE: Final = 2
+MCL_ONFAULT: Final = 4
+
+PR_SET_IO_FLUSHER: Final = 57
+PR_GET_IO_FLUSHER: Final = 58
+
+MS_NOSUID: Final = 2
+MS_NODEV: Final = 4
+MNT_DETACH: Final = 2
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(PUNCH_HOLE|KEEP_SIZE): give the blocks of a range back."""
+    _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length),
+           "fallocate(PUNCH_HOLE)")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode."""
+    _check(_libc.fallocate(fd, mode, offset, length), "fallocate")
+
+
+def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2)."""
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()),
+           f"mount {target}")
+
+
+def umount(target: str, flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def mlockall(flags: int = MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) -> None:
+    """mlockall(2).  MCL_ONFAULT keeps lazily committed pool chunks lazy."""
+    _check(_libc.mlockall(flags), "mlockall")
+
+
+def prctl(option: int, arg2: int = 0) -> int:
+    """prctl(2) with one argument."""
+    return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")

@@ -1,0 +1,229 @@
+"""A physical backing file: sparse, grown on demand, slot-allocated by cluster.
+
+Each physical slot is one 4 KiB page at ``slot * 4096``.  Slots are handed out
+from 512-slot clusters as the kernel's swap allocator does: the current
+cluster first, then partly used clusters, then the lowest free one, and only
+then is the file grown.  A cluster that empties is hole-punched, and free
+clusters at the end are cut off with ftruncate, so the file's allocated
+blocks follow the live data.
+
+For every slot the file keeps, in memory, an rmap entry (the virtual slot it
+holds, -1 when free) and the xxh3-64 checksum of its page, checked on every
+read: a mismatch is an I/O error, never wrong data.
+
+The file is opened with O_DIRECT when its file system allows it, so backing
+pages never sit in the page cache; otherwise pages are dropped from the cache
+with posix_fadvise after each transfer.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+import threading
+from array import array
+from collections.abc import Iterator, Sequence
+from typing import Final
+
+import xxhash
+
+from .. import _linux
+
+PAGE: Final = 4096
+CLUSTER_SLOTS: Final = 512
+CLUSTER_BYTES: Final = PAGE * CLUSTER_SLOTS
+_STAGE_PAGES: Final = 256
+_FREE_RMAP: Final = array("q", [-1] * CLUSTER_SLOTS)
+_ZERO_CSUM: Final = array("Q", bytes(8 * CLUSTER_SLOTS))
+
+checksum = xxhash.xxh3_64_intdigest
+
+
+class BackingChecksumError(OSError):
+    """A backing page did not match its checksum."""
+
+
+def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+    """Split ``slots`` into runs of consecutive values, at most 256 long:
+    yields (first index in ``slots``, first slot, length)."""
+    i, n = 0, len(slots)
+    while i < n:
+        j = i + 1
+        while j < n and j - i < _STAGE_PAGES and slots[j] == slots[j - 1] + 1:
+            j += 1
+        yield i, slots[i], j - i
+        i = j
+
+
+class BackingFile:
+    """One backing file; callers serialise every method but :meth:`read`."""
+
+    def __init__(self, path: str, index: int) -> None:
+        self.path = path
+        self.index = index  # the 5-bit file index stored in PHYS entries
+        if os.path.exists(path):
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{path}: not a regular file")
+            if st.st_size:
+                raise FileExistsError(errno.EEXIST, f"{path}: exists and is not empty", path)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
+            self.direct = True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(path, flags, 0o600)
+            self.direct = False
+        os.fchmod(self.fd, 0o600)
+        os.ftruncate(self.fd, 0)
+        self.rmap = array("q")  # physical slot -> virtual slot, -1: free
+        self.csum = array("Q")  # physical slot -> xxh3-64 of its page
+        self.used = array("H")  # cluster -> slots in use
+        self.partial: set[int] = set()  # clusters with 0 < used < 512
+        self.free_clusters: set[int] = set()  # clusters with used == 0
+        self.cursor = -1  # cluster being filled, -1: none
+        self.live = 0  # slots in use
+        self._stage = mmap.mmap(-1, _STAGE_PAGES * PAGE)  # aligned write buffer
+        self._tls = threading.local()
+
+    # -- allocation -----------------------------------------------------
+
+    def alloc(self, n: int) -> list[int]:
+        """Reserve ``n`` slots (contiguous where possible); rmap is set by
+        :meth:`bind`.  Reserved slots hold -2 in the rmap."""
+        out: list[int] = []
+        rmap = self.rmap
+        while len(out) < n:
+            c = self.cursor
+            if c < 0 or self.used[c] >= CLUSTER_SLOTS:
+                c = self.cursor = self._next_cluster()
+            base = c * CLUSTER_SLOTS
+            s = rmap.index(-1, base, base + CLUSTER_SLOTS)
+            while len(out) < n and self.used[c] < CLUSTER_SLOTS:
+                if rmap[s] == -1:
+                    rmap[s] = -2
+                    out.append(s)
+                    self.used[c] += 1
+                s += 1
+            self.partial.discard(c)
+            self.free_clusters.discard(c)
+        self.live += n
+        return out
+
+    def _next_cluster(self) -> int:
+        old = self.cursor
+        if old >= 0 and 0 < self.used[old] < CLUSTER_SLOTS:
+            self.partial.add(old)
+        if self.partial:
+            return self.partial.pop()
+        if self.free_clusters:
+            c = min(self.free_clusters)
+            self.free_clusters.discard(c)
+            return c
+        c = len(self.used)
+        self.used.append(0)
+        self.rmap.extend(_FREE_RMAP)
+        self.csum.extend(_ZERO_CSUM)
+        os.ftruncate(self.fd, (c + 1) * CLUSTER_BYTES)
+        return c
+
+    def bind(self, pslot: int, vslot: int, csum: int) -> None:
+        """Record that ``pslot`` now holds virtual slot ``vslot``."""
+        self.rmap[pslot] = vslot
+        self.csum[pslot] = csum
+
+    def free(self, pslot: int) -> None:
+        """Release a slot; an emptied cluster is punched, a free tail cut."""
+        self.rmap[pslot] = -1
+        self.live -= 1
+        c = pslot // CLUSTER_SLOTS
+        self.used[c] -= 1
+        if self.used[c]:
+            if c != self.cursor:
+                self.partial.add(c)
+            return
+        self.partial.discard(c)
+        if c == self.cursor:
+            self.cursor = -1
+        self.free_clusters.add(c)
+        try:
+            _linux.punch_hole(self.fd, c * CLUSTER_BYTES, CLUSTER_BYTES)
+        except OSError:
+            pass  # the file system cannot punch: the tail cut below still works
+        self._cut_tail()
+
+    def _cut_tail(self) -> None:
+        n = len(self.used)
+        while n and self.used[n - 1] == 0 and self.cursor != n - 1:
+            n -= 1
+            self.free_clusters.discard(n)
+        if n == len(self.used):
+            return
+        del self.used[n:]
+        del self.rmap[n * CLUSTER_SLOTS:]
+        del self.csum[n * CLUSTER_SLOTS:]
+        os.ftruncate(self.fd, n * CLUSTER_BYTES)
+
+    def slots_in_use(self) -> Iterator[tuple[int, int]]:
+        """(physical slot, virtual slot) for every bound slot."""
+        for p, v in enumerate(self.rmap):
+            if v >= 0:
+                yield p, v
+
+    # -- I/O ------------------------------------------------------------
+
+    def write(self, pslots: Sequence[int], pages: Sequence[bytes | memoryview]) -> None:
+        """Write one page into each slot, coalescing runs into one pwrite."""
+        stage = memoryview(self._stage)
+        for i, first, n in runs(pslots):
+            for k in range(n):
+                stage[k * PAGE:(k + 1) * PAGE] = pages[i + k]
+            self._pwrite(stage[:n * PAGE], first * PAGE)
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        done = os.pwritev(self.fd, [buf], offset)
+        if done != len(buf):
+            raise OSError(errno.EIO, f"{self.path}: short write at {offset}")
+        if not self.direct:
+            os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+
+    def read(self, pslot: int, expect: int) -> bytes:
+        """Read one page and check it against checksum ``expect``.
+
+        Safe to call without the owner's lock: the buffer is per thread."""
+        buf = getattr(self._tls, "buf", None)
+        if buf is None:
+            buf = self._tls.buf = mmap.mmap(-1, PAGE)
+        got = os.preadv(self.fd, [buf], pslot * PAGE)
+        if got != PAGE:
+            raise OSError(errno.EIO, f"{self.path}: short read of slot {pslot}")
+        if not self.direct:
+            os.posix_fadvise(self.fd, pslot * PAGE, PAGE, os.POSIX_FADV_DONTNEED)
+        page = buf[:]
+        if checksum(page) != expect:
+            raise BackingChecksumError(errno.EIO, f"{self.path}: checksum mismatch in slot {pslot}")
+        return page
+
+    # -- state ----------------------------------------------------------
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file system has allocated to the file (st_blocks)."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def size(self) -> int:
+        """The file's apparent size."""
+        return os.fstat(self.fd).st_size
+
+    def close(self, unlink: bool = True) -> None:
+        """Close the file; by default remove it (its data is private)."""
+        os.close(self.fd)
+        self._stage.close()
+        if unlink:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

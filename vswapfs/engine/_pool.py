@@ -1,0 +1,236 @@
+"""A zsmalloc-like allocator for compressed pages.
+
+Objects are packed into size classes 16 bytes apart (16, 32, ... 4096).  Each
+class carves fixed-size slots out of 64 KiB anonymous ``mmap`` chunks; a chunk
+is committed by the kernel only as far as it has been written, so the memory
+the pool holds follows the payload closely, whatever the size mix.  There is
+no Python object per stored page: a class keeps its chunks in a dict, a bump
+pointer for the newest chunk and an ``array`` stack of freed slot indices.
+
+An object is named by its class (derived from its length) and an index
+``chunk_no * per_chunk + k``.  Chunk numbers are never reused, so an index
+left in a free stack after its chunk was released is recognised as stale.
+
+Memory accounting follows zsmalloc: a chunk counts for what it has committed
+(all of it once filled, the bumped part while it is the newest), freed slots
+inside it keep counting until the chunk empties or is compacted.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Iterator
+from typing import Final
+
+CLASS_STEP: Final = 16
+N_CLASSES: Final = 4096 // CLASS_STEP
+CHUNK_BYTES: Final = 64 * 1024
+_PAGE: Final = 4096
+
+
+def size_class(length: int) -> int:
+    """Index of the size class that holds objects of ``length`` bytes."""
+    return (length - 1) // CLASS_STEP
+
+
+def _committed(nbytes: int) -> int:
+    return (nbytes + _PAGE - 1) // _PAGE * _PAGE
+
+
+class _SizeClass:
+    """Slots of one object size; see the module docstring."""
+
+    __slots__ = (
+        "size", "per_chunk", "chunks", "live", "free", "stale", "newest",
+        "bump", "next_no", "draining",
+    )
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # bytes per slot
+        self.per_chunk = CHUNK_BYTES // size  # slots per chunk
+        self.chunks: dict[int, mmap.mmap] = {}  # chunk number -> memory
+        self.live: dict[int, int] = {}  # chunk number -> live objects
+        self.free = array("Q")  # freed slot indices, used LIFO
+        self.stale = 0  # entries of `free` whose chunk is gone
+        self.newest = -1  # chunk being bump-allocated, -1: none
+        self.bump = 0  # next never-used slot in the newest chunk
+        self.next_no = 0  # number the next chunk gets
+        self.draining: set[int] = set()  # chunks being emptied by compaction
+
+    def chunk_bytes(self, no: int) -> int:
+        """Committed bytes of chunk ``no``."""
+        used = self.bump if no == self.newest else self.per_chunk
+        return _committed(used * self.size)
+
+
+class Pool:
+    """Stores byte strings of 1..4096 bytes and hands back object indices.
+
+    Not thread-safe: the owner (the swap engine) serialises calls.
+    """
+
+    def __init__(self) -> None:
+        self._classes = [_SizeClass((i + 1) * CLASS_STEP) for i in range(N_CLASSES)]
+        self.mem_used = 0  # bytes committed by all chunks (zram mem_used_total)
+        self.payload = 0  # bytes of stored objects (zram compr_data_size)
+        self.objects = 0  # objects stored
+        self.chunks = 0  # chunks allocated now
+
+    # -- allocation -----------------------------------------------------
+
+    def cost(self, length: int) -> int:
+        """Upper bound of the memory that storing ``length`` bytes may add."""
+        cls = self._classes[size_class(length)]
+        return 0 if len(cls.free) > cls.stale else _PAGE
+
+    def store(self, data: bytes | memoryview) -> int:
+        """Copy ``data`` into the pool; return its object index."""
+        length = len(data)
+        cls = self._classes[size_class(length)]
+        obj = self._alloc(cls)
+        no, k = divmod(obj, cls.per_chunk)
+        off = k * cls.size
+        cls.chunks[no][off:off + length] = data
+        cls.live[no] += 1
+        self.payload += length
+        self.objects += 1
+        return obj
+
+    def _alloc(self, cls: _SizeClass) -> int:
+        free = cls.free
+        while free:
+            obj = free.pop()
+            if obj // cls.per_chunk in cls.chunks:
+                return obj
+            cls.stale -= 1
+        if cls.newest < 0 or cls.bump >= cls.per_chunk:
+            self._new_chunk(cls)
+        obj = cls.newest * cls.per_chunk + cls.bump
+        before = _committed(cls.bump * cls.size)
+        cls.bump += 1
+        self.mem_used += _committed(cls.bump * cls.size) - before
+        return obj
+
+    def _new_chunk(self, cls: _SizeClass) -> None:
+        no = cls.next_no
+        cls.next_no += 1
+        cls.chunks[no] = mmap.mmap(-1, cls.per_chunk * cls.size)
+        cls.live[no] = 0
+        cls.newest = no
+        cls.bump = 0
+        self.chunks += 1
+
+    # -- access ---------------------------------------------------------
+
+    def load(self, obj: int, length: int) -> bytes:
+        """A copy of the object's bytes."""
+        cls = self._classes[size_class(length)]
+        no, k = divmod(obj, cls.per_chunk)
+        off = k * cls.size
+        return cls.chunks[no][off:off + length]
+
+    def free(self, obj: int, length: int) -> None:
+        """Release an object; a chunk left empty is returned to the kernel."""
+        cls = self._classes[size_class(length)]
+        no = obj // cls.per_chunk
+        left = cls.live[no] - 1
+        self.payload -= length
+        self.objects -= 1
+        if left:
+            cls.live[no] = left
+            if no not in cls.draining:  # a draining chunk's slots are never reused
+                cls.free.append(obj)
+            return
+        self._drop_chunk(cls, no)
+
+    def _drop_chunk(self, cls: _SizeClass, no: int) -> None:
+        carved = cls.bump if no == cls.newest else cls.per_chunk
+        self.mem_used -= cls.chunk_bytes(no)
+        cls.chunks.pop(no).close()
+        del cls.live[no]
+        self.chunks -= 1
+        if no == cls.newest:
+            cls.newest = -1
+            cls.bump = 0
+        if no in cls.draining:
+            cls.draining.discard(no)  # its slots were purged from `free`
+        else:
+            cls.stale += carved - 1  # all its slots but the last are in `free`
+        if not cls.chunks:
+            del cls.free[:]
+            cls.stale = 0
+        elif cls.stale > len(cls.free) // 2:
+            self._purge_free(cls)
+
+    @staticmethod
+    def _purge_free(cls: _SizeClass) -> None:
+        per, keep, drain = cls.per_chunk, cls.chunks, cls.draining
+        cls.free = array("Q", (o for o in cls.free if o // per in keep and o // per not in drain))
+        cls.stale = 0
+
+    # -- compaction -----------------------------------------------------
+
+    def plan_compaction(self) -> int:
+        """Mark the sparsest chunks of each class for draining.
+
+        A chunk is drained only if its live objects fit into the free slots of
+        the chunks that stay.  Returns how many chunks were marked.  The owner
+        then moves every object for which :meth:`draining` is true with
+        :meth:`move`, and calls :meth:`end_compaction`.
+        """
+        marked = 0
+        for cls in self._classes:
+            if len(cls.chunks) < 2:
+                continue
+            holes = sum(cls.per_chunk - n for n in cls.live.values())
+            if cls.newest >= 0:
+                holes -= cls.per_chunk - cls.bump  # not yet carved: not a hole
+            for no, n in sorted(cls.live.items(), key=lambda item: item[1]):
+                own_holes = cls.per_chunk - n
+                if no == cls.newest:
+                    continue
+                if n <= holes - own_holes:
+                    cls.draining.add(no)
+                    holes -= own_holes + n
+                    marked += 1
+                else:
+                    break
+            if cls.draining:
+                self._purge_free(cls)
+        return marked
+
+    def draining(self, obj: int, length: int) -> bool:
+        """True if the object sits in a chunk marked by plan_compaction."""
+        cls = self._classes[size_class(length)]
+        return bool(cls.draining) and obj // cls.per_chunk in cls.draining
+
+    def move(self, obj: int, length: int) -> int:
+        """Move an object out of a draining chunk; return its new index."""
+        data = self.load(obj, length)
+        new = self.store(data)
+        self.free(obj, length)
+        return new
+
+    def end_compaction(self) -> None:
+        """Forget draining marks (normally none are left: drained chunks are
+        released as their last object moves out)."""
+        for cls in self._classes:
+            cls.draining.clear()
+
+    # -- introspection --------------------------------------------------
+
+    def class_stats(self) -> Iterator[tuple[int, int, int, int]]:
+        """(size, chunks, live objects, free slots) for each non-empty class."""
+        for cls in self._classes:
+            if cls.chunks:
+                live = sum(cls.live.values())
+                yield cls.size, len(cls.chunks), live, len(cls.chunks) * cls.per_chunk - live
+
+    def close(self) -> None:
+        """Release every chunk."""
+        for cls in self._classes:
+            for m in cls.chunks.values():
+                m.close()
+            cls.__init__(cls.size)  # type: ignore[misc]
+        self.mem_used = self.payload = self.objects = self.chunks = 0

@@ -1,0 +1,671 @@
+"""The virtual swap space: the RFC's vswap device in userspace.
+
+The space is addressed by byte offset, like the file the kernel swaps into.
+Slot ``s`` is the 4 KiB page at ``s * 4096``; cluster ``c`` is slots
+``c * 512 .. c * 512 + 511``.  A cluster exists only while one of its slots
+holds data: it is created by the first write into it and dropped when its
+last slot is freed, so unused capacity costs nothing (a dict keyed by
+cluster index plays the kernel's xarray).  Each cluster's ``table`` is the
+RFC's ``virtual_table``: one 64-bit entry word per slot, see ``_entry``.
+
+A page lives in exactly one backend: its table word (SAME), the compressed
+pool (POOL) or a slot of a backing file (PHYS).  Moving a page between
+backends (writeback, evacuation, compaction) rewrites that word only; the
+virtual slot, which is what the kernel knows, never changes.
+
+Threading: every method may be called from any thread.  Compression and
+decompression run outside the engine lock (zstandard releases the GIL);
+table and allocator changes run under it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+from array import array
+from collections.abc import Iterable
+from typing import Final
+
+import zstandard
+
+from . import _entry as E
+from ._backing import BackingChecksumError, BackingFile, checksum
+from ._pool import CLASS_STEP, Pool, size_class
+from ._stats import Counters
+
+PAGE: Final = E.PAGE_SIZE
+CLUSTER_SLOTS: Final = 512
+CLUSTER_BYTES: Final = PAGE * CLUSTER_SLOTS
+DEFAULT_LEVEL: Final = 1
+MIN_LEVEL: Final = -100  # zstd's fast levels (negative) trade ratio for speed
+MAX_LEVEL: Final = zstandard.MAX_COMPRESSION_LEVEL
+DEFAULT_HUGE_THRESHOLD: Final = PAGE * 3 // 4
+DEFAULT_ACCEPT_THRESHOLD: Final = 90
+WRITEBACK_BATCH: Final = 256
+
+_ZERO_PAGE: Final = bytes(PAGE)
+_ZERO_WORD: Final = E.same_word(0)
+_EMPTY_TABLE: Final = bytes(8 * CLUSTER_SLOTS)
+
+
+class NoSpaceError(OSError):
+    """The pool is at its limit and no backing file can take the page."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(errno.ENOSPC, msg)
+
+
+class _Cluster:
+    """A dynamic cluster: its virtual_table and how many slots are in use."""
+
+    __slots__ = ("table", "used", "pool")
+
+    def __init__(self) -> None:
+        self.table = array("Q", _EMPTY_TABLE)  # the virtual_table, 8 bytes a slot
+        self.used = 0  # slots whose word is not NONE
+        self.pool = 0  # slots whose word is POOL (writeback skips clusters at 0)
+
+
+# Bytes one live cluster costs: the object, its table and its dict entry.
+_CLUSTER_FOOTPRINT: Final = (sys.getsizeof(_Cluster()) + sys.getsizeof(array("Q", _EMPTY_TABLE))
+                             + 3 * 8)
+
+
+def _pool_cost(length: int) -> int:
+    return (size_class(length) + 1) * CLASS_STEP
+
+
+class SwapSpace:
+    """A virtual swap space of ``size`` bytes.
+
+    ``pool_limit`` caps the memory of the compressed pool in bytes (0: no
+    cap).  Once it is hit, stores are refused (or, with a backing file,
+    written back) until usage falls below ``accept_threshold`` percent of
+    it, as zswap does.  Pages that compress to more than ``huge_threshold``
+    bytes go to a backing file when there is one and writeback is enabled,
+    else they are kept raw in the pool.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        pool_limit: int = 0,
+        level: int = DEFAULT_LEVEL,
+        accept_threshold: int = DEFAULT_ACCEPT_THRESHOLD,
+        huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
+        writeback_enabled: bool = True,
+        backing: Iterable[str] = (),
+    ) -> None:
+        if size <= 0 or size % PAGE:
+            raise ValueError(f"size must be a positive multiple of {PAGE}, not {size}")
+        self.size = size
+        self.nslots = size // PAGE
+        self._clusters: dict[int, _Cluster] = {}  # cluster index -> cluster, oldest write first
+        self._pool = Pool()
+        self._backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
+        self._evacuating: set[int] = set()  # backing-file indices being emptied
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+        self._pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
+        self.counters = Counters()
+        self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
+        self.huge_pages = 0  # POOL pages kept raw (4096 bytes)
+        self.pool_limit = 0
+        self.level = 0
+        self.accept_threshold = 0
+        self.huge_threshold = 0
+        self.writeback_enabled = writeback_enabled
+        self.configure(pool_limit=pool_limit, level=level, accept_threshold=accept_threshold,
+                       huge_threshold=huge_threshold)
+        for path in backing:
+            self.add_backing(path)
+
+    # -- settings -----------------------------------------------------------
+
+    def configure(
+        self,
+        *,
+        pool_limit: int | None = None,
+        level: int | None = None,
+        accept_threshold: int | None = None,
+        huge_threshold: int | None = None,
+        writeback_enabled: bool | None = None,
+    ) -> None:
+        """Change settings; every value is checked before any is applied."""
+        if pool_limit is not None and pool_limit < 0:
+            raise ValueError(f"pool_limit must be >= 0 bytes, not {pool_limit}")
+        if level is not None and (level == 0 or not MIN_LEVEL <= level <= MAX_LEVEL):
+            raise ValueError(f"level must be a non-zero zstd level in {MIN_LEVEL}..{MAX_LEVEL}, "
+                             f"not {level}")
+        if accept_threshold is not None and not 0 < accept_threshold <= 100:
+            raise ValueError(f"accept_threshold must be a percentage in 1..100, not {accept_threshold}")
+        if huge_threshold is not None and not 0 < huge_threshold <= PAGE:
+            raise ValueError(f"huge_threshold must be in 1..{PAGE} bytes, not {huge_threshold}")
+        with self._lock:
+            if pool_limit is not None:
+                self.pool_limit = pool_limit
+                self._pool_full = False
+            if level is not None:
+                self.level = level
+            if accept_threshold is not None:
+                self.accept_threshold = accept_threshold
+            if huge_threshold is not None:
+                self.huge_threshold = huge_threshold
+            if writeback_enabled is not None:
+                self.writeback_enabled = writeback_enabled
+
+    # -- compression (thread-local contexts, no lock) ------------------------
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        tls = self._tls
+        if getattr(tls, "level", None) != self.level:
+            tls.level = self.level
+            tls.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False,
+                                             write_content_size=False, write_dict_id=False)
+        c: zstandard.ZstdCompressor = tls.c
+        return c
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._tls, "d", None)
+        if d is None:
+            d = self._tls.d = zstandard.ZstdDecompressor()
+        return d
+
+    def _decode(self, blob: bytes) -> bytes:
+        if len(blob) == PAGE:
+            return blob
+        page = self._decompressor().decompress(blob, max_output_size=PAGE)
+        if len(page) != PAGE:
+            raise OSError(errno.EIO, "pool object did not decompress to a page")
+        return page
+
+    def _encode(self, page: bytes) -> tuple[int, bytes | None]:
+        """(SAME word, None) for a same-filled page, else (0, payload) where
+        the payload is the compressed page, or None if it compresses poorly."""
+        if page == _ZERO_PAGE:
+            return _ZERO_WORD, None
+        head = page[:8]
+        if page[-8:] == head and page[2048:2056] == head and page == head * (PAGE // 8):
+            word = E.same_word(int.from_bytes(head, "little"))
+            if word is not None:
+                return word, None
+        blob = self._compressor().compress(page)
+        if len(blob) > self.huge_threshold:
+            return 0, None
+        return 0, blob
+
+    # -- address checks -------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            self.counters.invalid_io += 1
+            raise ValueError(f"range {offset}+{length} is outside the {self.size}-byte space")
+
+    # -- table helpers (call with the lock held) ------------------------------
+
+    def _word(self, slot: int) -> int:
+        cl = self._clusters.get(slot // CLUSTER_SLOTS)
+        return cl.table[slot % CLUSTER_SLOTS] if cl else 0
+
+    def _account(self, word: int, delta: int) -> None:
+        t = word & E.TAG_MASK
+        self.tag_pages[t] += delta
+        if t == E.POOL and E.pool_length(word) == PAGE:
+            self.huge_pages += delta
+
+    def _release(self, word: int) -> None:
+        """Free the backend resources of an entry word."""
+        t = word & E.TAG_MASK
+        if t == E.POOL:
+            self._pool.free(E.pool_object(word), E.pool_length(word))
+        elif t == E.PHYS:
+            bf = self._backing[E.phys_file(word)]
+            assert bf is not None
+            bf.free(E.phys_slot(word))
+
+    def _set(self, slot: int, word: int) -> None:
+        """Point ``slot`` at ``word``, freeing what it held; creates and
+        drops clusters as needed.  The caller has already stored the data."""
+        ci, idx = divmod(slot, CLUSTER_SLOTS)
+        cl = self._clusters.get(ci)
+        if cl is None:
+            if not word:
+                return
+            cl = self._clusters[ci] = _Cluster()
+            self.counters.clusters_created += 1
+        old = cl.table[idx]
+        if old:
+            self._release(old)
+            self._account(old, -1)
+            cl.used -= 1
+            cl.pool -= (old & E.TAG_MASK) == E.POOL
+        cl.table[idx] = word
+        if word:
+            self._account(word, 1)
+            cl.used += 1
+            cl.pool += (word & E.TAG_MASK) == E.POOL
+        elif not cl.used:
+            del self._clusters[ci]
+            self.counters.clusters_freed += 1
+
+    def _touch(self, ci: int) -> None:
+        """Move cluster ``ci`` to the young end of the writeback LRU."""
+        cl = self._clusters.pop(ci, None)
+        if cl is not None:
+            self._clusters[ci] = cl
+
+    def _store_pool(self, blob: bytes) -> int:
+        word = E.pool_word(self._pool.store(blob), len(blob))
+        if len(blob) == PAGE:
+            self.counters.huge_pages_since += 1
+        return word
+
+    def _note_mem(self) -> None:
+        used = self._pool.mem_used
+        if used > self.counters.mem_used_max:
+            self.counters.mem_used_max = used
+        if self._pool_full and used < self.pool_limit * self.accept_threshold // 100:
+            self._pool_full = False
+
+    # -- backing files ---------------------------------------------------------
+
+    def _target(self) -> BackingFile | None:
+        """The backing file new physical pages go to, if any."""
+        for bf in self._backing:
+            if bf is not None and bf.index not in self._evacuating:
+                return bf
+        return None
+
+    def add_backing(self, path: str) -> int:
+        """Add a backing file (created sparse at ``path``); returns its index."""
+        path = os.path.abspath(path)
+        with self._lock:
+            if any(bf is not None and bf.path == path for bf in self._backing):
+                raise FileExistsError(errno.EEXIST, f"{path} is already a backing file", path)
+            try:
+                index = self._backing.index(None)
+            except ValueError:
+                raise OSError(errno.EMFILE, f"at most {E.MAX_BACKING_FILES} backing files") from None
+            self._backing[index] = BackingFile(path, index)
+            return index
+
+    def backing_files(self) -> list[BackingFile]:
+        """The backing files in use, by index."""
+        return [bf for bf in self._backing if bf is not None]
+
+    def _write_phys(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
+        """Write pages for virtual ``slots`` to ``bf``; returns PHYS words.
+        On failure nothing is bound, the error is counted and re-raised."""
+        pslots = bf.alloc(len(pages))
+        try:
+            bf.write(pslots, pages)
+        except OSError:
+            self.counters.bd_write_errors += 1
+            for p in pslots:
+                bf.free(p)
+            raise
+        self.counters.bd_writes += len(pages)
+        for p, v, page in zip(pslots, slots, pages, strict=True):
+            bf.bind(p, v, checksum(page))
+        return [E.phys_word(bf.index, p) for p in pslots]
+
+    def _read_phys(self, word: int, *, final: bool = True) -> bytes:
+        """Read and verify a backing page.  Errors are counted unless
+        ``final`` is false (the caller will look again and count)."""
+        bf = self._backing[E.phys_file(word)]
+        assert bf is not None
+        p = E.phys_slot(word)
+        try:
+            page = bf.read(p, bf.csum[p])
+        except OSError as e:
+            if final:
+                self._count_read_error(e)
+            raise
+        self.counters.bd_reads += 1
+        return page
+
+    def _count_read_error(self, e: OSError) -> None:
+        self.counters.bd_read_errors += 1
+        if isinstance(e, BackingChecksumError):
+            self.counters.checksum_failures += 1
+
+    # -- the three operations ------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at byte ``offset``.
+
+        Partial pages are read, modified and stored whole.  Raises
+        ValueError outside the space and NoSpaceError when the pool is full
+        and nothing can take the pages; then nothing stored has changed.
+        """
+        n = len(data)
+        self._check(offset, n)
+        if not n:
+            return
+        mv = memoryview(data).cast("B")
+        first = offset // PAGE
+        end = (offset + n + PAGE - 1) // PAGE
+        pages: list[bytes] = []
+        try:
+            for slot in range(first, end):
+                lo = max(offset, slot * PAGE)
+                hi = min(offset + n, (slot + 1) * PAGE)
+                if hi - lo == PAGE:
+                    pages.append(bytes(mv[lo - offset:hi - offset]))
+                else:
+                    page = self._read_pages(slot, 1)
+                    page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
+                    pages.append(bytes(page))
+            encoded = [self._encode(p) for p in pages]
+            with self._lock:
+                self._commit(first, pages, encoded)
+        except OSError:
+            self.counters.failed_writes += 1
+            raise
+
+    def _commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
+        words = [w for w, _ in encoded]
+        poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
+        self.counters.reject_compress_poor += len(poor)
+        target = self._target() if self.writeback_enabled else None
+        to_disk = set(poor) if target else set()
+        if to_disk:
+            try:
+                phys = self._write_phys(target, [first + i for i in poor],  # type: ignore[arg-type]
+                                        [pages[i] for i in poor])
+                for i, w in zip(poor, phys, strict=True):
+                    words[i] = w
+            except OSError:
+                to_disk = set()  # the backing file failed: keep them raw in the pool
+        blobs = {i: (b if b is not None else pages[i]) for i, (w, b) in enumerate(encoded)
+                 if not w and i not in to_disk}
+        if blobs and self.pool_limit:
+            need = sum(_pool_cost(len(b)) for b in blobs.values())
+            if not self._make_room(need):
+                if target is not None:
+                    try:  # zswap's reject path: straight to the backing file
+                        idx = sorted(blobs)
+                        phys = self._write_phys(target, [first + i for i in idx], [pages[i] for i in idx])
+                        for i, w in zip(idx, phys, strict=True):
+                            words[i] = w
+                        blobs = {}
+                    except OSError:
+                        pass
+                if blobs:
+                    for i in to_disk:  # undo: nothing stored may change
+                        self._release(words[i])
+                    raise NoSpaceError(f"pool limit {self.pool_limit} bytes reached "
+                                       f"({self._pool.mem_used} in use) and no backing file took the pages")
+        for i, blob in blobs.items():
+            words[i] = self._store_pool(blob)
+        for i, w in enumerate(words):
+            self._set(first + i, w)
+        for ci in range(first // CLUSTER_SLOTS, (first + len(words) - 1) // CLUSTER_SLOTS + 1):
+            self._touch(ci)
+        self._note_mem()
+
+    def _make_room(self, need: int) -> bool:
+        """True if ``need`` more pool bytes fit under the limit, after writing
+        back least-recently-written pages if there is a backing file."""
+        limit = self.pool_limit
+        if not self._pool_full and self._pool.mem_used + need <= limit:
+            return True
+        if not self._pool_full:
+            self._pool_full = True
+            self.counters.pool_limit_hit += 1
+        if self.writeback_enabled and self._target() is not None:
+            goal = limit * self.accept_threshold // 100 - need
+            self._writeback_locked(None, until_below=max(goal, 0))
+        self._note_mem()
+        return not self._pool_full and self._pool.mem_used + need <= limit
+
+    def read(self, offset: int, size: int) -> bytearray | memoryview:
+        """Read ``size`` bytes at ``offset``; never-written space reads as
+        zeros.  A backing page that cannot be read or fails its checksum
+        raises OSError(EIO); no other page is affected."""
+        self._check(offset, size)
+        if not size:
+            return bytearray()
+        first = offset // PAGE
+        end = (offset + size + PAGE - 1) // PAGE
+        try:
+            out = self._read_pages(first, end - first)
+        except OSError:
+            self.counters.failed_reads += 1
+            raise
+        skip = offset - first * PAGE
+        if skip == 0 and size == len(out):
+            return out
+        return memoryview(out)[skip:skip + size]
+
+    def _read_pages(self, first: int, count: int) -> bytearray:
+        out = bytearray(count * PAGE)
+        blobs: list[tuple[int, bytes]] = []
+        phys: list[tuple[int, int]] = []
+        with self._lock:
+            clusters = self._clusters
+            for i in range(count):
+                slot = first + i
+                cl = clusters.get(slot // CLUSTER_SLOTS)
+                if cl is None:
+                    continue
+                word = cl.table[slot % CLUSTER_SLOTS]
+                t = word & E.TAG_MASK
+                if t == E.POOL:
+                    blobs.append((i, self._pool.load(E.pool_object(word), E.pool_length(word))))
+                elif t == E.SAME:
+                    if word != _ZERO_WORD:
+                        out[i * PAGE:(i + 1) * PAGE] = E.same_page(word)
+                elif t == E.PHYS:
+                    phys.append((i, word))
+        for i, blob in blobs:
+            out[i * PAGE:(i + 1) * PAGE] = self._decode(blob)
+        for i, word in phys:
+            out[i * PAGE:(i + 1) * PAGE] = self._read_phys_stable(first + i, word)
+        return out
+
+    def _read_phys_stable(self, slot: int, word: int) -> bytes:
+        """Read a backing page without the lock.  If that fails because the
+        page moved meanwhile (writeback, evacuation), read it where it is
+        now; if it did not move, the error is real."""
+        while True:
+            try:
+                return self._read_phys(word, final=False)
+            except OSError as e:
+                with self._lock:
+                    now = self._word(slot)
+                    if now == word:
+                        self._count_read_error(e)
+                        raise
+                if now & E.TAG_MASK != E.PHYS:
+                    return bytes(self._read_pages(slot, 1))
+                word = now
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free ``length`` bytes at ``offset``, like a punched hole: whole pages
+        are released, the covered parts of partial pages are zeroed."""
+        self._check(offset, length)
+        if not length:
+            return
+        end = offset + length
+        lo = (offset + PAGE - 1) // PAGE  # first whole page
+        hi = end // PAGE  # end of the whole pages
+        partial = [(offset, end)] if lo > hi else [(offset, lo * PAGE), (hi * PAGE, end)]
+        for a, b in partial:
+            if a < b and self._word_unlocked(a // PAGE):
+                self.write(a, bytes(b - a))
+        if lo >= hi:
+            return
+        with self._lock:
+            freed = 0
+            c_lo, c_hi = lo // CLUSTER_SLOTS, (hi - 1) // CLUSTER_SLOTS
+            if c_hi - c_lo + 1 > len(self._clusters):
+                cis = sorted(c for c in self._clusters if c_lo <= c <= c_hi)
+            else:
+                cis = [c for c in range(c_lo, c_hi + 1) if c in self._clusters]
+            for ci in cis:
+                cl = self._clusters[ci]
+                base = ci * CLUSTER_SLOTS
+                table = cl.table
+                for idx in range(max(lo - base, 0), min(hi - base, CLUSTER_SLOTS)):
+                    if table[idx]:
+                        self._set(base + idx, 0)
+                        freed += 1
+                        if ci not in self._clusters:
+                            break
+            self.counters.notify_free += freed
+            self._note_mem()
+
+    def _word_unlocked(self, slot: int) -> int:
+        with self._lock:
+            return self._word(slot)
+
+    # -- backend transfer ----------------------------------------------------
+
+    def writeback(self, pages: int | None = None) -> int:
+        """Move up to ``pages`` (None: all) least-recently-written pool pages
+        to a backing file; returns how many moved."""
+        with self._lock:
+            if self._target() is None:
+                raise OSError(errno.ENODEV, "no backing file to write back to")
+            moved = self._writeback_locked(pages)
+            self._note_mem()
+            return moved
+
+    def _writeback_locked(self, want: int | None, until_below: int | None = None) -> int:
+        moved = 0
+        for ci in list(self._clusters):
+            cl = self._clusters.get(ci)
+            if cl is None or not cl.pool:
+                continue
+            base = ci * CLUSTER_SLOTS
+            todo = [(base + i, w) for i, w in enumerate(cl.table) if w & E.TAG_MASK == E.POOL]
+            for k in range(0, len(todo), WRITEBACK_BATCH):
+                if want is not None and moved >= want:
+                    return moved
+                if until_below is not None and self._pool.mem_used <= until_below:
+                    return moved
+                batch = todo[k:k + WRITEBACK_BATCH]
+                if want is not None:
+                    batch = batch[:want - moved]
+                target = self._target()
+                if target is None:
+                    return moved
+                pages = [self._decode(self._pool.load(E.pool_object(w), E.pool_length(w)))
+                         for _, w in batch]
+                try:
+                    words = self._write_phys(target, [s for s, _ in batch], pages)
+                except OSError:
+                    return moved  # the pages stay in the pool
+                for (slot, _), word in zip(batch, words, strict=True):
+                    self._set(slot, word)
+                moved += len(batch)
+                self.counters.written_back_pages += len(batch)
+        return moved
+
+    def remove_backing(self, path: str) -> int:
+        """Evacuate a backing file, then close and delete it.
+
+        Its pages move to another backing file, or into the pool when there
+        is none; they are found through the file's rmap and only their table
+        words change.  Returns the pages moved.  If some cannot be moved
+        (read error, no room), the error is raised and the file stays with
+        the pages that are left.
+        """
+        path = os.path.abspath(path)
+        with self._lock:
+            bf = next((b for b in self._backing if b is not None and b.path == path), None)
+            if bf is None:
+                raise FileNotFoundError(errno.ENOENT, f"{path} is not a backing file", path)
+            self._evacuating.add(bf.index)
+            moved = 0
+            try:
+                for pslot, vslot in list(bf.slots_in_use()):
+                    page = self._read_phys(E.phys_word(bf.index, pslot))
+                    target = self._target() if self.writeback_enabled else None
+                    if target is not None:
+                        word = self._write_phys(target, [vslot], [page])[0]
+                    else:
+                        word, blob = self._encode(page)
+                        if not word:
+                            blob = blob if blob is not None else page
+                            if self.pool_limit and not self._make_room(_pool_cost(len(blob))):
+                                raise NoSpaceError("no room in the pool to evacuate into")
+                            word = self._store_pool(blob)
+                    self._set(vslot, word)
+                    moved += 1
+                    self.counters.evacuated_pages += 1
+            finally:
+                self._evacuating.discard(bf.index)
+                self._note_mem()
+            self._backing[bf.index] = None
+            bf.close()
+            return moved
+
+    def compact(self) -> int:
+        """Pack sparse pool chunks together; returns 4 KiB pages freed."""
+        with self._lock:
+            before = self._pool.mem_used
+            pool = self._pool
+            if pool.plan_compaction():
+                for cl in self._clusters.values():
+                    if not cl.pool:
+                        continue
+                    table = cl.table
+                    for idx, w in enumerate(table):
+                        if w & E.TAG_MASK == E.POOL:
+                            obj, length = E.pool_object(w), E.pool_length(w)
+                            if pool.draining(obj, length):
+                                table[idx] = E.pool_word(pool.move(obj, length), length)
+                pool.end_compaction()
+            freed = max(before - pool.mem_used, 0) // PAGE
+            self.counters.pages_compacted += freed
+            self._note_mem()
+            return freed
+
+    # -- state ---------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Every counter and gauge, by name."""
+        with self._lock:
+            tp = self.tag_pages
+            stored = tp[E.SAME] + tp[E.POOL] + tp[E.PHYS]
+            backing = self.backing_files()
+            s = {
+                "disksize": self.size,  # bytes of virtual space (zram disksize)
+                "stored_pages": stored,  # slots holding data, any backend
+                "zero_pages": tp[E.SAME],  # same-filled pages, kept in the table word
+                "same_pages": tp[E.SAME],  # zram's name for zero_pages
+                "pool_pages": tp[E.POOL],  # pages in the compressed pool
+                "phys_pages": tp[E.PHYS],  # pages in backing files
+                "huge_pages": self.huge_pages,  # pool pages kept raw (incompressible)
+                "orig_data_size": stored * PAGE,  # bytes of data stored, before compression
+                "compr_data_size": self._pool.payload,  # bytes of compressed payload in the pool
+                "mem_used_total": self._pool.mem_used,  # bytes the pool holds from the kernel
+                "mem_limit": self.pool_limit,  # pool limit in bytes, 0: none
+                "pool_chunks": self._pool.chunks,  # 64 KiB pool chunks allocated
+                "clusters": len(self._clusters),  # virtual clusters live
+                "metadata_bytes": len(self._clusters) * _CLUSTER_FOOTPRINT
+                + sum(16 * len(bf.rmap) for bf in backing),  # tables, rmaps and checksums
+                "bd_count": tp[E.PHYS],  # pages on backing files (zram bd_count)
+                "backing_files": len(backing),  # backing files in use
+                "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
+                "pool_full": int(self._pool_full),  # 1 while stores are refused by the limit
+            }
+            s.update(self.counters.as_dict())
+            return s
+
+    def close(self) -> None:
+        """Release all memory and delete the backing files."""
+        with self._lock:
+            self._clusters.clear()
+            self._pool.close()
+            for i, bf in enumerate(self._backing):
+                if bf is not None:
+                    bf.close()
+                    self._backing[i] = None
+            self.tag_pages = [0, 0, 0, 0]
+            self.huge_pages = 0
