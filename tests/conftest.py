@@ -37,3 +37,35 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         if subprocess.run(["umount", str(mnt)], check=False).returncode:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
         os.rmdir(mnt)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="needs root and /dev/fuse")
+
+
+def _mount(args: list[str]) -> Iterator[Path]:
+    from vswapfs import _admin
+
+    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-mnt-"))
+    _admin.start_daemon(str(mnt), args)
+    try:
+        yield mnt
+    finally:
+        if _admin.mount_type(str(mnt)) is not None:
+            try:
+                _admin.down(str(mnt))
+            except _admin.AdminError:
+                _admin.down(str(mnt), force=True)
+        mnt.rmdir()
+
+
+@pytest.fixture
+def mnt() -> Iterator[Path]:
+    """A real vswapfs mount of 64 MiB, torn down after the test."""
+    yield from _mount(["--size", "64M"])
+
+
+@pytest.fixture
+def mount_with(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A real vswapfs mount with the options given by indirect parametrize."""
+    yield from _mount(list(request.param))

@@ -15,8 +15,10 @@ from ._space import (
     NoSpaceError,
     SwapSpace,
 )
+from ._stats import COUNTERS, DESCRIPTIONS, GAUGES
 
 __all__ = [
-    "CLUSTER_SLOTS", "DEFAULT_ACCEPT_THRESHOLD", "DEFAULT_HUGE_THRESHOLD", "DEFAULT_LEVEL",
-    "PAGE", "BackingChecksumError", "BackingFile", "NoSpaceError", "SwapSpace", "entry",
+    "CLUSTER_SLOTS", "COUNTERS", "DEFAULT_ACCEPT_THRESHOLD", "DEFAULT_HUGE_THRESHOLD",
+    "DEFAULT_LEVEL", "DESCRIPTIONS", "GAUGES", "PAGE", "BackingChecksumError", "BackingFile",
+    "NoSpaceError", "SwapSpace", "entry",
 ]

@@ -628,32 +628,38 @@ class SwapSpace:
 
     # -- state ---------------------------------------------------------------
 
+    @property
+    def stored_pages(self) -> int:
+        """Slots holding data, any backend."""
+        tp = self.tag_pages
+        return tp[E.SAME] + tp[E.POOL] + tp[E.PHYS]
+
     def stats(self) -> dict[str, int]:
-        """Every counter and gauge, by name."""
+        """Every counter and gauge, by name (described in ``_stats``)."""
         with self._lock:
             tp = self.tag_pages
-            stored = tp[E.SAME] + tp[E.POOL] + tp[E.PHYS]
+            stored = self.stored_pages
             backing = self.backing_files()
             s = {
-                "disksize": self.size,  # bytes of virtual space (zram disksize)
-                "stored_pages": stored,  # slots holding data, any backend
-                "zero_pages": tp[E.SAME],  # same-filled pages, kept in the table word
-                "same_pages": tp[E.SAME],  # zram's name for zero_pages
-                "pool_pages": tp[E.POOL],  # pages in the compressed pool
-                "phys_pages": tp[E.PHYS],  # pages in backing files
-                "huge_pages": self.huge_pages,  # pool pages kept raw (incompressible)
-                "orig_data_size": stored * PAGE,  # bytes of data stored, before compression
-                "compr_data_size": self._pool.payload,  # bytes of compressed payload in the pool
-                "mem_used_total": self._pool.mem_used,  # bytes the pool holds from the kernel
-                "mem_limit": self.pool_limit,  # pool limit in bytes, 0: none
-                "pool_chunks": self._pool.chunks,  # 64 KiB pool chunks allocated
-                "clusters": len(self._clusters),  # virtual clusters live
+                "disksize": self.size,
+                "stored_pages": stored,
+                "zero_pages": tp[E.SAME],
+                "same_pages": tp[E.SAME],
+                "pool_pages": tp[E.POOL],
+                "phys_pages": tp[E.PHYS],
+                "huge_pages": self.huge_pages,
+                "orig_data_size": stored * PAGE,
+                "compr_data_size": self._pool.payload,
+                "mem_used_total": self._pool.mem_used,
+                "mem_limit": self.pool_limit,
+                "pool_chunks": self._pool.chunks,
+                "clusters": len(self._clusters),
                 "metadata_bytes": len(self._clusters) * _CLUSTER_FOOTPRINT
-                + sum(16 * len(bf.rmap) for bf in backing),  # tables, rmaps and checksums
-                "bd_count": tp[E.PHYS],  # pages on backing files (zram bd_count)
-                "backing_files": len(backing),  # backing files in use
+                + sum(16 * len(bf.rmap) for bf in backing),
+                "bd_count": tp[E.PHYS],
+                "backing_files": len(backing),
                 "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
-                "pool_full": int(self._pool_full),  # 1 while stores are refused by the limit
+                "pool_full": int(self._pool_full),
             }
             s.update(self.counters.as_dict())
             return s

@@ -1,42 +1,66 @@
-"""Counters of the swap engine, named as zram and zswap users know them."""
+"""Counters and gauges of the swap engine, named as zram and zswap users know
+them.  Each name's one-line description lives here, once; the control
+files, the Prometheus ``metrics`` file and the README table use it."""
 
 from __future__ import annotations
 
+from typing import Final
+
+# Event counters: they only grow (mem_used_max only rises).
+COUNTERS: Final[dict[str, str]] = {
+    "mem_used_max": "peak of mem_used_total, bytes (zram)",
+    "huge_pages_since": "pages ever stored raw in the pool (zram)",
+    "pages_compacted": "4 KiB pages freed by pool compaction (zram)",
+    "written_back_pages": "pool pages moved to a backing file (zswap)",
+    "reject_compress_poor": "pages that compressed worse than huge_threshold (zswap)",
+    "pool_limit_hit": "times the pool reached its limit (zswap)",
+    "failed_reads": "read requests that failed (zram io_stat)",
+    "failed_writes": "write requests that failed (zram io_stat)",
+    "invalid_io": "requests outside the space (zram io_stat)",
+    "notify_free": "stored pages freed by discard (zram io_stat)",
+    "bd_reads": "pages read from backing files (zram bd_stat)",
+    "bd_writes": "pages written to backing files (zram bd_stat)",
+    "bd_read_errors": "backing-file page reads that failed (I/O error or checksum)",
+    "bd_write_errors": "backing-file writes that failed; those pages stayed where they were",
+    "checksum_failures": "backing pages whose xxh3 checksum did not match",
+    "clusters_created": "virtual clusters ever created",
+    "clusters_freed": "virtual clusters dropped after their last slot was freed",
+    "evacuated_pages": "pages moved out of a backing file being removed",
+}
+
+# Gauges: the state now.
+GAUGES: Final[dict[str, str]] = {
+    "disksize": "bytes of virtual swap space (zram disksize)",
+    "stored_pages": "slots holding data, any backend",
+    "zero_pages": "same-filled pages, kept in their table word only",
+    "same_pages": "zram's name for zero_pages",
+    "pool_pages": "pages in the compressed pool",
+    "phys_pages": "pages in backing files",
+    "huge_pages": "pool pages kept raw because they did not compress",
+    "orig_data_size": "bytes of data stored, before compression (zram)",
+    "compr_data_size": "bytes of compressed payload in the pool (zram)",
+    "mem_used_total": "bytes of memory the pool holds (zram)",
+    "mem_limit": "pool limit in bytes, 0 for none (zram)",
+    "pool_chunks": "64 KiB pool chunks allocated",
+    "clusters": "virtual clusters live",
+    "metadata_bytes": "bytes of virtual tables, rmaps and checksums",
+    "bd_count": "pages on backing files (zram bd_stat)",
+    "backing_files": "backing files in use",
+    "backing_allocated_bytes": "bytes the file systems allocated to backing files",
+    "pool_full": "1 while the limit refuses stores, until usage drops below accept_threshold",
+}
+
+DESCRIPTIONS: Final[dict[str, str]] = {**GAUGES, **COUNTERS}
+
 
 class Counters:
-    """Event counters: they only grow (``mem_used_max`` only rises).
+    """The event counters above, as attributes (see COUNTERS)."""
 
-    Gauges (pages per backend, memory in use, clusters live) are kept by the
-    engine itself and merged in :meth:`vswapfs.engine.SwapSpace.stats`.
-    """
-
-    __slots__ = (
-        "mem_used_max", "huge_pages_since", "pages_compacted", "written_back_pages",
-        "reject_compress_poor", "pool_limit_hit", "failed_reads", "failed_writes",
-        "invalid_io", "notify_free", "bd_reads", "bd_writes", "bd_read_errors",
-        "bd_write_errors", "checksum_failures", "clusters_created", "clusters_freed",
-        "evacuated_pages",
-    )
+    __slots__ = tuple(COUNTERS)
 
     def __init__(self) -> None:
-        self.mem_used_max = 0  # peak of mem_used_total, bytes (zram)
-        self.huge_pages_since = 0  # pages ever stored raw in the pool (zram)
-        self.pages_compacted = 0  # 4 KiB pages freed by compaction (zram)
-        self.written_back_pages = 0  # pool pages moved to a backing file (zswap)
-        self.reject_compress_poor = 0  # pages that compressed worse than huge_threshold (zswap)
-        self.pool_limit_hit = 0  # times the pool limit was reached (zswap)
-        self.failed_reads = 0  # read requests that failed (zram io_stat)
-        self.failed_writes = 0  # write requests that failed (zram io_stat)
-        self.invalid_io = 0  # requests outside the space (zram io_stat)
-        self.notify_free = 0  # stored pages freed by discard (zram io_stat)
-        self.bd_reads = 0  # pages read from backing files (zram bd_stat)
-        self.bd_writes = 0  # pages written to backing files (zram bd_stat)
-        self.bd_read_errors = 0  # backing-file page reads that failed (I/O error or checksum)
-        self.bd_write_errors = 0  # backing-file writes that failed; the pages stayed put
-        self.checksum_failures = 0  # backing pages whose xxh3 did not match
-        self.clusters_created = 0  # virtual clusters ever created
-        self.clusters_freed = 0  # virtual clusters dropped after their last slot was freed
-        self.evacuated_pages = 0  # pages moved out of a backing file being removed
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

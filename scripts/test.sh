@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install what the tests need, then run the linter and every test.
+# Needs root: the tests mount vswapfs, attach loop devices and swapon.
+# Under CI (CI set) a skipped test counts as a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in fio:fio stress-ng:stress-ng mkfs.ext4:e2fsprogs losetup:util-linux mkswap:util-linux; do
+  command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
+done
+if ((${#need[@]})); then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+python3 -m ruff check vswapfs tests scripts
+python3 -m pytest "$@"

@@ -1,0 +1,200 @@
+"""The vswapfs file system through a real FUSE mount."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from vswapfs import _admin, _linux
+
+pytestmark = needs_root
+MiB = 1 << 20
+PAGE = 4096
+
+
+def stats(mnt: Path) -> dict[str, int]:
+    return json.loads((mnt / "control" / "stats.json").read_text())
+
+
+def test_layout_and_private_image(mnt: Path) -> None:
+    assert sorted(os.listdir(mnt)) == ["control", "swap"]
+    st = os.stat(mnt / "swap")
+    assert st.st_size == 64 * MiB and st.st_mode & 0o777 == 0o600 and st.st_blocks == 0
+    assert _admin.mount_type(str(mnt)) == "fuse.vswapfs"
+    vfs = os.statvfs(mnt)
+    assert vfs.f_bsize == PAGE and vfs.f_blocks == 64 * MiB // PAGE
+
+
+def test_pwrite_pread_aligned_unaligned_and_across_clusters(mnt: Path) -> None:
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        cases = [(0, os.urandom(PAGE)), (1024, b"\xee" * 1024), (2 * MiB - 1000, os.urandom(5000)),
+                 (3 * MiB + 7, b"unaligned" * 1000), (10 * MiB, os.urandom(1 * MiB))]
+        model = bytearray(16 * MiB)
+        for off, data in cases:
+            assert os.pwrite(fd, data, off) == len(data)
+            model[off:off + len(data)] = data
+        for off, data in cases:
+            start, n = max(off - 1500, 0), len(data) + 3000
+            assert os.pread(fd, n, start) == model[start:start + n]
+        assert os.pread(fd, 16 * MiB, 0) == model
+        assert stats(mnt)["clusters"] == 3  # clusters 0, 1 and 5 (2 MiB each)
+    finally:
+        os.close(fd)
+
+
+def test_read_past_end_is_eof_and_write_past_end_is_enospc(mnt: Path) -> None:
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * PAGE, 64 * MiB - PAGE)
+        assert os.pread(fd, 3 * PAGE, 64 * MiB - PAGE) == b"x" * PAGE  # short read at EOF
+        assert os.pread(fd, PAGE, 64 * MiB + PAGE) == b""
+        assert os.pwrite(fd, b"y" * 3 * PAGE, 64 * MiB - PAGE) == PAGE  # short write to the end
+        with pytest.raises(OSError) as err:
+            os.pwrite(fd, b"z", 64 * MiB)
+        assert err.value.errno in (errno.ENOSPC, errno.EFBIG)
+        assert os.pread(fd, PAGE, 64 * MiB - PAGE) == b"y" * PAGE
+    finally:
+        os.close(fd)
+
+
+def test_punch_hole_frees_pages_and_reads_zero(mnt: Path) -> None:
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        data = b"".join((b"page %d " % i * 600)[:PAGE] for i in range(1024))
+        os.pwrite(fd, data, 0)
+        assert stats(mnt)["stored_pages"] == 1024
+        _linux.punch_hole(fd, 100 * PAGE + 10, 200 * PAGE)
+        expect = bytearray(data)
+        expect[100 * PAGE + 10:300 * PAGE + 10] = bytes(200 * PAGE)
+        assert os.pread(fd, len(data), 0) == expect
+        s = stats(mnt)
+        assert s["notify_free"] == 199 and s["stored_pages"] == 1024 - 199
+        _linux.punch_hole(fd, 0, 64 * MiB)
+        s = stats(mnt)
+        assert s["stored_pages"] == 0 and s["clusters"] == 0 and s["mem_used_total"] == 0
+        with pytest.raises(OSError) as err:
+            _linux.fallocate(fd, 0, 0, PAGE)  # preallocation: not supported
+        assert err.value.errno == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+
+
+def test_stat_files_have_zram_columns_and_prometheus_format(mnt: Path) -> None:
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    os.pwrite(fd, os.urandom(PAGE) + bytes(PAGE) + b"a" * PAGE, 0)
+    os.close(fd)
+    c = mnt / "control"
+    mm = [int(x) for x in (c / "mm_stat").read_text().split()]
+    assert len(mm) == 9 and mm[0] == 3 * PAGE and mm[5] == 2  # orig_data_size, same_pages
+    assert len((c / "io_stat").read_text().split()) == 4
+    assert len((c / "bd_stat").read_text().split()) == 3
+    s = stats(mnt)
+    for key in ("stored_pages", "zero_pages", "pool_pages", "phys_pages", "orig_data_size",
+                "compr_data_size", "mem_used_total", "notify_free", "clusters"):
+        assert key in s
+        assert int((c / key).read_text()) == s[key]
+    metrics = (c / "metrics").read_text()
+    assert "# TYPE vswapfs_notify_free counter" in metrics
+    assert "vswapfs_stored_pages 3" in metrics
+
+
+def write_control(path: Path, value: str) -> int:
+    """Write like `echo value > path`; returns 0 or the errno."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+        return 0
+    except OSError as e:
+        return e.errno or -1
+
+
+@pytest.mark.parametrize(("knob", "good", "expect"), [
+    ("pool_limit", "64M", "67108864"), ("pool_limit", "0", "0"),
+    ("compression_level", "3", "3"), ("compression_level", "-5", "-5"),
+    ("accept_threshold_percent", "80", "80"), ("huge_threshold", "2048", "2048"),
+    ("writeback_enabled", "0", "0"),
+])
+def test_knobs_take_good_values(mnt: Path, knob: str, good: str, expect: str) -> None:
+    assert write_control(mnt / "control" / knob, good + "\n") == 0
+    assert (mnt / "control" / knob).read_text().strip() == expect
+
+
+@pytest.mark.parametrize(("knob", "bad"), [
+    ("pool_limit", "garbage"), ("pool_limit", "-1"), ("pool_limit", "12Q"), ("pool_limit", "101%"),
+    ("pool_limit", "9" * 40), ("compression_level", "0"), ("compression_level", "99"),
+    ("compression_level", "1.5"), ("accept_threshold_percent", "0"), ("huge_threshold", "5000"),
+    ("writeback_enabled", "maybe"), ("writeback", "-3"), ("writeback", "lots"),
+    ("add_backing", "relative/path"), ("evacuate", "/not/a/backing/file"), ("mm_stat", "1"),
+    ("pool_limit", "\xff"),
+])
+def test_bad_values_get_einval_and_change_nothing(mnt: Path, knob: str, bad: str) -> None:
+    before = {k: (mnt / "control" / k).read_text() for k in
+              ("pool_limit", "compression_level", "accept_threshold_percent", "huge_threshold",
+               "writeback_enabled", "backing_files")}
+    assert write_control(mnt / "control" / knob, bad) in (errno.EINVAL, errno.ENOENT, errno.ENODEV)
+    after = {k: (mnt / "control" / k).read_text() for k in before}
+    assert after == before
+
+
+def test_actions_add_backing_writeback_evacuate_compact(mnt: Path, tmp_path: Path) -> None:
+    c = mnt / "control"
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    data = b"".join((b"%d compressible " % i * 300)[:PAGE] for i in range(2048))
+    os.pwrite(fd, data, 0)
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    assert write_control(c / "add_backing", str(a)) == 0
+    assert write_control(c / "add_backing", str(a)) == errno.EEXIST
+    assert (c / "backing_files").read_text() == f"{a}\n"
+    assert oct(os.stat(a).st_mode & 0o777) == "0o600"
+    assert write_control(c / "writeback", "100") == 0
+    assert stats(mnt)["phys_pages"] == 100
+    assert write_control(c / "writeback", "all") == 0
+    assert stats(mnt)["phys_pages"] == 2048 and stats(mnt)["pool_pages"] == 0
+    assert write_control(c / "add_backing", str(b)) == 0
+    assert write_control(c / "evacuate", str(a)) == 0
+    assert not a.exists() and stats(mnt)["evacuated_pages"] == 2048
+    assert write_control(c / "evacuate", str(b)) == 0  # back into the pool
+    assert stats(mnt)["phys_pages"] == 0 and stats(mnt)["pool_pages"] == 2048
+    assert write_control(c / "compact", "1") == 0
+    assert os.pread(fd, len(data), 0) == data
+    os.close(fd)
+
+
+UNPRIVILEGED = """
+import errno, os, sys
+os.setgid(65534); os.setuid(65534)
+out = []
+for path, flags in ((sys.argv[1] + "/swap", os.O_RDONLY), (sys.argv[1] + "/control/pool_limit", os.O_WRONLY)):
+    try:
+        os.close(os.open(path, flags)); out.append("opened")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+print(" ".join(out))
+"""
+
+
+def test_unprivileged_user_cannot_read_image_or_write_knobs(mnt: Path) -> None:
+    r = subprocess.run([sys.executable, "-c", UNPRIVILEGED, str(mnt)], capture_output=True, text=True)
+    assert r.stdout.split() == ["EACCES", "EACCES"], r.stderr
+
+
+def test_unmount_ends_the_daemon(tmp_path: Path) -> None:
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    pid = _admin.start_daemon(str(mnt), ["--size", "16M"])
+    assert _admin.daemon_pid(str(mnt)) == pid
+    assert _admin.down(str(mnt)) == [f"umount {mnt}"]
+    assert _admin.mount_type(str(mnt)) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

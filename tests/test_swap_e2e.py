@@ -1,0 +1,100 @@
+"""Real swap through vswapfs: loop device, mkswap, swapon, a memory cgroup.
+
+A process limited to L MiB writes 3L MiB of mixed pages (zero, text,
+random) and verifies every one; the kernel has to swap through vswapfs.
+Afterwards the kernel's discards must give the memory back, and ``down``
+must leave no swap area, loop device or mount, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from vswapfs import _admin
+from vswapfs._cgroup import MemCgroup
+
+pytestmark = needs_root
+MiB = 1 << 20
+LIMIT_MIB = 64
+
+
+def stats(mnt: Path) -> dict[str, int]:
+    return json.loads((mnt / "control" / "stats.json").read_text())
+
+
+@pytest.fixture
+def swap_mnt() -> Iterator[tuple[Path, str]]:
+    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-e2e-"))
+    try:
+        with _admin.swap_up(str(mnt), ["--size", "1G"]) as dev:
+            yield mnt, dev
+    finally:
+        assert _admin.mount_type(str(mnt)) is None
+        mnt.rmdir()
+    assert dev not in _admin.swaps()
+    assert _admin.loops_of(str(mnt)) == []
+
+
+class Sampler(threading.Thread):
+    """Polls stats.json, keeping the largest value of each key."""
+
+    def __init__(self, mnt: Path) -> None:
+        super().__init__(daemon=True)
+        self.mnt, self.peak, self.stop = mnt, {}, threading.Event()  # type: dict[str, int]
+
+    def run(self) -> None:
+        while not self.stop.wait(0.1):
+            for k, v in stats(self.mnt).items():
+                self.peak[k] = max(v, self.peak.get(k, 0))
+
+
+def run_workload(mib: int, limit_mib: int, *extra: str) -> dict[str, object]:
+    with MemCgroup(f"vswapfs-test-{os.getpid()}", limit_mib * MiB) as cg:
+        proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(mib), *extra],
+                        stdout=-1, stderr=-1)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return json.loads(out)
+
+
+def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> None:
+    mnt, dev = swap_mnt
+    assert dev in _admin.swaps()
+    assert _admin.loop_attrs(dev)[0] == "1" and int(_admin.loop_attrs(dev)[1]) > 0
+    with pytest.raises(_admin.AdminError, match="already up"):
+        _admin.up(str(mnt))
+
+
+def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(swap_mnt: tuple[Path, str]) -> None:
+    mnt, dev = swap_mnt
+    sampler = Sampler(mnt)
+    sampler.start()
+    try:
+        result = run_workload(3 * LIMIT_MIB, LIMIT_MIB)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    assert result["bad"] == 0, result
+    assert result["verified"] == 3 * LIMIT_MIB * MiB // 4096
+    peak = sampler.peak
+    # well over a limit's worth of pages went through the daemon
+    assert peak["stored_pages"] > LIMIT_MIB * MiB // 4096, peak
+    assert peak["pool_pages"] > 0 and peak["compr_data_size"] < peak["orig_data_size"]
+    # after the process exits, the kernel's discards empty the space
+    deadline = time.monotonic() + 5
+    while stats(mnt)["stored_pages"] > 1 and time.monotonic() < deadline:  # 1: the swap header
+        time.sleep(0.1)
+    s = stats(mnt)
+    assert s["stored_pages"] <= 1 and s["notify_free"] >= peak["stored_pages"] - 1, s
+    assert s["mem_used_total"] <= 64 * 1024, s
+    assert s["failed_reads"] == 0 and s["failed_writes"] == 0

@@ -1,0 +1,276 @@
+"""Bring a vswapfs swap up and down: mount, loop, mkswap, swapon and back.
+
+Every step that changes the machine is undone if a later one fails, and
+``down`` tears down in the only safe order: swapoff, detach the loop,
+unmount, wait for the daemon.  If swapoff fails (not enough memory to take
+the pages back), ``down`` stops there and leaves everything working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ._daemon import FSTYPE
+
+RUN_DIR = Path("/run/vswapfs")
+IMAGE = "swap"
+
+
+class AdminError(Exception):
+    """A failure the user gets as one clear line."""
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mounts() -> list[str]:
+    """Mount points of vswapfs file systems."""
+    with open("/proc/self/mounts") as f:
+        return [_unescape(p[1]) for p in (line.split() for line in f) if p[2] == f"fuse.{FSTYPE}"]
+
+
+def mount_type(path: str) -> str | None:
+    """File system type mounted exactly at ``path``, or None."""
+    path = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            p = line.split()
+            if _unescape(p[1]) == path:
+                found = p[2]
+    return found
+
+
+def image_of(mnt: str) -> str:
+    return os.path.join(os.path.realpath(mnt), IMAGE)
+
+
+def loops_of(mnt: str) -> list[str]:
+    """Loop devices attached to the image of ``mnt``."""
+    out = subprocess.run(["losetup", "-n", "-O", "NAME", "-j", image_of(mnt)],
+                         capture_output=True, text=True, check=False).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def swaps() -> list[str]:
+    """Devices swap is on."""
+    with open("/proc/swaps") as f:
+        return [line.split()[0] for line in f.readlines()[1:]]
+
+
+def _run(cmd: Sequence[str]) -> str:
+    r = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise AdminError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()}")
+    return r.stdout
+
+
+def check_root() -> None:
+    if os.geteuid() != 0:
+        raise AdminError("must be run as root (mount, losetup and swapon need it)")
+
+
+def log_path(mnt: str) -> Path:
+    name = os.path.realpath(mnt).strip("/").replace("/", "-") or "root"
+    return RUN_DIR / f"{name}.log"
+
+
+def check_mountpoint(mnt: str) -> None:
+    if not os.path.isdir(mnt):
+        raise AdminError(f"{mnt}: mount point does not exist or is not a directory")
+    kind = mount_type(mnt)
+    if kind is not None:
+        raise AdminError(f"{mnt}: mount point is busy ({kind} is mounted there)")
+    if not os.path.exists("/dev/fuse"):
+        raise AdminError("/dev/fuse is missing (modprobe fuse)")
+
+
+def start_daemon(mnt: str, args: Sequence[str], timeout: float = 30.0) -> int:
+    """Start a detached daemon for ``mnt``; return its pid once mounted."""
+    check_root()
+    check_mountpoint(mnt)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    log = log_path(mnt)
+    r, w = os.pipe()
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vswapfs", "mount", mnt, *args, "--foreground", "--ready-fd", str(w)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        ready = pipe.readline()  # EOF if the daemon died
+    if ready != b"ready\n":
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise AdminError(f"daemon for {mnt} did not start: " + (" | ".join(tail) or "no log"))
+    return proc.pid
+
+
+def daemon_pid(mnt: str) -> int | None:
+    try:
+        return int(Path(mnt, "control", "pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    return False
+
+
+def loop_attrs(dev: str) -> tuple[str, str]:
+    """(loop/dio, queue/discard_max_bytes) of a loop device."""
+    name = os.path.basename(dev)
+    dio = Path(f"/sys/block/{name}/loop/dio").read_text().strip()
+    discard = Path(f"/sys/block/{name}/queue/discard_max_bytes").read_text().strip()
+    return dio, discard
+
+
+def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) -> str:
+    """Mount if needed, attach a direct-I/O loop, mkswap, swapon --discard=pages;
+    returns the loop device.  On failure everything done here is undone."""
+    check_root()
+    kind = mount_type(mnt)
+    mounted_here = False
+    if kind is None:
+        start_daemon(mnt, mount_args)
+        mounted_here = True
+    elif kind != f"fuse.{FSTYPE}":
+        raise AdminError(f"{mnt}: {kind} is mounted there, not vswapfs")
+    elif mount_args:
+        raise AdminError(f"{mnt} is already mounted: mount options cannot change; "
+                         "use its control files")
+    dev = None
+    swapped = False
+    try:
+        in_use = loops_of(mnt)
+        if in_use:
+            raise AdminError(f"{mnt} is already up on {', '.join(in_use)}")
+        dev = _run(["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
+                    image_of(mnt)]).strip()
+        dio, discard = loop_attrs(dev)
+        if dio != "1":
+            raise AdminError(f"{dev}: the kernel did not enable direct I/O (loop/dio={dio})")
+        if discard in ("", "0"):
+            raise AdminError(f"{dev}: the loop device offers no discard, freed swap would never "
+                             "return memory")
+        _run(["mkswap", "-L", "vswapfs", dev])
+        cmd = ["swapon", "--discard=pages"] + (["-p", str(priority)] if priority is not None else [])
+        _run([*cmd, dev])
+        swapped = True
+        return dev
+    finally:
+        if not swapped:
+            if dev is not None:
+                subprocess.run(["losetup", "-d", dev], check=False)
+            if mounted_here:
+                _unmount_and_wait(mnt)
+
+
+def _unmount_and_wait(mnt: str) -> None:
+    pid = daemon_pid(mnt)
+    r = subprocess.run(["umount", mnt], capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise AdminError(f"umount {mnt} failed: {r.stderr.strip()}")
+    if pid is not None and not wait_gone(pid):
+        raise AdminError(f"daemon {pid} for {mnt} did not exit after unmount")
+
+
+def abort_connection(mnt: str) -> bool:
+    """Abort the FUSE connection of ``mnt`` (its daemon is dead or hung)."""
+    try:
+        minor = os.minor(os.stat(mnt).st_dev)
+    except OSError:
+        return False
+    path = Path(f"/sys/fs/fuse/connections/{minor}/abort")
+    if not path.exists():
+        return False
+    path.write_text("1")
+    return True
+
+
+def down(mnt: str, force: bool = False) -> list[str]:
+    """swapoff, detach the loop, unmount, wait for the daemon; returns what
+    was done.  ``force`` also recovers from a dead or hung daemon: it aborts
+    the FUSE connection (swapoff then fails fast on pages nobody can read
+    back) and unmounts lazily if it must."""
+    check_root()
+    kind = mount_type(mnt)
+    if kind != f"fuse.{FSTYPE}":
+        raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
+    done = []
+    pid = daemon_pid_alive(mnt)
+    if force and pid is None and abort_connection(mnt):
+        done.append("aborted the FUSE connection (the daemon does not answer)")
+    for dev in loops_of(mnt):
+        if dev in swaps():
+            r = subprocess.run(["swapoff", dev], capture_output=True, text=True, check=False)
+            if r.returncode and not force:
+                raise AdminError(f"swapoff {dev} failed: {r.stderr.strip()}; {mnt} stays up "
+                                 "(free some memory and retry)")
+            done.append(f"swapoff {dev}" + (f" failed: {r.stderr.strip()}" if r.returncode else ""))
+        subprocess.run(["losetup", "-d", dev], check=False)
+        done.append(f"losetup -d {dev}")
+    r = subprocess.run(["umount", mnt], capture_output=True, text=True, check=False)
+    if r.returncode:
+        if not force:
+            raise AdminError(f"umount {mnt} failed: {r.stderr.strip()}")
+        abort_connection(mnt)
+        subprocess.run(["umount", "-l", mnt], check=False)
+    done.append(f"umount {mnt}")
+    if pid is not None and not wait_gone(pid):
+        raise AdminError(f"daemon {pid} for {mnt} did not exit after unmount")
+    return done
+
+
+def daemon_pid_alive(mnt: str) -> int | None:
+    """The daemon's pid if it answers (reading control/pid needs it alive)."""
+    r = subprocess.run(["timeout", "2", "cat", os.path.join(mnt, "control", "pid")],
+                       capture_output=True, text=True, check=False)
+    try:
+        return int(r.stdout) if r.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def status(mnt: str) -> dict[str, int]:
+    try:
+        return json.loads(Path(mnt, "control", "stats.json").read_text())
+    except OSError as e:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise AdminError(f"{mnt}: the daemon is gone (use 'vswapfs down --force {mnt}')") from None
+        raise
+
+
+@contextlib.contextmanager
+def swap_up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) -> Iterator[str]:
+    """``up`` for the duration of a with-block, ``down`` (forced if need be)
+    at its end, also when the block fails."""
+    dev = up(mnt, mount_args, priority)
+    try:
+        yield dev
+    finally:
+        try:
+            down(mnt)
+        except AdminError:
+            down(mnt, force=True)

@@ -1,0 +1,169 @@
+"""The files of ``control/``: what they show and what writing them does.
+
+Sysfs habit: one value per file (every counter and gauge has its own file),
+plus zram's multi-column files and two machine-readable dumps.  Knobs read
+back their value and take a new one; actions only take a write.  A bad
+value raises ValueError: the caller answers EINVAL and nothing changes.
+Knows the engine, not FUSE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._units import parse_limit, parse_size
+from .engine import COUNTERS, DESCRIPTIONS, SwapSpace
+
+MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
+           "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
+IO_STAT = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+BD_STAT = ("bd_count", "bd_reads", "bd_writes")
+
+Reader = Callable[[SwapSpace], str]
+Writer = Callable[[SwapSpace, str], str]  # returns what was done, for the log
+
+
+@dataclass(frozen=True, slots=True)
+class ControlFile:
+    name: str
+    help: str
+    read: Reader | None = None
+    write: Writer | None = None
+
+    @property
+    def mode(self) -> int:
+        return (0o444 if self.read else 0) | (0o200 if self.write else 0)
+
+
+def _columns(names: tuple[str, ...]) -> Reader:
+    def read(space: SwapSpace) -> str:
+        s = space.stats()
+        return " ".join(str(s[n]) for n in names) + "\n"
+    return read
+
+
+def _one(name: str) -> Reader:
+    return lambda space: f"{space.stats()[name]}\n"
+
+
+def _metrics(space: SwapSpace) -> str:
+    out = []
+    for name, value in space.stats().items():
+        kind = "counter" if name in COUNTERS and name != "mem_used_max" else "gauge"
+        out += [f"# HELP vswapfs_{name} {DESCRIPTIONS[name]}", f"# TYPE vswapfs_{name} {kind}",
+                f"vswapfs_{name} {value}"]
+    return "\n".join(out) + "\n"
+
+
+def _int_in(text: str, lo: int, hi: int, what: str) -> int:
+    try:
+        v = int(text.strip(), 0)
+    except ValueError:
+        raise ValueError(f"{what}: not an integer: {text.strip()!r}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{what}: {v} is outside {lo}..{hi}")
+    return v
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "y", "yes", "on", "true"):
+        return True
+    if t in ("0", "n", "no", "off", "false"):
+        return False
+    raise ValueError(f"not a boolean: {text.strip()!r} (use 0 or 1)")
+
+
+def _knob(name: str, help: str, get: Reader, set_: Callable[[SwapSpace, str], None]) -> ControlFile:
+    def write(space: SwapSpace, text: str) -> str:
+        set_(space, text)
+        return f"{name} = {get(space).strip()}"
+    return ControlFile(name, help, get, write)
+
+
+def _set_pool_limit(space: SwapSpace, text: str) -> None:
+    space.configure(pool_limit=parse_limit(text))
+
+
+def _set_level(space: SwapSpace, text: str) -> None:
+    space.configure(level=_int_in(text, -100, 22, "compression_level"))
+
+
+def _set_accept(space: SwapSpace, text: str) -> None:
+    space.configure(accept_threshold=_int_in(text, 1, 100, "accept_threshold_percent"))
+
+
+def _set_huge(space: SwapSpace, text: str) -> None:
+    space.configure(huge_threshold=_int_in(text, 1, 4096, "huge_threshold"))
+
+
+def _set_wb(space: SwapSpace, text: str) -> None:
+    space.configure(writeback_enabled=_bool(text))
+
+
+def _do_writeback(space: SwapSpace, text: str) -> str:
+    t = text.strip().lower()
+    n = None if t == "all" else _int_in(t, 1, 1 << 62, "writeback")
+    return f"wrote back {space.writeback(n)} pages"
+
+
+def _do_compact(space: SwapSpace, text: str) -> str:
+    return f"compaction freed {space.compact()} pages"
+
+
+def _path(text: str) -> str:
+    p = text.strip()
+    if not p.startswith("/") or "\n" in p or "\0" in p:
+        raise ValueError(f"expected an absolute path, not {p!r}")
+    return p
+
+
+def _do_add_backing(space: SwapSpace, text: str) -> str:
+    p = _path(text)
+    index = space.add_backing(p)
+    return f"added backing file {p} as #{index}"
+
+
+def _do_evacuate(space: SwapSpace, text: str) -> str:
+    p = _path(text)
+    return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
+
+
+def build_control_files(space: SwapSpace) -> dict[str, ControlFile]:
+    """All control files, by name."""
+    files = [
+        ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
+        ControlFile("io_stat", "zram columns: " + " ".join(IO_STAT), _columns(IO_STAT)),
+        ControlFile("bd_stat", "zram columns, 4 KiB units: " + " ".join(BD_STAT), _columns(BD_STAT)),
+        ControlFile("stats.json", "every counter and gauge", lambda s: json.dumps(s.stats()) + "\n"),
+        ControlFile("metrics", "Prometheus text format", _metrics),
+        ControlFile("backing_files", "backing files, one path per line",
+                    lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
+        ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
+        _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",
+              lambda s: f"{s.pool_limit}\n", _set_pool_limit),
+        _knob("compression_level", "zstd level (negative: faster)",
+              lambda s: f"{s.level}\n", _set_level),
+        _knob("accept_threshold_percent", "after the limit is hit, accept again below this % of it",
+              lambda s: f"{s.accept_threshold}\n", _set_accept),
+        _knob("huge_threshold", "bytes: pages that compress worse are stored raw or on disk",
+              lambda s: f"{s.huge_threshold}\n", _set_huge),
+        _knob("writeback_enabled", "1: pool pages may move to backing files",
+              lambda s: f"{int(s.writeback_enabled)}\n", _set_wb),
+        ControlFile("writeback", "write N or all: move LRU pool pages to a backing file",
+                    write=_do_writeback),
+        ControlFile("compact", "write anything: compact the pool", write=_do_compact),
+        ControlFile("add_backing", "write a path: add a backing file there", write=_do_add_backing),
+        ControlFile("evacuate", "write a path: move its pages away, then remove it",
+                    write=_do_evacuate),
+    ]
+    taken = {f.name for f in files}
+    files += [ControlFile(name, DESCRIPTIONS[name], _one(name))
+              for name in space.stats() if name not in taken]
+    return {f.name: f for f in files}
+
+
+__all__ = ["BD_STAT", "IO_STAT", "MM_STAT", "ControlFile", "build_control_files", "parse_size"]

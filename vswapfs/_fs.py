@@ -1,0 +1,204 @@
+"""The vswapfs file system: a swap image and ``control/``, over the engine.
+
+    /swap       the image the kernel swaps into (loop device), mode 0600;
+                its size is the virtual space, nothing is preallocated
+    /control/   stats, knobs and actions (see ``_control``)
+
+Reads and writes of the image go to the engine; a punch-hole fallocate
+(what loop makes of a discard) frees the range.  Engine calls of more than
+a few pages run in worker threads (compression releases the GIL); small
+ones run on the event loop, where a thread hop would cost more than the
+work.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import trio
+
+from . import _linux
+from ._control import ControlFile, build_control_files
+from .engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
+from .fuse import (
+    FOPEN_DIRECT_IO,
+    FOPEN_PARALLEL_DIRECT_WRITES,
+    ROOT_ID,
+    Attr,
+    Context,
+    DirEntry,
+    Entry,
+    FuseError,
+    Opened,
+    Operations,
+    SetattrRequest,
+    StatFs,
+)
+
+log = logging.getLogger("vswapfs")
+
+SWAP_INO = 2
+CONTROL_INO = 3
+FIRST_CONTROL_FILE_INO = 16
+INLINE_BYTES = 16 * 1024  # requests up to this size skip the thread hop
+CLUSTER_BYTES = CLUSTER_SLOTS * PAGE
+PUNCH = _linux.FALLOC_FL_PUNCH_HOLE | _linux.FALLOC_FL_KEEP_SIZE
+
+
+class SwapFS(Operations):
+    """Serves one :class:`SwapSpace` as ``/swap`` plus ``/control``."""
+
+    def __init__(self, space: SwapSpace, *, threads: int = 2) -> None:
+        self.space = space
+        self._limiter = trio.CapacityLimiter(threads)
+        self._files = list(build_control_files(space).values())
+        self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
+        self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
+        self._next_fh = 1
+        self._mtime = int(time.time())
+
+    # -- inodes ---------------------------------------------------------------
+
+    def _control(self, ino: int) -> ControlFile | None:
+        i = ino - FIRST_CONTROL_FILE_INO
+        return self._files[i] if 0 <= i < len(self._files) else None
+
+    def _attr(self, ino: int) -> Attr:
+        if ino == ROOT_ID:
+            return Attr(ino, stat.S_IFDIR | 0o755, nlink=3, mtime=self._mtime)
+        if ino == CONTROL_INO:
+            return Attr(ino, stat.S_IFDIR | 0o755, nlink=2, mtime=self._mtime)
+        if ino == SWAP_INO:
+            return Attr(ino, stat.S_IFREG | 0o600, size=self.space.size,
+                        blocks=self.space.stored_pages * (PAGE // 512), mtime=self._mtime)
+        f = self._control(ino)
+        if f is None:
+            raise FuseError(errno.ENOENT)
+        return Attr(ino, stat.S_IFREG | f.mode, size=PAGE, mtime=self._mtime)
+
+    async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        if parent == ROOT_ID:
+            ino = {b"swap": SWAP_INO, b"control": CONTROL_INO}.get(name)
+        elif parent == CONTROL_INO:
+            ino = self._by_name.get(name)
+        else:
+            raise FuseError(errno.ENOTDIR)
+        if ino is None:
+            raise FuseError(errno.ENOENT)
+        return Entry(self._attr(ino))
+
+    async def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
+        return self._attr(ino)
+
+    async def setattr(self, ctx: Context, ino: int, req: SetattrRequest) -> Attr:
+        attr = self._attr(ino)
+        if req.mode is not None or req.uid is not None or req.gid is not None:
+            raise FuseError(errno.EPERM)
+        if req.size is not None and ino == SWAP_INO and req.size != self.space.size:
+            raise FuseError(errno.EPERM, "the image has a fixed size")
+        return attr  # O_TRUNC on a control file and time updates are no-ops
+
+    async def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
+        if ino not in (ROOT_ID, CONTROL_INO):
+            raise FuseError(errno.ENOTDIR)
+        return Opened()
+
+    async def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> list[DirEntry]:
+        d = stat.S_IFDIR
+        if ino == ROOT_ID:
+            entries = [DirEntry(ROOT_ID, b".", d), DirEntry(ROOT_ID, b"..", d),
+                       DirEntry(SWAP_INO, b"swap", stat.S_IFREG), DirEntry(CONTROL_INO, b"control", d)]
+        else:
+            entries = [DirEntry(CONTROL_INO, b".", d), DirEntry(ROOT_ID, b"..", d)]
+            entries += [DirEntry(ino, name, stat.S_IFREG) for name, ino in self._by_name.items()]
+        return entries[offset:]
+
+    async def statfs(self, ctx: Context, ino: int) -> StatFs:
+        blocks = self.space.size // PAGE
+        free = blocks - self.space.stored_pages
+        return StatFs(blocks=blocks, bfree=free, bavail=free, files=len(self._files) + 3)
+
+    # -- open/read/write ------------------------------------------------------------
+
+    async def open(self, ctx: Context, ino: int, flags: int) -> Opened:
+        if ino == SWAP_INO:
+            return Opened(0, FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES)
+        f = self._control(ino)
+        if f is None:
+            raise FuseError(errno.EISDIR if ino in (ROOT_ID, CONTROL_INO) else errno.ENOENT)
+        fh = self._next_fh
+        self._next_fh += 1
+        if f.read and (flags & os.O_ACCMODE) != os.O_WRONLY:
+            self._snapshots[fh] = (await self._run(f.read, self.space)).encode()
+        return Opened(fh, FOPEN_DIRECT_IO)
+
+    async def release(self, ctx: Context, ino: int, fh: int) -> None:
+        self._snapshots.pop(fh, None)
+
+    async def _run(self, fn, *args, size: int = INLINE_BYTES + 1):  # type: ignore[no-untyped-def]
+        if size <= INLINE_BYTES:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def read(self, ctx: Context, ino: int, fh: int, offset: int,
+                   size: int) -> bytes | bytearray | memoryview:
+        if ino == SWAP_INO:
+            size = max(0, min(size, self.space.size - offset))
+            if not size:
+                return b""
+            return await self._run(self.space.read, offset, size, size=size)
+        return self._snapshots.get(fh, b"")[offset:offset + size]
+
+    async def write(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> int:
+        if ino == SWAP_INO:
+            room = self.space.size - offset
+            if room <= 0:
+                raise FuseError(errno.ENOSPC, "write past the end of the image")
+            data = data[:room]
+            try:
+                await self._run(self.space.write, offset, data, size=len(data))
+            except NoSpaceError as e:
+                log.warning("write of %d bytes at %d refused: %s", len(data), offset, e)
+                raise
+            return len(data)
+        return await self._control_write(ctx, ino, offset, bytes(data))
+
+    async def _control_write(self, ctx: Context, ino: int, offset: int, data: bytes) -> int:
+        f = self._control(ino)
+        if f is None:
+            raise FuseError(errno.EISDIR)
+        if ctx.uid != 0:
+            raise FuseError(errno.EACCES)
+        if f.write is None:
+            raise FuseError(errno.EINVAL, f"{f.name} is read-only")
+        try:
+            if offset:
+                raise ValueError("write the whole value at offset 0")
+            text = data.decode("utf-8")
+            done = await self._run(f.write, self.space, text)
+        except (ValueError, UnicodeDecodeError) as e:
+            log.warning("control/%s: rejected %r: %s", f.name, data[:80], e)
+            raise FuseError(errno.EINVAL) from None
+        except OSError as e:
+            log.warning("control/%s: %r failed: %s", f.name, data[:80], e)
+            raise
+        log.info("control/%s: %s", f.name, done)
+        return len(data)
+
+    async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        if ino != SWAP_INO:
+            raise FuseError(errno.EOPNOTSUPP)
+        if mode != PUNCH:
+            raise FuseError(errno.EOPNOTSUPP)
+        end = min(offset + length, self.space.size)
+        if end > offset:
+            # a cluster's discard is cheap; bigger ranges walk many clusters
+            await self._run(self.space.discard, offset, end - offset,
+                            size=0 if end - offset <= CLUSTER_BYTES else end - offset)
+
+    async def destroy(self) -> None:
+        log.info("file system destroyed by the kernel")

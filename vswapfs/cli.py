@@ -1,0 +1,145 @@
+"""``vswapfs``: mount, up, down and status, in the spirit of zramctl and swapon."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from . import _admin
+from ._units import human, mem_total, parse_limit, parse_size
+from .engine import PAGE
+
+
+def _size(text: str) -> int:
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n < PAGE:
+        raise argparse.ArgumentTypeError(f"size {text!r} is smaller than one 4 KiB page")
+    return n
+
+
+def _limit(text: str) -> int:
+    try:
+        return parse_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_mount_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=_size, help="virtual swap size (default: 2x RAM)")
+    p.add_argument("--backing", action="append", default=[], metavar="PATH",
+                   help="backing file to create (sparse); repeatable")
+    p.add_argument("--pool-limit", type=_limit, default=0, metavar="S|P%",
+                   help="compressed pool limit: bytes (512M) or percent of RAM (20%%); default none")
+    p.add_argument("--level", type=int, default=None, help="zstd level (default: engine default)")
+
+
+def _mount_args(a: argparse.Namespace) -> list[str]:
+    out = []
+    if a.size:
+        out += ["--size", str(a.size)]
+    for b in a.backing:
+        out += ["--backing", os.path.abspath(b)]
+    if a.pool_limit:
+        out += ["--pool-limit", str(a.pool_limit)]
+    if a.level is not None:
+        out += ["--level", str(a.level)]
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vswapfs", description="virtual swap space in userspace")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="mount a vswapfs file system (the daemon)")
+    m.add_argument("mountpoint")
+    _add_mount_options(m)
+    m.add_argument("--foreground", action="store_true", help="do not detach; log to stderr")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    m.add_argument("--debug", action="store_true", help="log every request")
+    u = sub.add_parser("up", help="mount if needed, attach a loop device, mkswap, swapon")
+    u.add_argument("mountpoint")
+    _add_mount_options(u)
+    u.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    d = sub.add_parser("down", help="swapoff, detach the loop device, unmount")
+    d.add_argument("mountpoint")
+    d.add_argument("--force", action="store_true",
+                   help="recover after the daemon died: abort the FUSE connection")
+    s = sub.add_parser("status", help="a zramctl-like table of vswapfs mounts")
+    s.add_argument("mountpoint", nargs="?")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def _cmd_mount(a: argparse.Namespace) -> int:
+    _admin.check_root()
+    if not a.foreground:
+        _admin.check_mountpoint(a.mountpoint)
+        pid = _admin.start_daemon(a.mountpoint, _mount_args(a))
+        print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {_admin.log_path(a.mountpoint)})")
+        return 0
+    if a.ready_fd is None:
+        _admin.check_mountpoint(a.mountpoint)
+    import trio
+
+    from . import _daemon
+    from .engine import DEFAULT_LEVEL, SwapSpace
+
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
+                        format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
+    _daemon.protect()  # before any thread exists
+    size = a.size or mem_total() * 2 // PAGE * PAGE
+    space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
+                      level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing)
+    trio.run(_daemon.run, os.path.realpath(a.mountpoint), space, a.ready_fd)
+    return 0
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    mnts = [a.mountpoint] if a.mountpoint else _admin.mounts()
+    rows = {m: _admin.status(m) for m in mnts}
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ("MOUNT", "DEVICE", "DISKSIZE", "DATA", "COMPR", "TOTAL", "ZERO", "POOL", "PHYS", "RATIO")
+    lines = [cols]
+    for m, s in rows.items():
+        ratio = s["orig_data_size"] / max(s["mem_used_total"], 1) if s["stored_pages"] else 0
+        lines.append((m, ",".join(_admin.loops_of(m)) or "-", human(s["disksize"]),
+                      human(s["orig_data_size"]), human(s["compr_data_size"]), human(s["mem_used_total"]),
+                      str(s["zero_pages"]), str(s["pool_pages"]), str(s["phys_pages"]), f"{ratio:.2f}"))
+    widths = [max(len(r[i]) for r in lines) for i in range(len(cols))]
+    for r in lines:
+        cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        print(" ".join(cells))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        if a.cmd == "mount":
+            return _cmd_mount(a)
+        if a.cmd == "up":
+            print(_admin.up(a.mountpoint, _mount_args(a), a.priority))
+            return 0
+        if a.cmd == "down":
+            for step in _admin.down(a.mountpoint, force=a.force):
+                print(step)
+            return 0
+        return _cmd_status(a)
+    except _admin.AdminError as e:
+        print(f"vswapfs: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"vswapfs: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""A FUSE transport on trio that speaks the kernel protocol over /dev/fuse.
+
+Knows nothing about swap.  Implement :class:`Operations` and call
+:func:`serve`.
+"""
+
+from ._abi import (
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    FOPEN_NONSEEKABLE,
+    FOPEN_PARALLEL_DIRECT_WRITES,
+    ROOT_ID,
+    Opcode,
+)
+from ._ops import Operations
+from ._session import MAX_WRITE, Session, open_and_mount, serve, unmount
+from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
+
+__all__ = [
+    "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_NONSEEKABLE", "FOPEN_PARALLEL_DIRECT_WRITES",
+    "MAX_WRITE", "ROOT_ID", "Attr", "Context", "DirEntry", "Entry", "FuseError", "InitInfo",
+    "Opcode", "Opened", "Operations", "Session", "SetattrRequest", "StatFs", "open_and_mount",
+    "serve", "unmount",
+]

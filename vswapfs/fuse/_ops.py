@@ -1,0 +1,67 @@
+"""The file-system interface: override what you serve, the rest is ENOSYS."""
+
+from __future__ import annotations
+
+import errno
+
+from ._types import Attr, Context, DirEntry, Entry, FuseError, Opened, SetattrRequest, StatFs
+
+
+class Operations:
+    """Base class for a file system served by :func:`serve`.
+
+    Every method may raise :class:`FuseError` (or OSError) to answer with
+    an errno.  Methods are called concurrently from the trio event loop;
+    blocking work belongs in ``trio.to_thread``.
+    """
+
+    async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise FuseError(errno.ENOSYS)
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references (no reply is sent)."""
+
+    async def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
+        raise FuseError(errno.ENOSYS)
+
+    async def setattr(self, ctx: Context, ino: int, req: SetattrRequest) -> Attr:
+        raise FuseError(errno.ENOSYS)
+
+    async def open(self, ctx: Context, ino: int, flags: int) -> Opened:
+        raise FuseError(errno.ENOSYS)
+
+    async def read(self, ctx: Context, ino: int, fh: int, offset: int,
+                   size: int) -> bytes | bytearray | memoryview:
+        raise FuseError(errno.ENOSYS)
+
+    async def write(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> int:
+        """Store ``data`` (valid only until this returns); return bytes written."""
+        raise FuseError(errno.ENOSYS)
+
+    async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        raise FuseError(errno.ENOSYS)
+
+    async def statfs(self, ctx: Context, ino: int) -> StatFs:
+        raise FuseError(errno.ENOSYS)
+
+    async def flush(self, ctx: Context, ino: int, fh: int) -> None:
+        return None
+
+    async def fsync(self, ctx: Context, ino: int, fh: int, datasync: bool) -> None:
+        return None
+
+    async def release(self, ctx: Context, ino: int, fh: int) -> None:
+        return None
+
+    async def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
+        raise FuseError(errno.ENOSYS)
+
+    async def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> list[DirEntry]:
+        """All entries from index ``offset`` on; the transport packs what fits."""
+        raise FuseError(errno.ENOSYS)
+
+    async def releasedir(self, ctx: Context, ino: int, fh: int) -> None:
+        return None
+
+    async def destroy(self) -> None:
+        """The file system is being unmounted."""

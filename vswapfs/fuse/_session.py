@@ -1,0 +1,405 @@
+"""Mounting, INIT, and the request loop over /dev/fuse on trio.
+
+One table maps each opcode we serve to the parser of its body, the
+Operations method, and the builder of its reply.  Requests are parsed
+defensively: a short or malformed one is answered EIO and logged; an
+unknown opcode gets ENOSYS.  Every request runs as its own task, so slow
+ones (I/O in threads) never hold up the others.  Request buffers come from
+a fixed set: when all are busy the loop stops reading, which is the only
+back-pressure the kernel needs and keeps memory bounded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .. import _linux
+from . import _abi as A
+from ._ops import Operations
+from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
+
+log = logging.getLogger("vswapfs.fuse")
+
+MAX_WRITE = 1 << 20
+MAX_PAGES = MAX_WRITE // 4096
+MAX_BACKGROUND = 64
+WANTED_FLAGS = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
+
+
+class MalformedRequest(Exception):
+    """The request is shorter than its header or body says."""
+
+
+# -- body parsers: memoryview of the body -> positional arguments -----------
+
+def _need(body: memoryview, n: int) -> None:
+    if len(body) < n:
+        raise MalformedRequest(f"body of {len(body)} bytes, need {n}")
+
+
+def _p_name(body: memoryview) -> tuple[bytes]:
+    raw = bytes(body)
+    end = raw.find(b"\0")
+    if end <= 0:
+        raise MalformedRequest("name is empty or not NUL-terminated")
+    return (raw[:end],)
+
+
+def _p_getattr(body: memoryview) -> tuple[int | None]:
+    _need(body, A.GETATTR_IN.size)
+    flags, _, fh = A.GETATTR_IN.unpack_from(body)
+    return (fh if flags & A.GETATTR_FH else None,)
+
+
+def _p_setattr(body: memoryview) -> tuple[SetattrRequest]:
+    _need(body, A.SETATTR_IN.size)
+    (valid, _, fh, size, _, _, _, _, _, _, _, mode, _, uid, gid, _) = A.SETATTR_IN.unpack_from(body)
+    return (SetattrRequest(
+        mode=mode if valid & A.FATTR_MODE else None,
+        uid=uid if valid & A.FATTR_UID else None,
+        gid=gid if valid & A.FATTR_GID else None,
+        size=size if valid & A.FATTR_SIZE else None,
+        fh=fh if valid & A.FATTR_FH else None,
+        times=bool(valid & (A.FATTR_ATIME | A.FATTR_MTIME)),
+    ),)
+
+
+def _p_open(body: memoryview) -> tuple[int]:
+    _need(body, A.OPEN_IN.size)
+    return (A.OPEN_IN.unpack_from(body)[0],)
+
+
+def _p_fh(body: memoryview) -> tuple[int]:
+    _need(body, 8)
+    return (A.FORGET_IN.unpack_from(body)[0],)
+
+
+def _p_read(body: memoryview) -> tuple[int, int, int]:
+    _need(body, A.READ_IN.size)
+    fh, offset, size, _ = A.READ_IN.unpack_from(body)
+    return fh, offset, size
+
+
+def _p_write(body: memoryview) -> tuple[int, int, memoryview]:
+    _need(body, A.WRITE_IN.size)
+    fh, offset, size, _ = A.WRITE_IN.unpack_from(body)
+    data = body[A.WRITE_IN_SIZE:A.WRITE_IN_SIZE + size]
+    if len(data) != size:
+        raise MalformedRequest(f"WRITE of {size} bytes carries {len(data)}")
+    return fh, offset, data
+
+
+def _p_fsync(body: memoryview) -> tuple[int, bool]:
+    _need(body, A.FSYNC_IN.size)
+    fh, flags, _ = A.FSYNC_IN.unpack_from(body)
+    return fh, bool(flags & 1)
+
+
+def _p_fallocate(body: memoryview) -> tuple[int, int, int, int]:
+    _need(body, A.FALLOCATE_IN.size)
+    fh, offset, length, mode, _ = A.FALLOCATE_IN.unpack_from(body)
+    return fh, offset, length, mode
+
+
+def _p_none(body: memoryview) -> tuple[()]:
+    return ()
+
+
+# -- reply builders: result -> payload ---------------------------------------
+
+def _attr_fields(a: Attr) -> tuple[int, ...]:
+    return (a.ino, a.size, a.blocks, a.mtime, a.mtime, a.mtime, 0, 0, 0,
+            a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0)
+
+
+def _split(t: float) -> tuple[int, int]:
+    return int(t), int((t - int(t)) * 1e9)
+
+
+def _r_entry(e: Entry) -> bytes:
+    es, ens = _split(e.entry_timeout)
+    as_, ans = _split(e.attr_timeout)
+    return A.ENTRY_OUT.pack(e.attr.ino, 0, es, as_, ens, ans, *_attr_fields(e.attr))
+
+
+def _r_attr(a: Attr) -> bytes:
+    return A.ATTR_OUT.pack(1, 0, 0, *_attr_fields(a))
+
+
+def _r_open(o: Opened) -> bytes:
+    return A.OPEN_OUT.pack(o.fh, o.flags, 0)
+
+
+def _r_write(n: int) -> bytes:
+    return A.WRITE_OUT.pack(n, 0)
+
+
+def _r_statfs(s: StatFs) -> bytes:
+    return A.STATFS_OUT.pack(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen,
+                             s.frsize, 0)
+
+
+def _r_empty(_: object) -> bytes:
+    return b""
+
+
+def _r_data(data: Any) -> Any:
+    return data
+
+
+def pack_dirents(entries: list[DirEntry], start: int, size: int) -> bytes:
+    """Pack entries numbered from ``start`` into at most ``size`` bytes."""
+    out = bytearray()
+    for k, e in enumerate(entries):
+        rec = A.DIRENT.pack(e.ino, start + k + 1, len(e.name), stat.S_IFMT(e.mode) >> 12) + e.name
+        rec += b"\0" * (-len(rec) % 8)
+        if len(out) + len(rec) > size:
+            break
+        out += rec
+    return bytes(out)
+
+
+Handler = Callable[..., Awaitable[Any]]
+# opcode -> (Operations method name, body parser, reply builder)
+TABLE: dict[int, tuple[str, Callable[[memoryview], tuple[Any, ...]], Callable[[Any], Any]]] = {
+    A.Opcode.LOOKUP: ("lookup", _p_name, _r_entry),
+    A.Opcode.GETATTR: ("getattr", _p_getattr, _r_attr),
+    A.Opcode.SETATTR: ("setattr", _p_setattr, _r_attr),
+    A.Opcode.OPEN: ("open", _p_open, _r_open),
+    A.Opcode.READ: ("read", _p_read, _r_data),
+    A.Opcode.WRITE: ("write", _p_write, _r_write),
+    A.Opcode.STATFS: ("statfs", _p_none, _r_statfs),
+    A.Opcode.RELEASE: ("release", _p_fh, _r_empty),
+    A.Opcode.FSYNC: ("fsync", _p_fsync, _r_empty),
+    A.Opcode.FLUSH: ("flush", _p_fh, _r_empty),
+    A.Opcode.OPENDIR: ("opendir", _p_open, _r_open),
+    A.Opcode.RELEASEDIR: ("releasedir", _p_fh, _r_empty),
+    A.Opcode.FALLOCATE: ("fallocate", _p_fallocate, _r_empty),
+}
+
+
+class Session:
+    """A FUSE connection: a /dev/fuse fd and the file system it serves."""
+
+    def __init__(self, fd: int, ops: Operations, *, buffers: int = 32,
+                 max_background: int = MAX_BACKGROUND) -> None:
+        self.fd = fd
+        self.ops = ops
+        self.max_background = max_background
+        self.init = InitInfo()
+        self.requests = 0  # requests served
+        self.malformed = 0  # requests answered EIO because they did not parse
+        self._bufsize = MAX_WRITE + 4096
+        self._free = [bytearray(self._bufsize) for _ in range(buffers)]
+        self._buffers = trio.Semaphore(buffers)
+        self._dirs: dict[int, list[DirEntry]] = {}
+        os.set_blocking(fd, False)
+
+    # -- wire ---------------------------------------------------------------
+
+    def _reply(self, unique: int, error: int = 0, payload: Any = b"") -> None:
+        n = len(payload)
+        hdr = A.OUT_HEADER.pack(A.OUT_HEADER.size + n, -error, unique)
+        try:
+            os.writev(self.fd, [hdr, payload] if n else [hdr])
+        except OSError as e:  # ENOENT: the request was aborted meanwhile
+            if e.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("reply to request %d failed: %s", unique, e)
+
+    async def _read_request(self, buf: bytearray) -> int:
+        """Read one request into ``buf``; 0 when the file system is gone."""
+        while True:
+            try:
+                return os.readv(self.fd, [buf])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return 0
+                if e.errno not in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+                    raise
+
+    # -- INIT ---------------------------------------------------------------
+
+    async def handshake(self) -> InitInfo:
+        """Answer INIT (the first request) and return what was settled."""
+        buf = bytearray(self._bufsize)
+        while True:
+            n = await self._read_request(buf)
+            if not n:
+                raise OSError(errno.ENODEV, "unmounted before INIT")
+            _, opcode, unique, *_ = A.IN_HEADER.unpack_from(buf)
+            if opcode != A.Opcode.INIT:
+                self._reply(unique, errno.EIO)
+                continue
+            body = memoryview(buf)[A.IN_HEADER.size:n]
+            major, minor, max_readahead, flags = A.INIT_IN.unpack_from(body)
+            if major > A.KERNEL_VERSION:  # ask the kernel to speak our major
+                self._reply(unique, 0, A.INIT_OUT.pack(A.KERNEL_VERSION, A.KERNEL_MINOR_VERSION,
+                                                       *([0] * 15)))
+                continue
+            if major < A.KERNEL_VERSION or minor < 31:
+                self._reply(unique, errno.EPROTO)
+                raise OSError(errno.EPROTO, f"kernel FUSE {major}.{minor} is too old")
+            granted = flags & WANTED_FLAGS
+            our_minor = min(minor, A.KERNEL_MINOR_VERSION)
+            self._reply(unique, 0, A.INIT_OUT.pack(
+                A.KERNEL_VERSION, our_minor, max_readahead, granted,
+                self.max_background, self.max_background * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0,
+                *([0] * 7)))
+            names = [name for bit, name in A.INIT_FLAG_NAMES.items() if granted & bit]
+            self.init = InitInfo(major, our_minor, flags, granted, MAX_WRITE, MAX_PAGES,
+                                 self.max_background, names)
+            log.info("FUSE %d.%d (kernel %d.%d): granted %s; max_write %d, max_pages %d, "
+                     "max_background %d; missing %s", A.KERNEL_VERSION, our_minor, major, minor,
+                     "|".join(names) or "nothing", MAX_WRITE, MAX_PAGES, self.max_background,
+                     "|".join(n for b, n in A.INIT_FLAG_NAMES.items()
+                              if WANTED_FLAGS & b and not granted & b) or "nothing")
+            return self.init
+
+    # -- the loop -------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve requests until the file system is unmounted."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._buffers.acquire()
+                buf = self._free.pop()
+                try:
+                    n = await self._read_request(buf)
+                except BaseException:
+                    self._give_back(buf)
+                    raise
+                if not n:
+                    self._give_back(buf)
+                    break
+                nursery.start_soon(self._handle, buf, n)
+        await self.ops.destroy()
+
+    def _give_back(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._buffers.release()
+
+    async def _handle(self, buf: bytearray, n: int) -> None:
+        try:
+            await self.dispatch(memoryview(buf)[:n])
+        finally:
+            self._give_back(buf)
+
+    async def dispatch(self, req: memoryview) -> None:
+        """Parse one request and answer it (public for tests and fuzzing)."""
+        self.requests += 1
+        if len(req) < A.IN_HEADER.size:
+            self.malformed += 1
+            log.error("request of %d bytes is shorter than its header: dropped", len(req))
+            return
+        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
+        if opcode in (A.Opcode.FORGET, A.Opcode.BATCH_FORGET, A.Opcode.INTERRUPT):
+            self._no_reply(opcode, nodeid, req[A.IN_HEADER.size:])
+            return
+        if length != len(req) or length < A.IN_HEADER.size + extlen * 8:
+            self.malformed += 1
+            log.error("request %d (opcode %d): header says %d bytes, got %d: EIO",
+                      unique, opcode, length, len(req))
+            self._reply(unique, errno.EIO)
+            return
+        body = req[A.IN_HEADER.size:length - extlen * 8]
+        ctx = Context(uid, gid, pid)
+        try:
+            if opcode == A.Opcode.DESTROY:
+                await self.ops.destroy()
+                self._reply(unique)
+                return
+            if opcode == A.Opcode.READDIR:
+                payload: Any = await self._readdir(ctx, nodeid, body)
+            else:
+                entry = TABLE.get(opcode)
+                if entry is None:
+                    self._reply(unique, errno.ENOSYS)
+                    return
+                name, parse, build = entry
+                args = parse(body)
+                result = await getattr(self.ops, name)(ctx, nodeid, *args)
+                payload = build(result)
+        except MalformedRequest as e:
+            self.malformed += 1
+            log.error("request %d (opcode %d) is malformed: %s: EIO", unique, opcode, e)
+            self._reply(unique, errno.EIO)
+        except FuseError as e:
+            self._reply(unique, e.errno)
+        except OSError as e:
+            self._reply(unique, e.errno or errno.EIO)
+        except Exception:
+            log.exception("request %d (opcode %d) failed: EIO", unique, opcode)
+            self._reply(unique, errno.EIO)
+        else:
+            self._reply(unique, 0, payload)
+
+    def _no_reply(self, opcode: int, nodeid: int, body: memoryview) -> None:
+        try:
+            if opcode == A.Opcode.FORGET:
+                _need(body, 8)
+                self.ops.forget(nodeid, A.FORGET_IN.unpack_from(body)[0])
+            elif opcode == A.Opcode.BATCH_FORGET:
+                _need(body, A.BATCH_FORGET_IN.size)
+                count, _ = A.BATCH_FORGET_IN.unpack_from(body)
+                _need(body, A.BATCH_FORGET_IN.size + count * A.FORGET_ONE.size)
+                for i in range(count):
+                    ino, nl = A.FORGET_ONE.unpack_from(body, A.BATCH_FORGET_IN.size + i * A.FORGET_ONE.size)
+                    self.ops.forget(ino, nl)
+            # INTERRUPT: swap I/O is never interrupted and our requests are short.
+        except MalformedRequest as e:
+            self.malformed += 1
+            log.error("malformed opcode %d (no reply): %s", opcode, e)
+
+    async def _readdir(self, ctx: Context, nodeid: int, body: memoryview) -> bytes:
+        fh, offset, size = _p_read(body)
+        entries = await self.ops.readdir(ctx, nodeid, fh, offset)
+        return pack_dirents(entries, offset, size)
+
+
+# -- mounting -------------------------------------------------------------------
+
+def open_and_mount(mountpoint: str, fstype: str, *, source: str = "none",
+                   allow_other: bool = True) -> int:
+    """Open /dev/fuse and mount it on ``mountpoint`` as ``fuse.<fstype>``;
+    returns the fd.  Needs root (mount(2))."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
+    if allow_other:
+        opts += ",allow_other"
+    try:
+        _linux.mount(source, mountpoint, f"fuse.{fstype}", _linux.MS_NOSUID | _linux.MS_NODEV, opts)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unmount(mountpoint: str) -> None:
+    """umount(2); raises OSError(EBUSY) while the mount is in use."""
+    _linux.umount(mountpoint)
+
+
+async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = "none",
+                task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+    """Mount ``ops`` at ``mountpoint`` and serve it until unmounted.
+
+    ``task_status.started`` is called with the Session once INIT is done,
+    so ``await nursery.start(serve, ...)`` returns when the mount is ready.
+    """
+    fd = open_and_mount(mountpoint, fstype, source=source)
+    try:
+        session = Session(fd, ops)
+        await session.handshake()
+        task_status.started(session)
+        await session.serve()
+    finally:
+        os.close(fd)
