@@ -2,7 +2,7 @@
 
 import random
 
-from vswapfs.engine._pool import CHUNK_BYTES, Pool
+from vswapfs.engine._pool import Pool, chunk_bytes_for
 
 
 def test_objects_round_trip_and_memory_follows_payload() -> None:
@@ -33,7 +33,7 @@ def test_freed_slots_are_reused() -> None:
 def test_compaction_frees_sparse_chunks_and_keeps_data() -> None:
     pool = Pool()
     size = 1000
-    per_chunk = CHUNK_BYTES // 1008
+    per_chunk = chunk_bytes_for(1008) // 1008
     objs = [pool.store(bytes([i % 256]) * size) for i in range(per_chunk * 8)]
     for i, obj in enumerate(objs):
         if i % 4:  # leave every chunk a quarter full

@@ -76,7 +76,7 @@ def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> Non
 
 
 def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(swap_mnt: tuple[Path, str]) -> None:
-    mnt, dev = swap_mnt
+    mnt, _ = swap_mnt
     sampler = Sampler(mnt)
     sampler.start()
     try:

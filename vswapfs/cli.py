@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint")
     d.add_argument("--force", action="store_true",
                    help="recover after the daemon died: abort the FUSE connection")
+    i = sub.add_parser("install-helpers", help="install mount.fuse.vswapfs and the systemd unit")
+    i.add_argument("--root", default="/", help="install under this directory (default /)")
     s = sub.add_parser("status", help="a zramctl-like table of vswapfs mounts")
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true")
@@ -127,6 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_mount(a)
         if a.cmd == "up":
             print(_admin.up(a.mountpoint, _mount_args(a), a.priority))
+            return 0
+        if a.cmd == "install-helpers":
+            from ._fstab import install_helpers
+
+            for path in install_helpers(a.root):
+                print(path)
             return 0
         if a.cmd == "down":
             for step in _admin.down(a.mountpoint, force=a.force):

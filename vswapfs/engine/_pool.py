@@ -1,7 +1,8 @@
 """A zsmalloc-like allocator for compressed pages.
 
 Objects are packed into size classes 16 bytes apart (16, 32, ... 4096).  Each
-class carves fixed-size slots out of 64 KiB anonymous ``mmap`` chunks; a chunk
+class carves fixed-size slots out of anonymous ``mmap`` chunks of 16-64 KiB
+(sized per class so that little is left over at the tail); a chunk
 is committed by the kernel only as far as it has been written, so the memory
 the pool holds follows the payload closely, whatever the size mix.  There is
 no Python object per stored page: a class keeps its chunks in a dict, a bump
@@ -25,8 +26,15 @@ from typing import Final
 
 CLASS_STEP: Final = 16
 N_CLASSES: Final = 4096 // CLASS_STEP
-CHUNK_BYTES: Final = 64 * 1024
+CHUNK_BYTES: Final = 64 * 1024  # the largest chunk
 _PAGE: Final = 4096
+
+
+def chunk_bytes_for(size: int) -> int:
+    """Chunk size for objects of ``size`` bytes: the multiple of 4 KiB from
+    16 to 64 KiB that wastes least at its tail (zsmalloc's choice of
+    pages per zspage), the larger one on a tie."""
+    return min(range(CHUNK_BYTES, 4 * _PAGE - 1, -_PAGE), key=lambda b: (b % size) / b)
 
 
 def size_class(length: int) -> int:
@@ -48,7 +56,7 @@ class _SizeClass:
 
     def __init__(self, size: int) -> None:
         self.size = size  # bytes per slot
-        self.per_chunk = CHUNK_BYTES // size  # slots per chunk
+        self.per_chunk = chunk_bytes_for(size) // size  # slots per chunk
         self.chunks: dict[int, mmap.mmap] = {}  # chunk number -> memory
         self.live: dict[int, int] = {}  # chunk number -> live objects
         self.free = array("Q")  # freed slot indices, used LIFO
