@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vswapfs.engine import PAGE, SwapSpace  # noqa: E402
+from vswapfs.engine import PAGE, SwapSpace
 
 SOURCES = ("/usr/lib/x86_64-linux-gnu/*.so*", "/usr/lib/*/*.so*", "/usr/bin/*", "/usr/lib/python3*/*.py",
            "/usr/share/doc/*/*", "/usr/share/common-licenses/*", "/usr/include/*.h",
@@ -118,7 +118,8 @@ def main() -> None:
         result = {**rs[-1], **{k: round(statistics.median(r[k] for r in rs), 1)
                                for k in ("write_mb_s", "read_mb_s")},
                   "bad_batches": sum(r["bad_batches"] for r in rs), "rounds": len(rs)}
-        print(f"level {level:>3}: write {result['write_mb_s']:7.1f} MB/s  read {result['read_mb_s']:7.1f} MB/s  "
+        print(f"level {level:>3}: write {result['write_mb_s']:7.1f} MB/s  "
+              f"read {result['read_mb_s']:7.1f} MB/s  "
               f"ratio {result['ratio']:.2f} (payload {result['compr_ratio']:.2f})  "
               f"overhead {result['overhead_bytes_per_page']:.1f} B/page  bad {result['bad_batches']}")
     print(json.dumps(result))
