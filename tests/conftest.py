@@ -69,3 +69,27 @@ def mnt() -> Iterator[Path]:
 def mount_with(request: pytest.FixtureRequest) -> Iterator[Path]:
     """A real vswapfs mount with the options given by indirect parametrize."""
     yield from _mount(list(request.param))
+
+
+@pytest.fixture
+def faultfs(tmp_path: Path) -> Iterator[Path]:
+    """A real fault-injecting FUSE file system (vswapfs.faultfs) mounted at a
+    temporary directory; arm faults by writing to ``<mnt>/.faults``."""
+    import subprocess
+    import sys
+
+    mnt, store = tmp_path / "faultfs", tmp_path / "store"
+    mnt.mkdir()
+    store.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "vswapfs.faultfs", str(mnt), str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    if proc.stdout.readline() != b"ready\n":
+        proc.kill()
+        raise RuntimeError(f"faultfs did not start: {proc.communicate()[1].decode()[-500:]}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        proc.wait(10)

@@ -21,6 +21,7 @@ import mmap
 import os
 import random
 import struct
+import sys
 import time
 
 PAGE = 4096
@@ -61,7 +62,10 @@ def verify(mem: mmap.mmap, order: list[int], gen: int, mix: tuple[int, int, int]
 
 
 def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, int] = (1, 1, 1),
-        seed: int = 1) -> dict[str, object]:
+        seed: int = 1, hold: bool = False) -> dict[str, object]:
+    """Fill and verify ``mib`` MiB ``rounds`` times.  With ``hold``, after the
+    first fill print ``filled`` and wait for a line on stdin before
+    verifying (so a test can swapoff, kill the daemon... in between)."""
     n = mib * (1 << 20) // PAGE
     mem = mmap.mmap(-1, n * PAGE)
     order = list(range(n))
@@ -75,6 +79,9 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
         t0 = time.perf_counter()
         fill(mem, order, gen, mix)
         t1 = time.perf_counter()
+        if hold and gen == 1:
+            print("filled", flush=True)
+            sys.stdin.readline()
         if pattern == "random":
             rng.shuffle(order)
         bad += verify(mem, order, gen, mix)
@@ -97,11 +104,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--mix", default="1:1:1", help="zero:text:random weights")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hold", action="store_true", help="after filling, wait for a line on stdin")
     a = p.parse_args()
     mix = tuple(int(x) for x in a.mix.split(":"))
     if len(mix) != 3 or sum(mix) <= 0 or min(mix) < 0:
         p.error("--mix takes three non-negative weights like 1:1:1")
-    print(json.dumps(run(a.mib, a.pattern, a.rounds, mix, a.seed)), flush=True)  # type: ignore[arg-type]
+    print(json.dumps(run(a.mib, a.pattern, a.rounds, mix, a.seed, a.hold)), flush=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

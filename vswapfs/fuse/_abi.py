@@ -116,6 +116,7 @@ ATTR_OUT: Final = struct.Struct("<QII" + ATTR.format[1:])
 GETATTR_IN: Final = struct.Struct("<IIQ")  # flags dummy fh
 SETATTR_IN: Final = struct.Struct("<IIQQQQQQIIIIIIII")
 OPEN_IN: Final = struct.Struct("<II")  # flags open_flags
+CREATE_IN: Final = struct.Struct("<IIII")  # flags mode umask open_flags
 OPEN_OUT: Final = struct.Struct("<QII")  # fh open_flags padding
 RELEASE_IN: Final = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 FLUSH_IN: Final = struct.Struct("<QIIQ")  # fh unused padding lock_owner

@@ -27,6 +27,13 @@ class Operations:
     async def setattr(self, ctx: Context, ino: int, req: SetattrRequest) -> Attr:
         raise FuseError(errno.ENOSYS)
 
+    async def create(self, ctx: Context, parent: int, name: bytes, mode: int,
+                     flags: int) -> tuple[Entry, Opened]:
+        raise FuseError(errno.ENOSYS)
+
+    async def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise FuseError(errno.ENOSYS)
+
     async def open(self, ctx: Context, ino: int, flags: int) -> Opened:
         raise FuseError(errno.ENOSYS)
 

@@ -76,6 +76,12 @@ def _p_open(body: memoryview) -> tuple[int]:
     return (A.OPEN_IN.unpack_from(body)[0],)
 
 
+def _p_create(body: memoryview) -> tuple[bytes, int, int]:
+    _need(body, A.CREATE_IN.size)
+    flags, mode, umask, _ = A.CREATE_IN.unpack_from(body)
+    return _p_name(body[A.CREATE_IN.size:])[0], mode & ~umask, flags
+
+
 def _p_fh(body: memoryview) -> tuple[int]:
     _need(body, 8)
     return (A.FORGET_IN.unpack_from(body)[0],)
@@ -137,6 +143,10 @@ def _r_open(o: Opened) -> bytes:
     return A.OPEN_OUT.pack(o.fh, o.flags, 0)
 
 
+def _r_create(result: tuple[Entry, Opened]) -> bytes:
+    return _r_entry(result[0]) + _r_open(result[1])
+
+
 def _r_write(n: int) -> bytes:
     return A.WRITE_OUT.pack(n, 0)
 
@@ -173,6 +183,8 @@ TABLE: dict[int, tuple[str, Callable[[memoryview], tuple[Any, ...]], Callable[[A
     A.Opcode.GETATTR: ("getattr", _p_getattr, _r_attr),
     A.Opcode.SETATTR: ("setattr", _p_setattr, _r_attr),
     A.Opcode.OPEN: ("open", _p_open, _r_open),
+    A.Opcode.CREATE: ("create", _p_create, _r_create),
+    A.Opcode.UNLINK: ("unlink", _p_name, _r_empty),
     A.Opcode.READ: ("read", _p_read, _r_data),
     A.Opcode.WRITE: ("write", _p_write, _r_write),
     A.Opcode.STATFS: ("statfs", _p_none, _r_statfs),

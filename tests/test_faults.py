@@ -1,0 +1,184 @@
+"""Faults against the real mount: backing-file I/O errors, a full backing
+file system, a full pool, a killed daemon.  Nothing stored may be lost, and
+every fault is counted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import _mount, needs_root
+
+from vswapfs import _admin
+from vswapfs._cgroup import MemCgroup
+
+pytestmark = needs_root
+MiB = 1 << 20
+PAGE = 4096
+
+
+def stats(mnt: Path) -> dict[str, int]:
+    return json.loads((mnt / "control" / "stats.json").read_text())
+
+
+@pytest.fixture
+def backed_on_faultfs(faultfs: Path) -> Iterator[tuple[Path, Path]]:
+    """vswapfs whose backing file lives on the fault-injecting file system."""
+    for mnt in _mount(["--size", "64M", "--backing", str(faultfs / "backing0")]):
+        yield mnt, faultfs
+
+
+def arm(faultfs: Path, line: str) -> None:
+    with open(faultfs / ".faults", "w") as f:
+        f.write(line + "\n")
+
+
+def test_backing_read_eio_fails_that_page_only(backed_on_faultfs: tuple[Path, Path]) -> None:
+    mnt, ffs = backed_on_faultfs
+    pages = [os.urandom(PAGE) for _ in range(64)]  # incompressible: they go to the backing file
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"".join(pages), 0)  # one request: physical slots 0..63 in order
+        assert stats(mnt)["phys_pages"] == 64
+        arm(ffs, f"read EIO {17 * PAGE} {PAGE}")
+        for i, p in enumerate(pages):
+            if i == 17:
+                with pytest.raises(OSError) as err:
+                    os.pread(fd, PAGE, i * PAGE)
+                assert err.value.errno == errno.EIO
+            else:
+                assert os.pread(fd, PAGE, i * PAGE) == p
+        s = stats(mnt)
+        assert s["failed_reads"] == 1 and s["bd_read_errors"] == 1 and s["checksum_failures"] == 0
+        io = (mnt / "control" / "io_stat").read_text().split()
+        assert io[0] == "1"  # failed_reads
+        arm(ffs, "clear")
+        assert os.pread(fd, PAGE, 17 * PAGE) == pages[17]  # the fault was transient: nothing lost
+    finally:
+        os.close(fd)
+
+
+def test_backing_write_eio_keeps_pages_in_the_pool(backed_on_faultfs: tuple[Path, Path]) -> None:
+    mnt, ffs = backed_on_faultfs
+    arm(ffs, "write EIO 0 -1")
+    pages = [os.urandom(PAGE) for _ in range(32)]
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        os.pwrite(fd, b"".join(pages), 0)
+        s = stats(mnt)
+        assert s["bd_write_errors"] == 1 and s["phys_pages"] == 0 and s["huge_pages"] == 32
+        assert s["failed_writes"] == 0  # the kernel never saw an error
+        assert os.pread(fd, 32 * PAGE, 0) == b"".join(pages)
+        # on-demand writeback fails the same way, and the pages stay put
+        text = b"".join((b"%d text " % i * 600)[:PAGE] for i in range(32))
+        os.pwrite(fd, text, 32 * PAGE)
+        with open(mnt / "control" / "writeback", "w") as f:
+            f.write("all")
+        s = stats(mnt)
+        assert s["bd_write_errors"] == 2 and s["pool_pages"] == 64
+        assert os.pread(fd, 64 * PAGE, 0) == b"".join(pages) + text
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def backed_on_small_fs(small_fs: Path) -> Iterator[Path]:
+    yield from _mount(["--size", "256M", "--backing", str(small_fs / "backing0")])
+
+
+def test_full_backing_file_system_keeps_every_page(backed_on_small_fs: Path) -> None:
+    mnt = backed_on_small_fs
+    data = os.urandom(16 * MiB)  # twice what the 8 MiB ext4 holds
+    fd = os.open(mnt / "swap", os.O_RDWR)
+    try:
+        for off in range(0, len(data), MiB):
+            assert os.pwrite(fd, data[off:off + MiB], off) == MiB
+        s = stats(mnt)
+        assert s["bd_write_errors"] >= 1 and s["phys_pages"] > 0 and s["huge_pages"] > 0
+        assert s["phys_pages"] + s["huge_pages"] == 16 * MiB // PAGE
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
+def run_in_cgroup(limit_mib: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+    with MemCgroup(f"vswapfs-fault-{os.getpid()}", limit_mib * MiB) as cg:
+        proc = cg.popen([sys.executable, "-m", "vswapfs.workload", *args], stdout=-1, stderr=-1)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture
+def swap_with(request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
+    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-fault-"))
+    try:
+        with _admin.swap_up(str(mnt), list(request.param)) as dev:
+            yield mnt, dev
+    finally:
+        assert _admin.mount_type(str(mnt)) is None
+        mnt.rmdir()
+
+
+@pytest.mark.parametrize("swap_with", [["--size", "1G", "--pool-limit", "8M"]], indirect=True)
+def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Path, str]) -> None:
+    mnt, _ = swap_with
+    r = run_in_cgroup(32, "--mib", "96", "--mix", "0:1:1")
+    s = stats(mnt)
+    # the kernel got ENOSPC for what did not fit and kept those pages in RAM;
+    # the workload either finished with every page right or the cgroup's OOM killer ended it
+    if r.returncode == 0:
+        assert json.loads(r.stdout)["bad"] == 0
+    else:
+        assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-500:]
+    assert s["pool_limit_hit"] >= 1 and s["failed_writes"] >= 1
+    assert s["mem_used_max"] <= 8 * MiB
+    assert _admin.daemon_pid_alive(str(mnt)) is not None
+    # and swap still works once there is room again
+    r = run_in_cgroup(32, "--mib", "40", "--mix", "1:1:0")
+    assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0
+
+
+def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
+    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-kill-"))
+    cg = None
+    try:
+        dev = _admin.up(str(mnt), ["--size", "1G"])
+        pid = _admin.daemon_pid(str(mnt))
+        assert pid
+        cg = MemCgroup(f"vswapfs-kill-{os.getpid()}", 32 * MiB)
+        proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "96", "--hold"],
+                        stdin=-1, stdout=-1, stderr=-1)
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline() == b"filled\n"
+        assert stats(mnt)["stored_pages"] > 8 * MiB // PAGE
+        os.kill(pid, signal.SIGKILL)
+        assert _admin.wait_gone(pid, 10)
+        t0 = time.monotonic()
+        try:  # it may already be dead: its own interpreter pages were swapped out too
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        proc.wait(60)  # it touches swapped-out pages nobody can serve: it must die, not hang
+        assert proc.returncode != 0 and time.monotonic() - t0 < 60
+        with pytest.raises(_admin.AdminError):
+            _admin.status(str(mnt))
+        done = _admin.down(str(mnt), force=True)
+        assert any("umount" in d for d in done)
+        assert dev not in _admin.swaps() and _admin.loops_of(str(mnt)) == []
+        assert _admin.mount_type(str(mnt)) is None
+    finally:
+        if cg is not None:
+            cg.close()
+        if _admin.mount_type(str(mnt)):
+            _admin.down(str(mnt), force=True)
+        mnt.rmdir()
