@@ -146,8 +146,26 @@ def loop_attrs(dev: str) -> tuple[str, str]:
     return dio, discard
 
 
+def attach_loop(mnt: str) -> str:
+    """Attach the image of ``mnt`` to a direct-I/O loop device with 4 KiB
+    sectors, check that direct I/O and discard took, return the device."""
+    dev = _run(["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
+                image_of(mnt)]).strip()
+    try:
+        dio, discard = loop_attrs(dev)
+        if dio != "1":
+            raise AdminError(f"{dev}: the kernel did not enable direct I/O (loop/dio={dio})")
+        if discard in ("", "0"):
+            raise AdminError(f"{dev}: the loop device offers no discard, freed swap would never "
+                             "return memory")
+    except BaseException:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        raise
+    return dev
+
+
 def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) -> str:
-    """Mount if needed, attach a direct-I/O loop, mkswap, swapon --discard=pages;
+    """Mount if needed, attach a direct-I/O loop, mkswap, swapon --discard (once+pages);
     returns the loop device.  On failure everything done here is undone."""
     check_root()
     kind = mount_type(mnt)
@@ -166,16 +184,10 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) ->
         in_use = loops_of(mnt)
         if in_use:
             raise AdminError(f"{mnt} is already up on {', '.join(in_use)}")
-        dev = _run(["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
-                    image_of(mnt)]).strip()
-        dio, discard = loop_attrs(dev)
-        if dio != "1":
-            raise AdminError(f"{dev}: the kernel did not enable direct I/O (loop/dio={dio})")
-        if discard in ("", "0"):
-            raise AdminError(f"{dev}: the loop device offers no discard, freed swap would never "
-                             "return memory")
+        dev = attach_loop(mnt)
         _run(["mkswap", "-L", "vswapfs", dev])
-        cmd = ["swapon", "--discard=pages"] + (["-p", str(priority)] if priority is not None else [])
+        # --discard: once (the whole area at swapon) and pages (each freed cluster)
+        cmd = ["swapon", "--discard"] + (["-p", str(priority)] if priority is not None else [])
         _run([*cmd, dev])
         swapped = True
         return dev
@@ -260,6 +272,20 @@ def status(mnt: str) -> dict[str, int]:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise AdminError(f"{mnt}: the daemon is gone (use 'vswapfs down --force {mnt}')") from None
         raise
+
+
+@contextlib.contextmanager
+def mounted(mnt: str, mount_args: Sequence[str] = ()) -> Iterator[str]:
+    """A vswapfs mount for the duration of a with-block; whatever is on it
+    (swap, loop devices) is torn down at the end, also on failure."""
+    start_daemon(mnt, mount_args)
+    try:
+        yield mnt
+    finally:
+        try:
+            down(mnt)
+        except AdminError:
+            down(mnt, force=True)
 
 
 @contextlib.contextmanager

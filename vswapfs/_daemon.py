@@ -11,6 +11,7 @@ says so once and goes on.
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from .fuse import serve, unmount
 
 log = logging.getLogger("vswapfs")
 FSTYPE = "vswapfs"
+SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
 
 
 def protect() -> dict[str, bool]:
@@ -73,6 +75,40 @@ async def _on_signals(mountpoint: str) -> None:
                     log.error("unmounting %s failed: %s", mountpoint, e)
 
 
+def swapped_on(image: str) -> set[str]:
+    """Loop devices backed by ``image`` that swap is on now."""
+    devs = set()
+    for d in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(d) as f:
+                if f.read().strip() == image:
+                    devs.add("/dev/" + d.split("/")[3])
+        except OSError:
+            continue
+    with open("/proc/swaps") as f:
+        active = {line.split()[0] for line in f.readlines()[1:]}
+    return devs & active
+
+
+async def _watch_swapoff(mountpoint: str, space: SwapSpace, interval: float = 0.5) -> None:
+    """Free the whole space (but the swap header) when swap goes off it.
+
+    The kernel clears SWP_WRITEOK before swapoff frees the slots, so it
+    sends no discard for them: without this, every page swapoff brought back
+    would stay stored here until the next swapon reused its slot."""
+    image = os.path.join(mountpoint, "swap")
+    was_on: set[str] = set()
+    while True:
+        now = await trio.to_thread.run_sync(swapped_on, image)
+        if was_on and not now:
+            before = space.stored_pages
+            await trio.to_thread.run_sync(space.release_all_but, SWAP_HEADER_BYTES)
+            log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
+                     before - space.stored_pages)
+        was_on = now
+        await trio.sleep(interval)
+
+
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted."""
     fs = SwapFS(space)
@@ -90,6 +126,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None) ->
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
             nursery.start_soon(_on_signals, mountpoint)
+            nursery.start_soon(_watch_swapoff, mountpoint, space)
     finally:
         s = space.stats()
         log.info("%s: stopped with %d pages stored; releasing memory and backing files",

@@ -519,6 +519,18 @@ class SwapSpace:
             self.counters.notify_free += freed
             self._note_mem()
 
+    def release_all_but(self, keep: int) -> int:
+        """Free everything after the first ``keep`` bytes (a page multiple),
+        counting it as ``swapoff_freed_pages``; returns the pages freed."""
+        before = self.stored_pages
+        notified = self.counters.notify_free
+        self.discard(keep, self.size - keep)
+        freed = before - self.stored_pages
+        with self._lock:
+            self.counters.notify_free = notified
+            self.counters.swapoff_freed_pages += freed
+        return freed
+
     def _word_unlocked(self, slot: int) -> int:
         with self._lock:
             return self._word(slot)

@@ -18,6 +18,7 @@ COUNTERS: Final[dict[str, str]] = {
     "failed_writes": "write requests that failed (zram io_stat)",
     "invalid_io": "requests outside the space (zram io_stat)",
     "notify_free": "stored pages freed by discard (zram io_stat)",
+    "swapoff_freed_pages": "pages freed when swap went off the image (the kernel sends no discard then)",
     "bd_reads": "pages read from backing files (zram bd_stat)",
     "bd_writes": "pages written to backing files (zram bd_stat)",
     "bd_read_errors": "backing-file page reads that failed (I/O error or checksum)",

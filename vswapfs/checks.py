@@ -1,0 +1,201 @@
+"""The checks peers pass, run against a vswapfs device.
+
+    python -m vswapfs.checks fio     [--mib 256]      fio random writes with crc32c verify,
+                                                      then blkdiscard and a compare against zeros
+    python -m vswapfs.checks stress-ng [--seconds 30] stress-ng --vm (all methods, verify,
+                                                      page-in) and --pageswap under a memory cgroup
+    python -m vswapfs.checks churn   [--cycles 50]    swapon/swapoff with data swapped out each
+                                                      time; swapoff while the data is held
+
+Each sets up its own vswapfs on a temporary mount point, tears it down
+(also on failure), prints what it saw and a last JSON line, and exits 0
+only if nothing was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from . import _admin
+from ._cgroup import MemCgroup
+
+MiB = 1 << 20
+
+
+def _stats(mnt: str) -> dict[str, int]:
+    return _admin.status(mnt)
+
+
+@contextmanager
+def _tmp_mount(args: list[str]) -> Iterator[str]:
+    mnt = tempfile.mkdtemp(prefix="vswapfs-check-")
+    try:
+        with _admin.mounted(mnt, args):
+            yield mnt
+    finally:
+        os.rmdir(mnt)
+
+
+def kernel_used_pages(mnt: str) -> int:
+    """Pages the kernel counts as in use on the swap areas of ``mnt``
+    (swap-cache-only pages keep their slots until reclaim frees them)."""
+    devs = set(_admin.loops_of(mnt))
+    with open("/proc/swaps") as f:
+        return sum(int(p[3]) // 4 for p in (line.split() for line in f.readlines()[1:]) if p[0] in devs)
+
+
+def _wait_empty(mnt: str, timeout: float = 10) -> int:
+    """Wait until vswapfs holds only the swap header; return the pages it holds."""
+    deadline = time.monotonic() + timeout
+    while (n := _stats(mnt)["stored_pages"]) > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return n
+
+
+def fio_verify(mib: int = 256) -> dict[str, object]:
+    """fio random 4 KiB writes at queue depth 32 with crc32c verify, on the
+    raw loop device; then blkdiscard and compare the device with zeros."""
+    with _tmp_mount(["--size", f"{mib}M"]) as mnt:
+        dev = _admin.attach_loop(mnt)
+        try:
+            r = subprocess.run(
+                ["fio", "--name=vswapfs-verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
+                 f"--size={mib}M", "--direct=1", "--ioengine=libaio", "--iodepth=32",
+                 "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024",
+                 "--buffer_compress_percentage=50", "--refill_buffers", "--output-format=json"],
+                capture_output=True, text=True, check=False)
+            job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0] if "{" in r.stdout else {}
+            stored = _stats(mnt)["stored_pages"]
+            subprocess.run(["blkdiscard", dev], check=True)
+            left = _stats(mnt)["stored_pages"]
+            zero = bytes(MiB)
+            nonzero = 0
+            with open(dev, "rb", buffering=0) as f:
+                while chunk := f.read(MiB):
+                    nonzero += chunk != zero[:len(chunk)]
+            result = {"check": "fio", "ok": r.returncode == 0 and job.get("error") == 0
+                      and stored > 0 and left == 0 and nonzero == 0,
+                      "fio_rc": r.returncode, "fio_error": job.get("error"),
+                      "written_mib": round(job.get("write", {}).get("io_bytes", 0) / MiB, 1),
+                      "verified_mib": round(job.get("read", {}).get("io_bytes", 0) / MiB, 1),
+                      "write_iops": round(job.get("write", {}).get("iops", 0)),
+                      "stored_pages_before_discard": stored, "stored_pages_after_discard": left,
+                      "nonzero_mib_after_discard": nonzero}
+            if r.returncode:
+                result["fio_stderr"] = r.stderr[-1000:]
+            return result
+        finally:
+            subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _swap_mount(args: list[str]) -> Iterator[tuple[str, str]]:
+    mnt = tempfile.mkdtemp(prefix="vswapfs-check-")
+    try:
+        with _admin.swap_up(mnt, args) as dev:
+            yield mnt, dev
+    finally:
+        os.rmdir(mnt)
+
+
+def stress_ng(seconds: int = 30, limit_mib: int = 64) -> dict[str, object]:
+    """stress-ng --vm (every method, --verify, --page-in) and --pageswap
+    --verify, in a memory cgroup a third the size of their working set."""
+    runs = [["--vm", "2", "--vm-bytes", f"{limit_mib * 3 // 2}M", "--vm-method", "all", "--verify",
+             "--page-in"], ["--pageswap", "2", "--verify"]]
+    out: dict[str, object] = {"check": "stress-ng", "ok": True}
+    with contextmanager(_swap_mount)(["--size", "2G"]) as (mnt, dev):
+        for i, args in enumerate(runs):
+            name = args[0].strip("-")
+            before = _stats(mnt)
+            with MemCgroup(f"vswapfs-check-{os.getpid()}-{i}", limit_mib * MiB) as cg:
+                proc = cg.popen(["stress-ng", *args, "-t", f"{seconds}s", "--metrics-brief"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                text = proc.communicate(timeout=seconds * 10 + 120)[0].decode(errors="replace")
+            after = _stats(mnt)
+            failed = [ln for ln in text.splitlines() if "fail" in ln.lower() and "0 failed" not in ln]
+            ok = proc.returncode == 0 and not failed
+            out[name] = {"rc": proc.returncode, "ok": ok,
+                         "swapped_through_pages": after["notify_free"] - before["notify_free"],
+                         "tail": text.strip().splitlines()[-3:]}
+            out["ok"] = bool(out["ok"]) and ok
+        # Swap-cache-only pages keep their slots after exit, and a discard
+        # comes only for a wholly free cluster: report both counts, then
+        # swapoff, after which vswapfs must hold nothing but the header.
+        time.sleep(2)
+        out["stored_pages_at_exit"] = _stats(mnt)["stored_pages"]
+        out["kernel_used_pages_at_exit"] = kernel_used_pages(mnt)
+        subprocess.run(["swapoff", dev], check=True)
+        out["stored_pages_after_swapoff"] = _wait_empty(mnt)
+        out["ok"] = bool(out["ok"]) and out["stored_pages_after_swapoff"] <= 1
+    return out
+
+
+def churn(cycles: int = 50, mib: int = 48, limit_mib: int = 24) -> dict[str, object]:
+    """``cycles`` times: swapon, a process fills ``mib`` MiB in a
+    ``limit_mib`` MiB cgroup and holds it (swapped out), swapoff brings it
+    all back through the daemon, the process verifies every page."""
+    bad = verified = swapped = 0
+    t0 = time.monotonic()
+    with _tmp_mount(["--size", "1G"]) as mnt:
+        dev = _admin.attach_loop(mnt)
+        try:
+            subprocess.run(["mkswap", dev], check=True, capture_output=True)
+            for _ in range(cycles):
+                subprocess.run(["swapon", "--discard", dev], check=True)
+                with MemCgroup(f"vswapfs-churn-{os.getpid()}", limit_mib * MiB) as cg:
+                    proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(mib), "--hold"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                    assert proc.stdin is not None and proc.stdout is not None
+                    if proc.stdout.readline() != b"filled\n":
+                        raise RuntimeError("workload died before holding its pages")
+                    swapped += _stats(mnt)["stored_pages"]
+                    cg.set_limit(4096 * MiB)  # room to take every page back
+                    subprocess.run(["swapoff", dev], check=True)
+                    proc.stdin.write(b"verify\n")
+                    proc.stdin.close()
+                    result = json.loads(proc.stdout.read())
+                    proc.wait(60)
+                bad += result["bad"]
+                verified += result["verified"]
+            left = _wait_empty(mnt, 5)  # the daemon frees what swapoff left behind
+        finally:
+            if dev in _admin.swaps():
+                subprocess.run(["swapoff", dev], check=False)
+            subprocess.run(["losetup", "-d", dev], check=False)
+    return {"check": "churn", "ok": bad == 0 and left <= 1, "cycles": cycles, "pages_verified": verified,
+            "bad": bad, "pages_swapped_out": swapped, "stored_pages_after": left,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="peer checks against a vswapfs device")
+    sub = p.add_subparsers(dest="check", required=True)
+    sub.add_parser("fio").add_argument("--mib", type=int, default=256)
+    sub.add_parser("stress-ng").add_argument("--seconds", type=int, default=30)
+    sub.add_parser("churn").add_argument("--cycles", type=int, default=50)
+    a = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("vswapfs.checks: must be run as root", file=sys.stderr)
+        return 1
+    if a.check == "fio":
+        r = fio_verify(a.mib)
+    elif a.check == "stress-ng":
+        r = stress_ng(a.seconds)
+    else:
+        r = churn(a.cycles)
+    for k, v in r.items():
+        print(f"{k}: {v}")
+    print(json.dumps(r))
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
