@@ -28,6 +28,13 @@ class AdminError(Exception):
     """A failure the user gets as one clear line."""
 
 
+def canonical(path: str) -> str:
+    """``path`` with its parent's symlinks resolved, without a system call on
+    ``path`` itself: on a mount with a hung daemon, stat(2) would hang."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
 def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
@@ -40,7 +47,7 @@ def mounts() -> list[str]:
 
 def mount_type(path: str) -> str | None:
     """File system type mounted exactly at ``path``, or None."""
-    path = os.path.realpath(path)
+    path = canonical(path)
     found = None
     with open("/proc/self/mounts") as f:
         for line in f:
@@ -51,14 +58,21 @@ def mount_type(path: str) -> str | None:
 
 
 def image_of(mnt: str) -> str:
-    return os.path.join(os.path.realpath(mnt), IMAGE)
+    return os.path.join(canonical(mnt), IMAGE)
 
 
 def loops_of(mnt: str) -> list[str]:
-    """Loop devices attached to the image of ``mnt``."""
-    out = subprocess.run(["losetup", "-n", "-O", "NAME", "-j", image_of(mnt)],
-                         capture_output=True, text=True, check=False).stdout
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    """Loop devices attached to the image of ``mnt``, from sysfs (``losetup
+    -j`` would stat the image through the daemon, and hang if it hangs)."""
+    under = canonical(mnt) + "/"
+    devs = []
+    for path in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        try:
+            if path.read_text().strip().startswith(under):
+                devs.append("/dev/" + path.parts[3])
+        except OSError:
+            continue
+    return devs
 
 
 def swaps() -> list[str]:
@@ -80,7 +94,7 @@ def check_root() -> None:
 
 
 def log_path(mnt: str) -> Path:
-    name = os.path.realpath(mnt).strip("/").replace("/", "-") or "root"
+    name = canonical(mnt).strip("/").replace("/", "-") or "root"
     return RUN_DIR / f"{name}.log"
 
 
@@ -152,6 +166,9 @@ def attach_loop(mnt: str) -> str:
     dev = _run(["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096",
                 image_of(mnt)]).strip()
     try:
+        # No writeback throttling on this queue: a daemon thread that ends up
+        # in reclaim must not wait for I/O that only the daemon can finish.
+        Path(f"/sys/block/{os.path.basename(dev)}/queue/wbt_lat_usec").write_text("0")
         dio, discard = loop_attrs(dev)
         if dio != "1":
             raise AdminError(f"{dev}: the kernel did not enable direct I/O (loop/dio={dio})")
@@ -208,16 +225,33 @@ def _unmount_and_wait(mnt: str) -> None:
         raise AdminError(f"daemon {pid} for {mnt} did not exit after unmount")
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def fuse_connection(mnt: str) -> int | None:
+    """The FUSE connection number of ``mnt`` (the minor of its device), read
+    from mountinfo: stat(2) on the mount would hang with a hung daemon."""
+    path = canonical(mnt)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            p = line.split()
+            if _unescape(p[4]) == path:
+                return int(p[2].split(":")[1])
+    return None
+
+
 def abort_connection(mnt: str) -> bool:
-    """Abort the FUSE connection of ``mnt`` (its daemon is dead or hung)."""
+    """Abort the FUSE connection of ``mnt`` (its daemon is dead or hung):
+    every waiting request fails at once."""
+    conn = fuse_connection(mnt)
+    if conn is None:
+        return False
+    if not (FUSECTL / str(conn)).exists():
+        subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)], capture_output=True, check=False)
     try:
-        minor = os.minor(os.stat(mnt).st_dev)
+        (FUSECTL / str(conn) / "abort").write_text("1")
     except OSError:
         return False
-    path = Path(f"/sys/fs/fuse/connections/{minor}/abort")
-    if not path.exists():
-        return False
-    path.write_text("1")
     return True
 
 
@@ -243,6 +277,9 @@ def down(mnt: str, force: bool = False) -> list[str]:
             done.append(f"swapoff {dev}" + (f" failed: {r.stderr.strip()}" if r.returncode else ""))
         subprocess.run(["losetup", "-d", dev], check=False)
         done.append(f"losetup -d {dev}")
+    left = [d for d in loops_of(mnt) if d in swaps()]
+    if left:  # never leave a swap area behind its daemon's mount
+        raise AdminError(f"swap is still on {', '.join(left)} (swapoff failed); {mnt} stays mounted")
     r = subprocess.run(["umount", mnt], capture_output=True, text=True, check=False)
     if r.returncode:
         if not force:
@@ -257,7 +294,7 @@ def down(mnt: str, force: bool = False) -> list[str]:
 
 def daemon_pid_alive(mnt: str) -> int | None:
     """The daemon's pid if it answers (reading control/pid needs it alive)."""
-    r = subprocess.run(["timeout", "2", "cat", os.path.join(mnt, "control", "pid")],
+    r = subprocess.run(["timeout", "-s", "KILL", "2", "cat", os.path.join(mnt, "control", "pid")],
                        capture_output=True, text=True, check=False)
     try:
         return int(r.stdout) if r.returncode == 0 else None

@@ -70,6 +70,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("mountpoint")
     d.add_argument("--force", action="store_true",
                    help="recover after the daemon died: abort the FUSE connection")
+    t = sub.add_parser("stress", help="verify every page under memory pressure (swap must be up)")
+    t.add_argument("mountpoint")
+    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--limit", type=_size, default=64 << 20, help="memory cgroup limit (default 64M)")
+    t.add_argument("--multiple", type=float, default=3.0, help="working set / limit (default 3)")
+    t.add_argument("--pattern", choices=("seq", "random", "cow", "mix"), default="mix")
+    t.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
+    t.add_argument("--rounds", type=int, default=0, help="rounds per worker instead of a duration")
+    t.add_argument("--mix", default="1:1:1", help="zero:text:random page weights")
     i = sub.add_parser("install-helpers", help="install mount.fuse.vswapfs and the systemd unit")
     i.add_argument("--root", default="/", help="install under this directory (default /)")
     s = sub.add_parser("status", help="a zramctl-like table of vswapfs mounts")
@@ -98,7 +107,7 @@ def _cmd_mount(a: argparse.Namespace) -> int:
     size = a.size or mem_total() * 2 // PAGE * PAGE
     space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing)
-    trio.run(_daemon.run, os.path.realpath(a.mountpoint), space, a.ready_fd)
+    trio.run(_daemon.run, _admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 
 
@@ -130,6 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "up":
             print(_admin.up(a.mountpoint, _mount_args(a), a.priority))
             return 0
+        if a.cmd == "stress":
+            from .stress import print_report, stress
+
+            _admin.check_root()
+            r = stress(a.mountpoint, workers=a.workers, limit=a.limit, multiple=a.multiple,
+                       pattern=a.pattern, duration=a.duration, rounds=a.rounds, mix=a.mix)
+            print_report(r)
+            return 0 if r["ok"] else 1
         if a.cmd == "install-helpers":
             from ._fstab import install_helpers
 

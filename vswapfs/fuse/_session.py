@@ -200,7 +200,7 @@ TABLE: dict[int, tuple[str, Callable[[memoryview], tuple[Any, ...]], Callable[[A
 class Session:
     """A FUSE connection: a /dev/fuse fd and the file system it serves."""
 
-    def __init__(self, fd: int, ops: Operations, *, buffers: int = 32,
+    def __init__(self, fd: int, ops: Operations, *, buffers: int = 16,
                  max_background: int = MAX_BACKGROUND) -> None:
         self.fd = fd
         self.ops = ops
@@ -209,7 +209,11 @@ class Session:
         self.requests = 0  # requests served
         self.malformed = 0  # requests answered EIO because they did not parse
         self._bufsize = MAX_WRITE + 4096
+        # The I/O path's reserve: allocated and faulted in now (and mlocked, if
+        # the process is), so serving a request never waits on reclaim for it.
         self._free = [bytearray(self._bufsize) for _ in range(buffers)]
+        for buf in self._free:
+            buf[::4096] = bytes(len(range(0, self._bufsize, 4096)))
         self._buffers = trio.Semaphore(buffers)
         self._dirs: dict[int, list[DirEntry]] = {}
         os.set_blocking(fd, False)

@@ -1,0 +1,392 @@
+"""Side-by-side swap benchmark: vswapfs against zram, zswap and a swapfile.
+
+Every backend is set up and torn down by the harness, all with
+``swapon --discard``.  Workloads run in a child memory cgroup (the vswapfs
+daemon stays outside it) and verify every page:
+
+- usemem: write 3x the limit of realistic pages (zero / cut from real
+  files / random), read back and verify; write, verify and free times;
+- memhog: the same shape with pages of one repeated value;
+- latency: after swap-out, touch random swapped-out pages one at a time
+  (pagemap says which): p50 and p99 in microseconds;
+- pyheap: a Python program with a heap well over the limit (build, sort,
+  sum a list of objects): wall time.
+
+For each backend the memory it holds is sampled: the daemon's RSS for
+vswapfs, ``mm_stat`` for zram, the zswap pool (``Zswap:`` in meminfo);
+and how much of it comes back within 2 s of the workload's exit.
+
+Rounds are interleaved across backends (the order rotates each round) so
+the machine's drift cancels; medians are compared (single runs swing by a
+third here).  Results: a Markdown table, a JSON file and, with matplotlib,
+a PNG chart.
+
+    python3 scripts/bench.py [--rounds 3] [--limit 64] [--out bench-results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import _admin
+from ._cgroup import MemCgroup
+
+MiB = 1 << 20
+ZRAM = Path("/sys/block/zram0")
+ZSWAP = Path("/sys/module/zswap/parameters")
+REFERENCE = "zram-lzo-rle"
+
+PYHEAP = """
+import sys, time
+n = int(sys.argv[1]) * (1 << 20) // 120
+t = time.perf_counter()
+heap = [("item %d" % i, i * 7 % 1000003, [i]) for i in range(n)]
+heap.sort(key=lambda x: x[1])
+total = sum(x[1] for x in heap)
+print(time.perf_counter() - t)
+"""
+
+
+def meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass
+class Backend:
+    """A swap backend: how to bring it up and down, and what memory it holds."""
+
+    name: str
+    up: Callable[[], object]
+    down: Callable[[], None]
+    memory: Callable[[], int]
+    available: Callable[[], str | None] = lambda: None  # why not, or None
+    state: dict[str, object] = field(default_factory=dict)
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(list(cmd), check=True, capture_output=True)
+
+
+def vswapfs_backend(name: str, args: list[str]) -> Backend:
+    st: dict[str, object] = {}
+
+    def up() -> None:
+        mnt = tempfile.mkdtemp(prefix="vswapfs-bench-")
+        backing = [a for a in args if a.startswith("/")]
+        for b in backing:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(b)
+        st["mnt"] = mnt
+        _admin.up(mnt, args, priority=100)
+        st["pid"] = _admin.daemon_pid(mnt)
+
+    def down() -> None:
+        mnt = str(st.pop("mnt"))
+        _admin.down(mnt)
+        os.rmdir(mnt)
+
+    return Backend(name, up, down, lambda: rss(int(st["pid"])), state=st)  # type: ignore[arg-type]
+
+
+def zram_backend(alg: str, size: str = "4G") -> Backend:
+    def available() -> str | None:
+        if not ZRAM.exists():
+            return "no /sys/block/zram0 (zram not built in or loaded)"
+        if alg not in (ZRAM / "comp_algorithm").read_text().replace("[", "").replace("]", "").split():
+            return f"zram has no {alg}"
+        return None
+
+    def up() -> None:
+        (ZRAM / "reset").write_text("1")
+        (ZRAM / "comp_algorithm").write_text(alg)
+        (ZRAM / "disksize").write_text(size)
+        _run("mkswap", "/dev/zram0")
+        _run("swapon", "--discard", "-p", "100", "/dev/zram0")
+
+    def down() -> None:
+        _run("swapoff", "/dev/zram0")
+        (ZRAM / "reset").write_text("1")
+
+    def memory() -> int:
+        return int((ZRAM / "mm_stat").read_text().split()[2])
+
+    return Backend(f"zram-{alg}", up, down, memory, available)
+
+
+def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", size: str = "4G") -> Backend:
+    def available() -> str | None:
+        return "zswap not built in" if zswap and not ZSWAP.exists() else None
+
+    def up() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        _run("fallocate", "-l", size, path)
+        os.chmod(path, 0o600)
+        _run("mkswap", path)
+        if zswap:
+            (ZSWAP / "compressor").write_text("lzo")
+            (ZSWAP / "enabled").write_text("Y")
+        _run("swapon", "--discard", "-p", "100", path)
+
+    def down() -> None:
+        _run("swapoff", path)
+        if zswap:
+            (ZSWAP / "enabled").write_text("N")
+        os.unlink(path)
+
+    memory = (lambda: meminfo("Zswap")) if zswap else (lambda: 0)
+    return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, available)
+
+
+def backends() -> list[Backend]:
+    return [
+        vswapfs_backend("vswapfs", ["--size", "4G"]),
+        vswapfs_backend("vswapfs-backed", ["--size", "4G", "--pool-limit", "32M",
+                                           "--backing", "/var/tmp/vswapfs-bench-backing0"]),
+        zram_backend("lzo-rle"),
+        zram_backend("lz4"),
+        swapfile_backend(zswap=True),
+        swapfile_backend(zswap=False),
+    ]
+
+
+class Sampler(threading.Thread):
+    """Samples a backend's memory every 20 ms until stopped."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        super().__init__(daemon=True)
+        self.read, self.samples, self.halt = read, [], threading.Event()  # type: ignore[var-annotated]
+
+    def run(self) -> None:
+        while not self.halt.wait(0.02):
+            with contextlib.suppress(OSError, ValueError):
+                self.samples.append((time.monotonic(), self.read()))
+
+
+def returned(samples: list[tuple[float, int]], baseline: int, exit_at: float, within: float = 2.0) -> float:
+    """Percent of the peak (above ``baseline``) given back within ``within``
+    seconds of ``exit_at``."""
+    peak = max((m for _, m in samples), default=baseline) - baseline
+    if peak <= 0:
+        return 100.0
+    after = [m for t, m in samples if exit_at <= t <= exit_at + within]
+    low = min(after, default=peak + baseline) - baseline
+    return round(100 * (1 - max(low, 0) / peak), 1)
+
+
+def run_workload(b: Backend, limit_mib: int, cmd: list[str]) -> tuple[dict[str, object], dict[str, float]]:
+    """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory figures)."""
+    baseline = b.memory()
+    sampler = Sampler(b.memory)
+    sampler.start()
+    with MemCgroup(f"vswapfs-bench-{os.getpid()}", limit_mib * MiB) as cg:
+        proc = cg.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(timeout=1800)
+    exit_at = time.monotonic()
+    time.sleep(2.2)
+    sampler.halt.set()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{b.name}: {' '.join(cmd[:4])} failed ({proc.returncode}): {err.decode()[-500:]}")
+    text = out.decode().strip().splitlines()[-1]
+    result = json.loads(text) if text.startswith("{") else {"seconds": float(text)}
+    peak = max((m for _, m in sampler.samples), default=baseline)
+    return result, {"peak_mem_mib": round(peak / MiB, 1),
+                    "returned_pct": returned(sampler.samples, baseline, exit_at)}
+
+
+def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
+    py = sys.executable
+    mib = 3 * limit_mib
+    row: dict[str, float] = {}
+    r, mem = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--files"])
+    if r["bad"]:
+        raise RuntimeError(f"{b.name}: usemem found {r['bad']} bad pages")
+    row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),  # type: ignore[arg-type]
+               usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],  # type: ignore[arg-type]
+               returned_pct=mem["returned_pct"])
+    r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
+    if r["bad"]:
+        raise RuntimeError(f"{b.name}: memhog found {r['bad']} bad pages")
+    row.update(memhog_write_s=float(r["write_s"]), memhog_verify_s=float(r["verify_s"]))  # type: ignore[arg-type]
+    r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--mix", "0:1:1",
+                                       "--latency", "2000"])
+    lat = r["latency"]
+    row.update(swapin_p50_us=float(lat["p50_us"]), swapin_p99_us=float(lat["p99_us"]))  # type: ignore[index]
+    r, _ = run_workload(b, limit_mib, [py, "-c", PYHEAP, str(int(limit_mib * 2.5))])
+    row.update(pyheap_s=round(float(r["seconds"]), 3))  # type: ignore[arg-type]
+    return row
+
+
+METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or None)
+    "usemem_write_s": ("usemem write (s)", True, 1.0),
+    "usemem_verify_s": ("usemem verify (s)", True, 1.0),
+    "usemem_free_s": ("usemem free (s)", True, None),
+    "memhog_write_s": ("memhog write (s)", True, None),
+    "memhog_verify_s": ("memhog verify (s)", True, None),
+    "swapin_p50_us": ("random swap-in p50 (µs)", True, 7.7),
+    "swapin_p99_us": ("random swap-in p99 (µs)", True, 0.5),
+    "pyheap_s": ("Python heap program (s)", True, None),
+    "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
+    "returned_pct": ("memory returned within 2 s (%)", False, None),
+}
+
+
+def summarize(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """backend -> metric -> mean, stdev, median, ratio to the reference median."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, rs in rows.items():
+        out[name] = {}
+        for m in METRICS:
+            vals = [r[m] for r in rs if m in r]
+            if not vals:
+                continue
+            out[name][m] = {"mean": statistics.fmean(vals),
+                            "stdev": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                            "median": statistics.median(vals), "n": len(vals)}
+    ref = out.get(REFERENCE, {})
+    for metrics in out.values():
+        for m, s in metrics.items():
+            base = ref.get(m, {}).get("median")
+            s["ratio"] = round(s["median"] / base, 3) if base else float("nan")
+    return out
+
+
+def markdown(summary: dict[str, dict[str, dict[str, float]]], missing: dict[str, str]) -> str:
+    names = list(summary)
+    lines = ["| metric | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for m, (label, _, target) in METRICS.items():
+        cells = []
+        for n in names:
+            s = summary[n].get(m)
+            if s is None:
+                cells.append("-")
+                continue
+            ratio = "" if n == REFERENCE or s["ratio"] != s["ratio"] else f" ({s['ratio']:.2f}x)"
+            cells.append(f"{s['median']:.3g} ± {s['stdev']:.2g}{ratio}")
+        tgt = f" — target ≤ {target}x zram" if target and m != "returned_pct" else ""
+        lines.append(f"| {label}{tgt} | " + " | ".join(cells) + " |")
+    for n, why in missing.items():
+        lines.append(f"\n{n}: missing on this kernel ({why})")
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vswapfs") -> list[str]:
+    """One honest line per target for ``backend``."""
+    out = []
+    s = summary.get(backend, {})
+    for m, (label, lower, target) in METRICS.items():
+        if target is None or m not in s:
+            continue
+        r = s[m]["ratio"]
+        ok = r <= target if lower else r >= target
+        out.append(f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x zram (target ≤ {target}x)")
+    if "returned_pct" in s:
+        v = s["returned_pct"]["median"]
+        out.append(f"{'MET   ' if v >= 99 else 'MISSED'} memory returned within 2 s: {v:.1f}% (target ≥ 99%)")
+    return out
+
+
+def chart(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metrics = [m for m in METRICS if m != "returned_pct"]
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ratios = [summary[n].get(m, {}).get("ratio", float("nan")) for m in metrics]
+        ax.bar([k + i * width for k in range(len(metrics))], ratios, width, label=n)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(metrics))])
+    ax.set_xticklabels([METRICS[m][0] for m in metrics], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel(f"median, ratio to {REFERENCE} (lower is better)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+@contextlib.contextmanager
+def brought_up(b: Backend) -> Iterator[None]:
+    b.up()
+    try:
+        yield
+    finally:
+        b.down()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--limit", type=int, default=64, help="cgroup limit in MiB (workloads use 3x)")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--only", help="comma-separated backend names")
+    a = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench: must be run as root", file=sys.stderr)
+        return 1
+    chosen = [b for b in backends() if not a.only or b.name in a.only.split(",")]
+    missing = {b.name: why for b in chosen if (why := b.available())}
+    chosen = [b for b in chosen if b.name not in missing]
+    if _admin.swaps():
+        print(f"bench: swap is already on ({', '.join(_admin.swaps())}); swapoff first", file=sys.stderr)
+        return 1
+    rows: dict[str, list[dict[str, float]]] = {b.name: [] for b in chosen}
+    for rnd in range(a.rounds):
+        order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
+        for b in order:
+            with brought_up(b):
+                row = one_round(b, a.limit)
+            rows[b.name].append(row)
+            print(f"round {rnd + 1}/{a.rounds} {b.name}: " + json.dumps(row), flush=True)
+    summary = summarize(rows)
+    out = Path(a.out)
+    out.mkdir(exist_ok=True)
+    table = markdown(summary, missing)
+    machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
+    header = (f"Machine: {machine}. Limit {a.limit} MiB, workloads {3 * a.limit} MiB, {a.rounds} interleaved "
+              f"rounds; median ± stdev, (ratio to {REFERENCE} median).\n\n")
+    lines = verdicts(summary)
+    (out / "bench.md").write_text(header + table + "\n" + "\n".join(lines) + "\n")
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": a.limit, "rounds": rows,
+                                                "summary": summary, "missing": missing}, indent=1))
+    drew = chart(summary, out / "bench.png")
+    print("\n" + header + table)
+    print("\n".join(lines))
+    print(f"\nwrote {out}/bench.md, bench.json" + (", bench.png" if drew else " (no matplotlib: no chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
