@@ -65,10 +65,20 @@ def mnt() -> Iterator[Path]:
     yield from _mount(["--size", "64M"])
 
 
-@pytest.fixture
-def mount_with(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A real vswapfs mount with the options given by indirect parametrize."""
-    yield from _mount(list(request.param))
+def swap_on(args: list[str]) -> Iterator[tuple[Path, str]]:
+    """``vswapfs up`` on a temporary mount point for a fixture: yields (mount,
+    loop device); afterwards no swap area, loop device or mount is left,
+    also when the test failed."""
+    from vswapfs import _admin
+
+    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-swap-"))
+    try:
+        with _admin.swap_up(str(mnt), args) as dev:
+            yield mnt, dev
+        assert dev not in _admin.swaps() and _admin.loops_of(str(mnt)) == []
+    finally:
+        assert _admin.mount_type(str(mnt)) is None
+        mnt.rmdir()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _mount, needs_root
+from conftest import _mount, needs_root, swap_on
 
 from vswapfs import _admin
 from vswapfs._cgroup import MemCgroup
@@ -60,7 +60,7 @@ def test_backing_read_eio_fails_that_page_only(backed_on_faultfs: tuple[Path, Pa
         s = stats(mnt)
         assert s["failed_reads"] == 1 and s["bd_read_errors"] == 1 and s["checksum_failures"] == 0
         io = (mnt / "control" / "io_stat").read_text().split()
-        assert io[0] == "1"  # failed_reads
+        assert io[0] == "1" and io[4] == "1"  # failed_reads, bd_read_errors
         arm(ffs, "clear")
         assert os.pread(fd, PAGE, 17 * PAGE) == pages[17]  # the fault was transient: nothing lost
     finally:
@@ -77,6 +77,7 @@ def test_backing_write_eio_keeps_pages_in_the_pool(backed_on_faultfs: tuple[Path
         s = stats(mnt)
         assert s["bd_write_errors"] == 1 and s["phys_pages"] == 0 and s["huge_pages"] == 32
         assert s["failed_writes"] == 0  # the kernel never saw an error
+        assert (mnt / "control" / "io_stat").read_text().split()[5] == "1"  # bd_write_errors
         assert os.pread(fd, 32 * PAGE, 0) == b"".join(pages)
         # on-demand writeback fails the same way, and the pages stay put
         text = b"".join((b"%d text " % i * 600)[:PAGE] for i in range(32))
@@ -119,13 +120,7 @@ def run_in_cgroup(limit_mib: int, *args: str, timeout: float = 300) -> subproces
 
 @pytest.fixture
 def swap_with(request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
-    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-fault-"))
-    try:
-        with _admin.swap_up(str(mnt), list(request.param)) as dev:
-            yield mnt, dev
-    finally:
-        assert _admin.mount_type(str(mnt)) is None
-        mnt.rmdir()
+    yield from swap_on(list(request.param))
 
 
 @pytest.mark.parametrize("swap_with", [["--size", "1G", "--pool-limit", "8M"]], indirect=True)

@@ -94,7 +94,7 @@ def test_stat_files_have_zram_columns_and_prometheus_format(mnt: Path) -> None:
     c = mnt / "control"
     mm = [int(x) for x in (c / "mm_stat").read_text().split()]
     assert len(mm) == 9 and mm[0] == 3 * PAGE and mm[5] == 2  # orig_data_size, same_pages
-    assert len((c / "io_stat").read_text().split()) == 4
+    assert len((c / "io_stat").read_text().split()) == 7
     assert len((c / "bd_stat").read_text().split()) == 3
     s = stats(mnt)
     for key in ("stored_pages", "zero_pages", "pool_pages", "phys_pages", "orig_data_size",

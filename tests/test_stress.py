@@ -6,14 +6,13 @@ import json
 import mmap
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import needs_root, swap_on
 
-from vswapfs import _admin, workload
+from vswapfs import workload
 
 MiB = 1 << 20
 
@@ -35,13 +34,8 @@ def test_workload_verify_catches_wrong_slot_old_generation_and_corruption() -> N
 
 @pytest.fixture
 def swap() -> Iterator[Path]:
-    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-stress-"))
-    try:
-        with _admin.swap_up(str(mnt), ["--size", "2G"]):
-            yield mnt
-    finally:
-        assert _admin.mount_type(str(mnt)) is None
-        mnt.rmdir()
+    for mnt, _ in swap_on(["--size", "2G"]):
+        yield mnt
 
 
 @needs_root

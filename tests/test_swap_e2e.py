@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import needs_root, swap_on
 
 from vswapfs import _admin
 from vswapfs._cgroup import MemCgroup
@@ -34,15 +33,7 @@ def stats(mnt: Path) -> dict[str, int]:
 
 @pytest.fixture
 def swap_mnt() -> Iterator[tuple[Path, str]]:
-    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-e2e-"))
-    try:
-        with _admin.swap_up(str(mnt), ["--size", "1G"]) as dev:
-            yield mnt, dev
-    finally:
-        assert _admin.mount_type(str(mnt)) is None
-        mnt.rmdir()
-    assert dev not in _admin.swaps()
-    assert _admin.loops_of(str(mnt)) == []
+    yield from swap_on(["--size", "1G"])
 
 
 class Sampler(threading.Thread):

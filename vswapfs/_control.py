@@ -19,7 +19,9 @@ from .engine import COUNTERS, DESCRIPTIONS, SwapSpace
 
 MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
            "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
-IO_STAT = ("failed_reads", "failed_writes", "invalid_io", "notify_free")
+# zram's four columns, then the backing-file faults (appended, as zram once grew io_stat)
+IO_STAT = ("failed_reads", "failed_writes", "invalid_io", "notify_free", "bd_read_errors",
+           "bd_write_errors", "checksum_failures")
 BD_STAT = ("bd_count", "bd_reads", "bd_writes")
 
 Reader = Callable[[SwapSpace], str]

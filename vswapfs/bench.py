@@ -9,7 +9,7 @@ daemon stays outside it) and verify every page:
 - memhog: the same shape with pages of one repeated value;
 - latency: after swap-out, touch random swapped-out pages one at a time
   (pagemap says which): p50 and p99 in microseconds;
-- pyheap: a Python program with a heap well over the limit (build, sort,
+- pyheap: a Python program with a heap over the limit (1.5x: build, sort,
   sum a list of objects): wall time.
 
 For each backend the memory it holds is sampled: the daemon's RSS for
@@ -50,7 +50,7 @@ REFERENCE = "zram-lzo-rle"
 
 PYHEAP = """
 import sys, time
-n = int(sys.argv[1]) * (1 << 20) // 120
+n = int(sys.argv[1]) * (1 << 20) // 230  # ~230 bytes an item: tuple, str, list, int
 t = time.perf_counter()
 heap = [("item %d" % i, i * 7 % 1000003, [i]) for i in range(n)]
 heap.sort(key=lambda x: x[1])
@@ -237,8 +237,11 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
                                        "--latency", "2000"])
     lat = r["latency"]
     row.update(swapin_p50_us=float(lat["p50_us"]), swapin_p99_us=float(lat["p99_us"]))  # type: ignore[index]
-    r, _ = run_workload(b, limit_mib, [py, "-c", PYHEAP, str(int(limit_mib * 2.5))])
-    row.update(pyheap_s=round(float(r["seconds"]), 3))  # type: ignore[arg-type]
+    try:
+        r, _ = run_workload(b, limit_mib, [py, "-c", PYHEAP, str(int(limit_mib * 1.5))])
+        row.update(pyheap_s=round(float(r["seconds"]), 3))  # type: ignore[arg-type]
+    except RuntimeError as e:  # the cgroup's OOM killer can end it on any backend: record, go on
+        print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
     return row
 
 

@@ -96,6 +96,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
             subprocess.run(["losetup", "-d", dev], check=False)
 
 
+@contextmanager
 def _swap_mount(args: list[str]) -> Iterator[tuple[str, str]]:
     mnt = tempfile.mkdtemp(prefix="vswapfs-check-")
     try:
@@ -111,7 +112,7 @@ def stress_ng(seconds: int = 30, limit_mib: int = 64) -> dict[str, object]:
     runs = [["--vm", "2", "--vm-bytes", f"{limit_mib * 3 // 2}M", "--vm-method", "all", "--verify",
              "--page-in"], ["--pageswap", "2", "--verify"]]
     out: dict[str, object] = {"check": "stress-ng", "ok": True}
-    with contextmanager(_swap_mount)(["--size", "2G"]) as (mnt, dev):
+    with _swap_mount(["--size", "2G"]) as (mnt, dev):
         for i, args in enumerate(runs):
             name = args[0].strip("-")
             before = _stats(mnt)

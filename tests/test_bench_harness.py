@@ -1,0 +1,63 @@
+"""The benchmark harness's own logic: setup and teardown of every backend,
+summaries, ratios, verdicts.  Nothing here is timed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from conftest import needs_root
+
+from vswapfs import _admin, bench
+
+
+def rows(**medians: float) -> list[dict[str, float]]:
+    return [{k: v * f for k, v in medians.items()} for f in (0.9, 1.0, 1.3)]
+
+
+def test_summary_medians_stdev_and_ratio_to_zram() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0, swapin_p50_us=10.0),
+                         "vswapfs": rows(usemem_write_s=1.0, swapin_p50_us=80.0)})
+    v = s["vswapfs"]["usemem_write_s"]
+    assert v["median"] == 1.0 and v["n"] == 3 and math.isclose(v["mean"], (0.9 + 1.0 + 1.3) / 3)
+    assert v["ratio"] == 0.5 and s["vswapfs"]["swapin_p50_us"]["ratio"] == 8.0
+    assert s["zram-lzo-rle"]["usemem_write_s"]["ratio"] == 1.0
+
+
+def test_verdicts_say_met_and_missed_honestly() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0, swapin_p50_us=10.0, peak_mem_mib=100),
+                         "vswapfs": rows(usemem_write_s=1.0, swapin_p50_us=80.0, peak_mem_mib=70,
+                                         returned_pct=95.0)})
+    lines = bench.verdicts(s)
+    assert any(line.startswith("MET") and "usemem write" in line for line in lines)
+    assert any(line.startswith("MISSED") and "p50" in line and "8.00x" in line for line in lines)
+    assert any(line.startswith("MET") and "memory at peak" in line for line in lines)
+    assert any("returned" in line and line.startswith("MISSED") for line in lines)
+
+
+def test_markdown_table_has_every_backend_and_missing_ones_named() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0), "vswapfs": rows(usemem_write_s=1.0)})
+    md = bench.markdown(s, {"zswap-lzo": "zswap not built in"})
+    assert "| metric | zram-lzo-rle | vswapfs |" in md and "(0.50x)" in md
+    assert "zswap-lzo: missing on this kernel (zswap not built in)" in md
+
+
+def test_returned_counts_what_came_back_within_the_window() -> None:
+    samples = [(0.0, 100), (1.0, 500), (2.0, 500), (2.5, 300), (3.5, 104), (9.0, 100)]
+    assert bench.returned(samples, baseline=100, exit_at=2.0, within=2.0) == 99.0
+    assert bench.returned(samples, baseline=100, exit_at=2.0, within=0.6) == 50.0
+    assert bench.returned([(0.0, 100)], baseline=100, exit_at=0.0) == 100.0
+
+
+@needs_root
+@pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
+                                  "zswap-lzo", "swapfile"])
+def test_every_backend_comes_up_and_goes_down(name: str) -> None:
+    b = next(b for b in bench.backends() if b.name == name)
+    assert b.available() is None, f"{name} missing on this machine: {b.available()}"
+    before = set(_admin.swaps())
+    with bench.brought_up(b):
+        assert len(set(_admin.swaps()) - before) == 1
+        assert b.memory() >= 0
+    assert set(_admin.swaps()) == before
+    assert _admin.mounts() == []
