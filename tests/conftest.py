@@ -39,6 +39,13 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         os.rmdir(mnt)
 
 
+def stats(mnt: Path) -> dict[str, int]:
+    """Every counter of a vswapfs mount, from control/stats.json."""
+    import json
+
+    return json.loads((mnt / "control" / "stats.json").read_text())
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse")
 

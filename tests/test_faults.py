@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _mount, needs_root, swap_on
+from conftest import _mount, needs_root, stats, swap_on
 
 from vswapfs import _admin
 from vswapfs._cgroup import MemCgroup
@@ -25,9 +25,6 @@ pytestmark = needs_root
 MiB = 1 << 20
 PAGE = 4096
 
-
-def stats(mnt: Path) -> dict[str, int]:
-    return json.loads((mnt / "control" / "stats.json").read_text())
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import needs_root, stats
 
 from vswapfs import _admin, _linux
 
@@ -18,9 +17,6 @@ pytestmark = needs_root
 MiB = 1 << 20
 PAGE = 4096
 
-
-def stats(mnt: Path) -> dict[str, int]:
-    return json.loads((mnt / "control" / "stats.json").read_text())
 
 
 def test_layout_and_private_image(mnt: Path) -> None:

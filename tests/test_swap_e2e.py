@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root, swap_on
+from conftest import needs_root, stats, swap_on
 
 from vswapfs import _admin
 from vswapfs._cgroup import MemCgroup
@@ -26,9 +26,6 @@ pytestmark = needs_root
 MiB = 1 << 20
 LIMIT_MIB = 64
 
-
-def stats(mnt: Path) -> dict[str, int]:
-    return json.loads((mnt / "control" / "stats.json").read_text())
 
 
 @pytest.fixture
