@@ -111,7 +111,11 @@ def test_full_backing_file_system_keeps_every_page(backed_on_small_fs: Path) -> 
 def run_in_cgroup(limit_mib: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
     with MemCgroup(f"vswapfs-fault-{os.getpid()}", limit_mib * MiB) as cg:
         proc = cg.popen([sys.executable, "-m", "vswapfs.workload", *args], stdout=-1, stderr=-1)
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -123,10 +127,12 @@ def swap_with(request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
 @pytest.mark.parametrize("swap_with", [["--size", "1G", "--pool-limit", "8M"]], indirect=True)
 def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Path, str]) -> None:
     mnt, _ = swap_with
-    r = run_in_cgroup(32, "--mib", "96", "--mix", "0:1:1")
+    # The kernel gets ENOSPC for what does not fit, keeps those pages in RAM and
+    # retries them (hundreds of thousands of times, for minutes, until the
+    # cgroup's OOM killer acts), so the workload is stopped after 20 s.
+    r = run_in_cgroup(32, "--mib", "48", "--mix", "0:1:1", timeout=20)
     s = stats(mnt)
-    # the kernel got ENOSPC for what did not fit and kept those pages in RAM;
-    # the workload either finished with every page right or the cgroup's OOM killer ended it
+    # it either finished with every page right or was killed (by the OOM killer or us)
     if r.returncode == 0:
         assert json.loads(r.stdout)["bad"] == 0
     else:
