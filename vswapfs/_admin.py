@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from . import _linux
 from ._daemon import FSTYPE
 
 RUN_DIR = Path("/run/vswapfs")
@@ -62,23 +63,13 @@ def image_of(mnt: str) -> str:
 
 
 def loops_of(mnt: str) -> list[str]:
-    """Loop devices attached to the image of ``mnt``, from sysfs (``losetup
-    -j`` would stat the image through the daemon, and hang if it hangs)."""
-    under = canonical(mnt) + "/"
-    devs = []
-    for path in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
-        try:
-            if path.read_text().strip().startswith(under):
-                devs.append("/dev/" + path.parts[3])
-        except OSError:
-            continue
-    return devs
+    """Loop devices attached to files of the mount ``mnt``."""
+    return _linux.loop_devices(canonical(mnt))
 
 
 def swaps() -> list[str]:
     """Devices swap is on."""
-    with open("/proc/swaps") as f:
-        return [line.split()[0] for line in f.readlines()[1:]]
+    return list(_linux.swap_areas())
 
 
 def _run(cmd: Sequence[str]) -> str:

@@ -11,7 +11,6 @@ says so once and goes on.
 from __future__ import annotations
 
 import errno
-import glob
 import logging
 import os
 import signal
@@ -75,19 +74,9 @@ async def _on_signals(mountpoint: str) -> None:
                     log.error("unmounting %s failed: %s", mountpoint, e)
 
 
-def swapped_on(image: str) -> set[str]:
-    """Loop devices backed by ``image`` that swap is on now."""
-    devs = set()
-    for d in glob.glob("/sys/block/loop*/loop/backing_file"):
-        try:
-            with open(d) as f:
-                if f.read().strip() == image:
-                    devs.add("/dev/" + d.split("/")[3])
-        except OSError:
-            continue
-    with open("/proc/swaps") as f:
-        active = {line.split()[0] for line in f.readlines()[1:]}
-    return devs & active
+def swapped_on(mountpoint: str) -> set[str]:
+    """Loop devices on files of ``mountpoint`` that swap is on now."""
+    return set(_linux.loop_devices(mountpoint)) & set(_linux.swap_areas())
 
 
 async def _watch_swapoff(mountpoint: str, space: SwapSpace, interval: float = 0.5) -> None:
@@ -96,10 +85,9 @@ async def _watch_swapoff(mountpoint: str, space: SwapSpace, interval: float = 0.
     The kernel clears SWP_WRITEOK before swapoff frees the slots, so it
     sends no discard for them: without this, every page swapoff brought back
     would stay stored here until the next swapon reused its slot."""
-    image = os.path.join(mountpoint, "swap")
     was_on: set[str] = set()
     while True:
-        now = await trio.to_thread.run_sync(swapped_on, image)
+        now = await trio.to_thread.run_sync(swapped_on, mountpoint)
         if was_on and not now:
             before = space.stored_pages
             await trio.to_thread.run_sync(space.release_all_but, SWAP_HEADER_BYTES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 from typing import Final
 
@@ -27,6 +28,27 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+def loop_devices(under: str) -> list[str]:
+    """Loop devices whose backing file is under directory ``under``, from
+    sysfs (``losetup -j`` would stat the file, and hang with a hung FUSE daemon)."""
+    prefix = under.rstrip("/") + "/"
+    devs = []
+    for path in sorted(glob.glob("/sys/block/loop*/loop/backing_file")):
+        try:
+            with open(path) as f:
+                if f.read().strip().startswith(prefix):
+                    devs.append("/dev/" + path.split("/")[3])
+        except OSError:
+            continue
+    return devs
+
+
+def swap_areas() -> dict[str, int]:
+    """Active swap areas from /proc/swaps: device -> KiB in use."""
+    with open("/proc/swaps") as f:
+        return {p[0]: int(p[3]) for p in (line.split() for line in f.readlines()[1:])}
 
 
 def _check(ret: int, what: str) -> int:

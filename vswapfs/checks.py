@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import _admin
+from . import _admin, _linux
 from ._cgroup import MemCgroup
 
 MiB = 1 << 20
@@ -47,9 +47,8 @@ def _tmp_mount(args: list[str]) -> Iterator[str]:
 def kernel_used_pages(mnt: str) -> int:
     """Pages the kernel counts as in use on the swap areas of ``mnt``
     (swap-cache-only pages keep their slots until reclaim frees them)."""
-    devs = set(_admin.loops_of(mnt))
-    with open("/proc/swaps") as f:
-        return sum(int(p[3]) // 4 for p in (line.split() for line in f.readlines()[1:]) if p[0] in devs)
+    used = _linux.swap_areas()
+    return sum(used.get(dev, 0) // 4 for dev in _admin.loops_of(mnt))
 
 
 def _wait_empty(mnt: str, timeout: float = 10) -> int:

@@ -88,12 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_mount(a: argparse.Namespace) -> int:
-    _admin.check_root()
     if not a.foreground:
-        _admin.check_mountpoint(a.mountpoint)
         pid = _admin.start_daemon(a.mountpoint, _mount_args(a))
         print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {_admin.log_path(a.mountpoint)})")
         return 0
+    _admin.check_root()
     if a.ready_fd is None:
         _admin.check_mountpoint(a.mountpoint)
     import trio

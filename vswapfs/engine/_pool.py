@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from collections.abc import Iterator
 from typing import Final
 
 CLASS_STEP: Final = 16
@@ -86,11 +85,6 @@ class Pool:
         self.chunks = 0  # chunks allocated now
 
     # -- allocation -----------------------------------------------------
-
-    def cost(self, length: int) -> int:
-        """Upper bound of the memory that storing ``length`` bytes may add."""
-        cls = self._classes[size_class(length)]
-        return 0 if len(cls.free) > cls.stale else _PAGE
 
     def store(self, data: bytes | memoryview) -> int:
         """Copy ``data`` into the pool; return its object index."""
@@ -225,15 +219,6 @@ class Pool:
         released as their last object moves out)."""
         for cls in self._classes:
             cls.draining.clear()
-
-    # -- introspection --------------------------------------------------
-
-    def class_stats(self) -> Iterator[tuple[int, int, int, int]]:
-        """(size, chunks, live objects, free slots) for each non-empty class."""
-        for cls in self._classes:
-            if cls.chunks:
-                live = sum(cls.live.values())
-                yield cls.size, len(cls.chunks), live, len(cls.chunks) * cls.per_chunk - live
 
     def close(self) -> None:
         """Release every chunk."""

@@ -497,39 +497,39 @@ class SwapSpace:
         for a, b in partial:
             if a < b and self._word_unlocked(a // PAGE):
                 self.write(a, bytes(b - a))
-        if lo >= hi:
-            return
-        with self._lock:
-            freed = 0
-            c_lo, c_hi = lo // CLUSTER_SLOTS, (hi - 1) // CLUSTER_SLOTS
-            if c_hi - c_lo + 1 > len(self._clusters):
-                cis = sorted(c for c in self._clusters if c_lo <= c <= c_hi)
-            else:
-                cis = [c for c in range(c_lo, c_hi + 1) if c in self._clusters]
-            for ci in cis:
-                cl = self._clusters[ci]
-                base = ci * CLUSTER_SLOTS
-                table = cl.table
-                for idx in range(max(lo - base, 0), min(hi - base, CLUSTER_SLOTS)):
-                    if table[idx]:
-                        self._set(base + idx, 0)
-                        freed += 1
-                        if ci not in self._clusters:
-                            break
-            self.counters.notify_free += freed
-            self._note_mem()
+        if lo < hi:
+            with self._lock:
+                self.counters.notify_free += self._free_pages(lo, hi)
+                self._note_mem()
+
+    def _free_pages(self, lo: int, hi: int) -> int:
+        """Free slots ``lo .. hi-1`` (lock held); returns how many held data."""
+        freed = 0
+        c_lo, c_hi = lo // CLUSTER_SLOTS, (hi - 1) // CLUSTER_SLOTS
+        if c_hi - c_lo + 1 > len(self._clusters):
+            cis = sorted(c for c in self._clusters if c_lo <= c <= c_hi)
+        else:
+            cis = [c for c in range(c_lo, c_hi + 1) if c in self._clusters]
+        for ci in cis:
+            cl = self._clusters[ci]
+            base = ci * CLUSTER_SLOTS
+            table = cl.table
+            for idx in range(max(lo - base, 0), min(hi - base, CLUSTER_SLOTS)):
+                if table[idx]:
+                    self._set(base + idx, 0)
+                    freed += 1
+                    if ci not in self._clusters:
+                        break
+        return freed
 
     def release_all_but(self, keep: int) -> int:
-        """Free everything after the first ``keep`` bytes (a page multiple),
-        counting it as ``swapoff_freed_pages``; returns the pages freed."""
-        before = self.stored_pages
-        notified = self.counters.notify_free
-        self.discard(keep, self.size - keep)
-        freed = before - self.stored_pages
+        """Free every page after the first ``keep`` bytes (a page multiple),
+        counted as ``swapoff_freed_pages``; returns the pages freed."""
         with self._lock:
-            self.counters.notify_free = notified
+            freed = self._free_pages(keep // PAGE, self.nslots)
             self.counters.swapoff_freed_pages += freed
-        return freed
+            self._note_mem()
+            return freed
 
     def _word_unlocked(self, slot: int) -> int:
         with self._lock:

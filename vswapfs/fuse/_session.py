@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -176,7 +176,6 @@ def pack_dirents(entries: list[DirEntry], start: int, size: int) -> bytes:
     return bytes(out)
 
 
-Handler = Callable[..., Awaitable[Any]]
 # opcode -> (Operations method name, body parser, reply builder)
 TABLE: dict[int, tuple[str, Callable[[memoryview], tuple[Any, ...]], Callable[[Any], Any]]] = {
     A.Opcode.LOOKUP: ("lookup", _p_name, _r_entry),
