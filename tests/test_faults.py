@@ -180,3 +180,18 @@ def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
         if _admin.mount_type(str(mnt)):
             _admin.down(str(mnt), force=True)
         mnt.rmdir()
+
+
+def test_daemon_sharing_a_memory_cgroup_with_its_hog_faults_nothing_and_never_hangs() -> None:
+    """The daemon (with --reserve) and a hog in one full memory cgroup: the
+    hog swaps through the daemon and verifies every page, the daemon takes
+    no page fault while serving, and nothing hangs (a hang is aborted and
+    fails the check, see checks.same_cgroup)."""
+    from vswapfs import checks
+
+    r = checks.same_cgroup(reserve_mib=64, limit_mib=320, hog_mib=384, seconds=240, rounds=2)
+    assert r["ok"], r
+    assert not r["hung"] and r["daemon_in_cgroup"] and r["bad"] == 0
+    assert r["daemon_faults_while_serving"] == 0 and r["daemon_rss_growth_kib"] <= 0
+    assert r["stats"]["notify_free"] > 50_000  # type: ignore[index]  # ~200 MiB really went through swap
+    assert _admin.mounts() == []

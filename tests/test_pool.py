@@ -2,7 +2,9 @@
 
 import random
 
-from vswapfs.engine._pool import Pool, chunk_bytes_for
+import pytest
+
+from vswapfs.engine._pool import CHUNK_BYTES, Pool, PoolExhausted, chunk_bytes_for
 
 
 def test_objects_round_trip_and_memory_follows_payload() -> None:
@@ -49,3 +51,25 @@ def test_compaction_frees_sparse_chunks_and_keeps_data() -> None:
     assert pool.mem_used < before / 2
     for obj, data in moved.items():
         assert pool.load(obj, size) == data
+
+
+def test_reserved_pool_reuses_its_chunks_and_refuses_past_the_reserve() -> None:
+    pool = Pool(reserve=4 * CHUNK_BYTES)
+    assert pool.reserve == 4 * CHUNK_BYTES
+    spare = list(pool._spare)
+    per_chunk = CHUNK_BYTES // 4096
+    objs = [pool.store(bytes([i]) * 4096) for i in range(4 * per_chunk)]
+    assert pool.chunks == 4 and not pool.fits([4096])
+    with pytest.raises(PoolExhausted):
+        pool.store(b"x" * 4096)
+    assert pool.objects == 4 * per_chunk  # the refused store changed nothing
+    assert not pool.fits([100])  # another class would need a chunk too...
+    for obj in objs[:per_chunk]:
+        pool.free(obj, 4096)
+    assert pool.fits([100] * (CHUNK_BYTES // 112))  # ...and one came back
+    obj = pool.store(b"y" * 100)
+    assert pool.load(obj, 100) == b"y" * 100
+    in_use = [m for cls in pool._classes for m in cls.chunks.values()]
+    assert all(any(m is s for s in spare) for m in in_use)  # no chunk was mapped anew
+    for i, o in enumerate(objs[per_chunk:], start=per_chunk):
+        assert pool.load(o, 4096) == bytes([i]) * 4096

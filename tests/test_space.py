@@ -241,3 +241,30 @@ def test_enospc_on_backing_keeps_pages_where_they_were(small_fs: Path) -> None:
         assert s.backing_files()[0].allocated_bytes() == 0
     finally:
         s.close()
+
+
+def test_reserve_caps_the_pool_and_refuses_cleanly_when_used_up() -> None:
+    reserve = 4 * 64 * 1024
+    s = SwapSpace(64 * MiB, reserve=reserve, accept_threshold=100)
+    assert s.pool_limit == reserve and s.stats()["pool_reserve"] == reserve
+    for bad in (0, reserve + 1):
+        with pytest.raises(ValueError):
+            s.configure(pool_limit=bad)
+    # four size classes take the four reserved chunks with a page or so each,
+    # far under the limit; a fifth class finds no chunk left
+    pages = [os.urandom(n) + bytes(PAGE - n) for n in (512, 1024, 1536, 2048, 2560)]
+    blobs = [s._encode(p)[1] for p in pages]
+    assert len({(len(b) - 1) // 16 for b in blobs if b}) == 5
+    for i, p in enumerate(pages[:4]):
+        s.write(i * PAGE, p)
+    assert s.stats()["mem_used_total"] < reserve // 4
+    with pytest.raises(NoSpaceError):
+        s.write(4 * PAGE, pages[4])
+    assert s.read(4 * PAGE, PAGE) == bytes(PAGE)
+    for i, p in enumerate(pages[:4]):
+        assert s.read(i * PAGE, PAGE) == p
+    s.discard(0, PAGE)  # its chunk goes back to the reserve
+    s.write(4 * PAGE, pages[4])
+    assert s.read(4 * PAGE, PAGE) == pages[4]
+    with pytest.raises(ValueError):
+        SwapSpace(64 * MiB, reserve=4096)

@@ -6,6 +6,22 @@ serves dies with it.  Before any thread starts it locks its memory
 asks for oom_score_adj -1000 and PR_SET_IO_FLUSHER (its own reclaim then
 does no I/O).  The last two need CAP_SYS_RESOURCE; without it the daemon
 says so once and goes on.
+
+Reserve mode (``--reserve``) is for a daemon that shares a memory cgroup
+with the processes that swap to it.  There, any page the daemon faults in
+while the cgroup is full sends it into memcg reclaim, and reclaim on
+cgroup v1 writes and waits for swap pages: to the daemon's own device.  If
+the thread in reclaim is the one that serves requests, nothing moves again.
+So in reserve mode the daemon faults everything in at start and nothing
+afterwards: the pool's chunks are committed up front (``Pool(reserve)``),
+Python allocates through glibc malloc (``PYTHONMALLOC=malloc``) from one
+arena that never shrinks and was grown at start, every mapping is locked
+and populated (MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT), and the
+requests are served on the event loop without thread hops (a new thread's
+stack would be new memory).  What it does not cover: the kernel memory a
+system call may charge (the swapoff watcher's reads of /proc run in their
+own thread for that reason), and PR_SET_IO_FLUSHER, the kernel's real
+answer, stays refused without CAP_SYS_RESOURCE.
 """
 
 from __future__ import annotations
@@ -14,6 +30,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 
 import trio
 
@@ -25,14 +42,36 @@ from .fuse import serve, unmount
 log = logging.getLogger("vswapfs")
 FSTYPE = "vswapfs"
 SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
+HEAP_RESERVE = 48 << 20  # bytes of malloc heap faulted in at start in reserve mode
+THREAD_STACK = 512 << 10  # bytes per thread stack in reserve mode (locked and populated)
+# The environment a reserve-mode daemon runs in: every Python object from
+# glibc malloc, one arena, no mmap'd blocks and no trimming, so memory once
+# faulted in is reused and never handed back and faulted again.
+RESERVE_ENV = {
+    "PYTHONMALLOC": "malloc",
+    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                      "glibc.malloc.trim_threshold=4294967295",
+}
 
 
-def protect() -> dict[str, bool]:
+def reserve_env_missing() -> bool:
+    """True if this process does not run with RESERVE_ENV (it must be set
+    before the interpreter starts, so the caller re-executes)."""
+    return any(os.environ.get(k) != v for k, v in RESERVE_ENV.items())
+
+
+def protect(reserve: bool = False) -> dict[str, bool]:
     """Lock memory, avoid the OOM killer, mark as I/O flusher; returns what
-    took effect."""
+    took effect.  ``reserve``: populate all memory now (see the module
+    docstring); call it before any thread starts."""
     got = {}
     try:
-        _linux.mlockall()
+        if reserve:
+            threading.stack_size(THREAD_STACK)
+            _linux.mlockall(_linux.MCL_CURRENT | _linux.MCL_FUTURE)
+            _linux.grow_heap(HEAP_RESERVE)
+        else:
+            _linux.mlockall()
         got["mlockall"] = True
     except OSError as e:
         log.warning("mlockall failed (%s): the daemon's memory can be swapped out", e)
@@ -79,27 +118,38 @@ def swapped_on(mountpoint: str) -> set[str]:
     return set(_linux.loop_devices(mountpoint)) & set(_linux.swap_areas())
 
 
-async def _watch_swapoff(mountpoint: str, space: SwapSpace, interval: float = 0.5) -> None:
+def _watch_swapoff(mountpoint: str, space: SwapSpace, stop: threading.Event,
+                   interval: float = 0.5) -> None:
     """Free the whole space (but the swap header) when swap goes off it.
 
     The kernel clears SWP_WRITEOK before swapoff frees the slots, so it
     sends no discard for them: without this, every page swapoff brought back
-    would stay stored here until the next swapon reused its slot."""
+    would stay stored here until the next swapon reused its slot.  Runs in
+    its own thread: reading /proc and /sys charges kernel memory, which
+    must never stall the event loop in reclaim."""
     was_on: set[str] = set()
-    while True:
-        now = await trio.to_thread.run_sync(swapped_on, mountpoint)
-        if was_on and not now:
-            before = space.stored_pages
-            await trio.to_thread.run_sync(space.release_all_but, SWAP_HEADER_BYTES)
-            log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
-                     before - space.stored_pages)
-        was_on = now
-        await trio.sleep(interval)
+    while not stop.wait(interval):
+        try:
+            now = swapped_on(mountpoint)
+            if was_on and not now:
+                before = space.stored_pages
+                space.release_all_but(SWAP_HEADER_BYTES)
+                log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
+                         before - space.stored_pages)
+            was_on = now
+        except Exception:  # never let the watcher die silently
+            log.exception("swapoff watcher")
 
 
-async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None) -> None:
-    """Mount ``space`` at ``mountpoint`` and serve it until unmounted."""
-    fs = SwapFS(space)
+async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
+              *, threads: int = 2) -> None:
+    """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
+    ``threads``: engine worker threads for large requests, 0 for none."""
+    fs = SwapFS(space, threads=threads)
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_swapoff, args=(mountpoint, space, stop),
+                               name="swapoff-watcher", daemon=True)
+    watcher.start()
     try:
         async with trio.open_nursery() as nursery:
 
@@ -114,8 +164,9 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None) ->
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)
             nursery.start_soon(_on_signals, mountpoint)
-            nursery.start_soon(_watch_swapoff, mountpoint, space)
     finally:
+        stop.set()
+        watcher.join()
         s = space.stats()
         log.info("%s: stopped with %d pages stored; releasing memory and backing files",
                  mountpoint, s["stored_pages"])

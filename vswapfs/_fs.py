@@ -54,7 +54,8 @@ class SwapFS(Operations):
 
     def __init__(self, space: SwapSpace, *, threads: int = 2) -> None:
         self.space = space
-        self._limiter = trio.CapacityLimiter(threads)
+        self._limiter = trio.CapacityLimiter(max(threads, 1))
+        self._inline_all = threads == 0  # reserve mode: no thread hops at all
         self._files = list(build_control_files(space).values())
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
@@ -140,7 +141,7 @@ class SwapFS(Operations):
         self._snapshots.pop(fh, None)
 
     async def _run(self, fn, *args, size: int = INLINE_BYTES + 1):  # type: ignore[no-untyped-def]
-        if size <= INLINE_BYTES:
+        if size <= INLINE_BYTES or self._inline_all:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 

@@ -1,7 +1,8 @@
 """``mount -t fuse.vswapfs`` and fstab support: translate mount options.
 
 mount(8) runs ``mount.fuse.vswapfs SOURCE MOUNTPOINT -o OPTS``; the helper
-turns vswapfs's own options (size=, pool_limit=, backing=, level=) into a
+turns vswapfs's own options (size=, pool_limit=, backing=, level=,
+reserve=) into a
 ``vswapfs mount`` command line and leaves the generic ones (defaults,
 noauto, nofail, rw, x-systemd.* ...) to mount(8) and systemd.
 """
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-OWN = {"size": "--size", "pool_limit": "--pool-limit", "backing": "--backing", "level": "--level"}
+OWN = {"size": "--size", "pool_limit": "--pool-limit", "backing": "--backing", "level": "--level",
+       "reserve": "--reserve"}
 GENERIC = {"defaults", "auto", "noauto", "nofail", "rw", "_netdev", "user", "nouser", "users",
            "suid", "nosuid", "dev", "nodev", "exec", "noexec", "relatime", "noatime", "atime"}
 

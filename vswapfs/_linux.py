@@ -85,6 +85,22 @@ def mlockall(flags: int = MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) -> None:
     _check(_libc.mlockall(flags), "mlockall")
 
 
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+def grow_heap(nbytes: int) -> None:
+    """Fault ``nbytes`` into the malloc heap and free them again.  With
+    trimming off (see ``_daemon.RESERVE_ENV``) the heap keeps them, so later
+    allocations up to that size fault nothing in."""
+    p = _libc.malloc(nbytes)
+    if not p:
+        raise MemoryError(f"malloc({nbytes}) failed")
+    ctypes.memset(p, 0, nbytes)
+    _libc.free(p)
+
+
 def prctl(option: int, arg2: int = 0) -> int:
     """prctl(2) with one argument."""
     return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")

@@ -6,6 +6,8 @@
                                                       page-in) and --pageswap under a memory cgroup
     python -m vswapfs.checks churn   [--cycles 50]    swapon/swapoff with data swapped out each
                                                       time; swapoff while the data is held
+    python -m vswapfs.checks same-cgroup [--no-reserve]  the daemon and a hog in ONE memory
+                                                      cgroup: the hog must finish, verified
 
 Each sets up its own vswapfs on a temporary mount point, tears it down
 (also on failure), prints what it saw and a last JSON line, and exits 0
@@ -175,12 +177,104 @@ def churn(cycles: int = 50, mib: int = 48, limit_mib: int = 24) -> dict[str, obj
             "seconds": round(time.monotonic() - t0, 1)}
 
 
+def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
+                seconds: float = 180, rounds: int = 3) -> dict[str, object]:
+    """The daemon and a hog that needs swap in one memory cgroup.
+
+    ``vswapfs up`` runs inside the cgroup, so the daemon and everything it
+    faults in are charged there, with ``--reserve reserve_mib`` (0: the
+    default mode, which deadlocks on cgroup v1, see ``_daemon``).  The hog
+    writes ``hog_mib`` of zero and text pages, more than the cgroup has
+    left, and verifies each, ``rounds`` times in random order.  If the pair is not done after ``seconds``,
+    it hung: the FUSE connection is aborted (``down --force``), the hog is
+    killed, and the check fails.  The machine is recovered either way."""
+    mnt = tempfile.mkdtemp(prefix="vswapfs-samecg-")
+    out: dict[str, object] = {"check": "same-cgroup", "reserve_mib": reserve_mib,
+                              "limit_mib": limit_mib, "hog_mib": hog_mib, "hung": False}
+    cg = MemCgroup(f"vswapfs-samecg-{os.getpid()}", limit_mib * MiB)
+    hog = None
+    try:
+        args = ["--size", "2G"] + (["--reserve", f"{reserve_mib}M"] if reserve_mib else [])
+        upped = cg.popen([sys.executable, "-m", "vswapfs", "up", mnt, *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        text = upped.communicate(timeout=120)[0].decode().strip()
+        if upped.returncode:
+            raise RuntimeError(f"vswapfs up failed: {text}")
+        daemon = _admin.daemon_pid(mnt)
+        out["daemon_in_cgroup"] = daemon in cg.pids()
+        out["daemon_charge_mib"] = round(_cgroup_usage(cg) / MiB, 1)
+        before = _faults_and_rss(daemon)
+        t0 = time.monotonic()
+        hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(hog_mib), "--mix", "1:2:0",
+                        "--pattern", "random", "--rounds", str(rounds)],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            res = json.loads(hog.communicate(timeout=seconds)[0].decode().strip().splitlines()[-1])
+            out.update(seconds=round(time.monotonic() - t0, 1), hog_rc=hog.returncode,
+                       verified=res["verified"], bad=res["bad"])
+            after = _faults_and_rss(daemon)
+            out["daemon_faults_while_serving"] = after[0] - before[0]
+            out["daemon_rss_growth_kib"] = after[1] - before[1]
+            out["stats"] = {k: v for k, v in _stats(mnt).items()
+                            if k in ("notify_free", "mem_used_max", "pool_reserve", "failed_writes")}
+        except subprocess.TimeoutExpired:
+            out["hung"] = True
+        except (ValueError, IndexError, KeyError) as e:
+            out["hog_error"] = repr(e)
+    finally:
+        out["recovery"] = _recover(mnt, hog)
+        cg.close()
+        os.rmdir(mnt)
+    out["ok"] = (not out["hung"] and out.get("hog_rc") == 0 and out.get("bad") == 0
+                 and out.get("verified") == hog_mib * 256 * rounds and bool(out.get("daemon_in_cgroup"))
+                 and (not reserve_mib or out.get("daemon_faults_while_serving") == 0))
+    return out
+
+
+def _faults_and_rss(pid: int | None) -> tuple[int, int]:
+    """(minor + major page faults so far, VmRSS in KiB) of ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/status") as f:
+        rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+    return int(fields[7]) + int(fields[9]), rss
+
+
+def _cgroup_usage(cg: MemCgroup) -> int:
+    f = cg.path / ("memory.usage_in_bytes" if cg.version == 1 else "memory.current")
+    return int(f.read_text())
+
+
+def _recover(mnt: str, hog: subprocess.Popen[bytes] | None) -> list[str]:
+    """Tear down a vswapfs that may hang: ``down --force`` aborts the FUSE
+    connection; while the hog lives swapoff cannot take its pages back,
+    so it is killed and ``down --force`` runs again."""
+    steps: list[str] = []
+    if _admin.mount_type(mnt) is None:
+        return steps
+    down = [sys.executable, "-m", "vswapfs", "down", "--force", mnt]
+    for attempt in range(2):
+        r = subprocess.run(down, capture_output=True, text=True, timeout=300, check=False)
+        steps.append((r.stdout or r.stderr).strip())
+        if hog is not None and hog.poll() is None:
+            hog.kill()
+            hog.wait(60)
+        if r.returncode == 0 or attempt:
+            break
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="peer checks against a vswapfs device")
     sub = p.add_subparsers(dest="check", required=True)
     sub.add_parser("fio").add_argument("--mib", type=int, default=256)
     sub.add_parser("stress-ng").add_argument("--seconds", type=int, default=30)
     sub.add_parser("churn").add_argument("--cycles", type=int, default=50)
+    sc = sub.add_parser("same-cgroup")
+    sc.add_argument("--reserve-mib", type=int, default=64, help="0: the default (lazy) mode")
+    sc.add_argument("--no-reserve", dest="reserve_mib", action="store_const", const=0)
+    sc.add_argument("--seconds", type=float, default=180)
+    sc.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("vswapfs.checks: must be run as root", file=sys.stderr)
@@ -189,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         r = fio_verify(a.mib)
     elif a.check == "stress-ng":
         r = stress_ng(a.seconds)
+    elif a.check == "same-cgroup":
+        r = same_cgroup(a.reserve_mib, seconds=a.seconds, rounds=a.rounds)
     else:
         r = churn(a.cycles)
     for k, v in r.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-limit", type=_limit, default=0, metavar="S|P%",
                    help="compressed pool limit: bytes (512M) or percent of RAM (20%%); default none")
     p.add_argument("--level", type=int, default=None, help="zstd level (default: engine default)")
+    p.add_argument("--reserve", type=_size, default=0, metavar="SIZE",
+                   help="commit SIZE of pool memory (and the daemon's heap) at start and fault "
+                        "nothing in later; for a daemon in the same memory cgroup as its users")
 
 
 def _mount_args(a: argparse.Namespace) -> list[str]:
@@ -50,6 +54,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--pool-limit", str(a.pool_limit)]
     if a.level is not None:
         out += ["--level", str(a.level)]
+    if a.reserve:
+        out += ["--reserve", str(a.reserve)]
     return out
 
 
@@ -87,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_mount(a: argparse.Namespace) -> int:
+def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     if not a.foreground:
         pid = _admin.start_daemon(a.mountpoint, _mount_args(a))
         print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {_admin.log_path(a.mountpoint)})")
@@ -100,13 +106,21 @@ def _cmd_mount(a: argparse.Namespace) -> int:
     from . import _daemon
     from .engine import DEFAULT_LEVEL, SwapSpace
 
+    if a.reserve and _daemon.reserve_env_missing():
+        # malloc's settings are read once, at start: run again with them
+        os.execve(sys.executable, [sys.executable, "-m", "vswapfs", *argv],
+                  {**os.environ, **_daemon.RESERVE_ENV})
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
-    _daemon.protect()  # before any thread exists
+    _daemon.protect(reserve=bool(a.reserve))  # before any thread exists
     size = a.size or mem_total() * 2 // PAGE * PAGE
+    if a.reserve and a.pool_limit > a.reserve:
+        raise _admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
     space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
-                      level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing)
-    trio.run(_daemon.run, _admin.canonical(a.mountpoint), space, a.ready_fd)
+                      level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
+                      reserve=a.reserve)
+    trio.run(functools.partial(_daemon.run, threads=0 if a.reserve else 2),
+             _admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 
 
@@ -131,10 +145,11 @@ def _cmd_status(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
     try:
         if a.cmd == "mount":
-            return _cmd_mount(a)
+            return _cmd_mount(a, argv)
         if a.cmd == "up":
             print(_admin.up(a.mountpoint, _mount_args(a), a.priority))
             return 0

@@ -12,6 +12,13 @@ An object is named by its class (derived from its length) and an index
 ``chunk_no * per_chunk + k``.  Chunk numbers are never reused, so an index
 left in a free stack after its chunk was released is recognised as stale.
 
+With a *reserve* the pool takes all its chunks (64 KiB each) from memory
+committed up front and never gives them back to the kernel: the
+daemon then faults no memory in while it stores pages, which matters when
+it shares a memory cgroup with the processes that swap to it (every new
+page it faulted in could send it into reclaim that waits on its own I/O).
+When the reserve is used up, stores raise :class:`PoolExhausted`.
+
 Memory accounting follows zsmalloc: a chunk counts for what it has committed
 (all of it once filled, the bumped part while it is the newest), freed slots
 inside it keep counting until the chunk empties or is compacted.
@@ -27,6 +34,7 @@ CLASS_STEP: Final = 16
 N_CLASSES: Final = 4096 // CLASS_STEP
 CHUNK_BYTES: Final = 64 * 1024  # the largest chunk
 _PAGE: Final = 4096
+_MADV_POPULATE_WRITE: Final = 23  # Linux 5.14+
 
 
 def chunk_bytes_for(size: int) -> int:
@@ -34,6 +42,19 @@ def chunk_bytes_for(size: int) -> int:
     16 to 64 KiB that wastes least at its tail (zsmalloc's choice of
     pages per zspage), the larger one on a tie."""
     return min(range(CHUNK_BYTES, 4 * _PAGE - 1, -_PAGE), key=lambda b: (b % size) / b)
+
+
+class PoolExhausted(MemoryError):
+    """A reserved pool has no chunk left for the object."""
+
+
+def _populate(m: mmap.mmap) -> None:
+    """Commit every page of ``m`` now (MADV_POPULATE_WRITE, else touch)."""
+    try:
+        m.madvise(_MADV_POPULATE_WRITE)
+    except OSError:
+        for off in range(0, len(m), _PAGE):
+            m[off] = 0
 
 
 def size_class(length: int) -> int:
@@ -53,9 +74,9 @@ class _SizeClass:
         "bump", "next_no", "draining",
     )
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, chunk_bytes: int) -> None:
         self.size = size  # bytes per slot
-        self.per_chunk = chunk_bytes_for(size) // size  # slots per chunk
+        self.per_chunk = chunk_bytes // size  # slots per chunk
         self.chunks: dict[int, mmap.mmap] = {}  # chunk number -> memory
         self.live: dict[int, int] = {}  # chunk number -> live objects
         self.free = array("Q")  # freed slot indices, used LIFO
@@ -74,15 +95,43 @@ class _SizeClass:
 class Pool:
     """Stores byte strings of 1..4096 bytes and hands back object indices.
 
+    ``reserve`` (bytes, rounded down to whole 64 KiB chunks) commits that
+    much memory now and serves every chunk from it; 0 maps chunks lazily.
     Not thread-safe: the owner (the swap engine) serialises calls.
     """
 
-    def __init__(self) -> None:
-        self._classes = [_SizeClass((i + 1) * CLASS_STEP) for i in range(N_CLASSES)]
+    def __init__(self, reserve: int = 0) -> None:
+        self.reserve = reserve // CHUNK_BYTES * CHUNK_BYTES  # bytes committed up front
+        self._spare: list[mmap.mmap] = []  # reserved chunks not in use
+        for _ in range(self.reserve // CHUNK_BYTES):
+            m = mmap.mmap(-1, CHUNK_BYTES)
+            _populate(m)
+            self._spare.append(m)
+        self._classes = [self._new_class((i + 1) * CLASS_STEP) for i in range(N_CLASSES)]
         self.mem_used = 0  # bytes committed by all chunks (zram mem_used_total)
         self.payload = 0  # bytes of stored objects (zram compr_data_size)
         self.objects = 0  # objects stored
         self.chunks = 0  # chunks allocated now
+
+    def _new_class(self, size: int) -> _SizeClass:
+        return _SizeClass(size, CHUNK_BYTES if self.reserve else chunk_bytes_for(size))
+
+    def fits(self, lengths: list[int]) -> bool:
+        """True if objects of these lengths can be stored now.  Always true
+        without a reserve; with one, it checks the spare chunks."""
+        if not self.reserve:
+            return True
+        want: dict[int, int] = {}
+        for n in lengths:
+            c = size_class(n)
+            want[c] = want.get(c, 0) + 1
+        chunks = 0
+        for c, n in want.items():
+            cls = self._classes[c]
+            room = len(cls.free) - cls.stale + (cls.per_chunk - cls.bump if cls.newest >= 0 else 0)
+            if n > room:
+                chunks += -(-(n - room) // cls.per_chunk)
+        return chunks <= len(self._spare)
 
     # -- allocation -----------------------------------------------------
 
@@ -115,9 +164,14 @@ class Pool:
         return obj
 
     def _new_chunk(self, cls: _SizeClass) -> None:
+        if self.reserve and not self._spare:
+            raise PoolExhausted(f"the {self.reserve}-byte pool reserve is used up")
         no = cls.next_no
         cls.next_no += 1
-        cls.chunks[no] = mmap.mmap(-1, cls.per_chunk * cls.size)
+        if self.reserve:
+            cls.chunks[no] = self._spare.pop()
+        else:
+            cls.chunks[no] = mmap.mmap(-1, cls.per_chunk * cls.size)
         cls.live[no] = 0
         cls.newest = no
         cls.bump = 0
@@ -149,7 +203,11 @@ class Pool:
     def _drop_chunk(self, cls: _SizeClass, no: int) -> None:
         carved = cls.bump if no == cls.newest else cls.per_chunk
         self.mem_used -= cls.chunk_bytes(no)
-        cls.chunks.pop(no).close()
+        m = cls.chunks.pop(no)
+        if self.reserve:
+            self._spare.append(m)  # stays committed for the next chunk
+        else:
+            m.close()
         del cls.live[no]
         self.chunks -= 1
         if no == cls.newest:
@@ -225,5 +283,9 @@ class Pool:
         for cls in self._classes:
             for m in cls.chunks.values():
                 m.close()
-            cls.__init__(cls.size)  # type: ignore[misc]
+        for m in self._spare:
+            m.close()
+        self._spare = []
+        self.reserve = 0
+        self._classes = [self._new_class(c.size) for c in self._classes]
         self.mem_used = self.payload = self.objects = self.chunks = 0

@@ -32,7 +32,7 @@ import zstandard
 
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
-from ._pool import CLASS_STEP, Pool, size_class
+from ._pool import CHUNK_BYTES, CLASS_STEP, Pool, size_class
 from ._stats import Counters
 
 PAGE: Final = E.PAGE_SIZE
@@ -86,6 +86,11 @@ class SwapSpace:
     it, as zswap does.  Pages that compress to more than ``huge_threshold``
     bytes go to a backing file when there is one and writeback is enabled,
     else they are kept raw in the pool.
+
+    ``reserve`` commits that many bytes of pool memory now and stores
+    every page in them (see ``_pool``); the pool limit is then at most the
+    reserve.  This is for a daemon that shares a memory cgroup with the
+    processes that swap to it: storing a page faults no memory in.
     """
 
     def __init__(
@@ -98,13 +103,18 @@ class SwapSpace:
         huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
         writeback_enabled: bool = True,
         backing: Iterable[str] = (),
+        reserve: int = 0,
     ) -> None:
+        if reserve < 0:
+            raise ValueError(f"reserve must be >= 0 bytes, not {reserve}")
+        if reserve and reserve < CHUNK_BYTES:
+            raise ValueError(f"a reserve must be at least {CHUNK_BYTES} bytes, not {reserve}")
         if size <= 0 or size % PAGE:
             raise ValueError(f"size must be a positive multiple of {PAGE}, not {size}")
         self.size = size
         self.nslots = size // PAGE
         self._clusters: dict[int, _Cluster] = {}  # cluster index -> cluster, oldest write first
-        self._pool = Pool()
+        self._pool = Pool(reserve)
         self._backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
         self._evacuating: set[int] = set()  # backing-file indices being emptied
         self._lock = threading.Lock()
@@ -118,6 +128,8 @@ class SwapSpace:
         self.accept_threshold = 0
         self.huge_threshold = 0
         self.writeback_enabled = writeback_enabled
+        if self._pool.reserve and not pool_limit:
+            pool_limit = self._pool.reserve
         self.configure(pool_limit=pool_limit, level=level, accept_threshold=accept_threshold,
                        huge_threshold=huge_threshold)
         for path in backing:
@@ -137,6 +149,9 @@ class SwapSpace:
         """Change settings; every value is checked before any is applied."""
         if pool_limit is not None and pool_limit < 0:
             raise ValueError(f"pool_limit must be >= 0 bytes, not {pool_limit}")
+        reserve = self._pool.reserve
+        if pool_limit is not None and reserve and not 0 < pool_limit <= reserve:
+            raise ValueError(f"pool_limit must be 1..{reserve} bytes (the reserve), not {pool_limit}")
         if level is not None and (level == 0 or not MIN_LEVEL <= level <= MAX_LEVEL):
             raise ValueError(f"level must be a non-zero zstd level in {MIN_LEVEL}..{MAX_LEVEL}, "
                              f"not {level}")
@@ -382,23 +397,21 @@ class SwapSpace:
                 to_disk = set()  # the backing file failed: keep them raw in the pool
         blobs = {i: (b if b is not None else pages[i]) for i, (w, b) in enumerate(encoded)
                  if not w and i not in to_disk}
-        if blobs and self.pool_limit:
-            need = sum(_pool_cost(len(b)) for b in blobs.values())
-            if not self._make_room(need):
-                if target is not None:
-                    try:  # zswap's reject path: straight to the backing file
-                        idx = sorted(blobs)
-                        phys = self._write_phys(target, [first + i for i in idx], [pages[i] for i in idx])
-                        for i, w in zip(idx, phys, strict=True):
-                            words[i] = w
-                        blobs = {}
-                    except OSError:
-                        pass
-                if blobs:
-                    for i in to_disk:  # undo: nothing stored may change
-                        self._release(words[i])
-                    raise NoSpaceError(f"pool limit {self.pool_limit} bytes reached "
-                                       f"({self._pool.mem_used} in use) and no backing file took the pages")
+        if blobs and self.pool_limit and not self._room([len(b) for b in blobs.values()]):
+            if target is not None:
+                try:  # zswap's reject path: straight to the backing file
+                    idx = sorted(blobs)
+                    phys = self._write_phys(target, [first + i for i in idx], [pages[i] for i in idx])
+                    for i, w in zip(idx, phys, strict=True):
+                        words[i] = w
+                    blobs = {}
+                except OSError:
+                    pass
+            if blobs:
+                for i in to_disk:  # undo: nothing stored may change
+                    self._release(words[i])
+                raise NoSpaceError(f"pool limit {self.pool_limit} bytes reached "
+                                   f"({self._pool.mem_used} in use) and no backing file took the pages")
         for i, blob in blobs.items():
             words[i] = self._store_pool(blob)
         for i, w in enumerate(words):
@@ -406,6 +419,11 @@ class SwapSpace:
         for ci in range(first // CLUSTER_SLOTS, (first + len(words) - 1) // CLUSTER_SLOTS + 1):
             self._touch(ci)
         self._note_mem()
+
+    def _room(self, lengths: list[int]) -> bool:
+        """True if objects of ``lengths`` fit: under the limit (after
+        writeback, see _make_room) and, with a reserve, in its spare chunks."""
+        return self._make_room(sum(_pool_cost(n) for n in lengths)) and self._pool.fits(lengths)
 
     def _make_room(self, need: int) -> bool:
         """True if ``need`` more pool bytes fit under the limit, after writing
@@ -604,7 +622,7 @@ class SwapSpace:
                         word, blob = self._encode(page)
                         if not word:
                             blob = blob if blob is not None else page
-                            if self.pool_limit and not self._make_room(_pool_cost(len(blob))):
+                            if self.pool_limit and not self._room([len(blob)]):
                                 raise NoSpaceError("no room in the pool to evacuate into")
                             word = self._store_pool(blob)
                     self._set(vslot, word)
@@ -664,6 +682,7 @@ class SwapSpace:
                 "compr_data_size": self._pool.payload,
                 "mem_used_total": self._pool.mem_used,
                 "mem_limit": self.pool_limit,
+                "pool_reserve": self._pool.reserve,
                 "pool_chunks": self._pool.chunks,
                 "clusters": len(self._clusters),
                 "metadata_bytes": len(self._clusters) * _CLUSTER_FOOTPRINT

@@ -42,6 +42,7 @@ GAUGES: Final[dict[str, str]] = {
     "compr_data_size": "bytes of compressed payload in the pool (zram)",
     "mem_used_total": "bytes of memory the pool holds (zram)",
     "mem_limit": "pool limit in bytes, 0 for none (zram)",
+    "pool_reserve": "bytes of pool memory committed at start and kept (reserve mode), 0 for none",
     "pool_chunks": "64 KiB pool chunks allocated",
     "clusters": "virtual clusters live",
     "metadata_bytes": "bytes of virtual tables, rmaps and checksums",
