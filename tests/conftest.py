@@ -72,6 +72,12 @@ def mnt() -> Iterator[Path]:
     yield from _mount(["--size", "64M"])
 
 
+@pytest.fixture(params=["1", "3", "0"], ids=["1-channel", "3-channels", "event-loop"])
+def any_mnt(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``mnt`` served each way: channel threads, or the event loop alone."""
+    yield from _mount(["--size", "64M", "--channels", request.param])
+
+
 def swap_on(args: list[str]) -> Iterator[tuple[Path, str]]:
     """``vswapfs up`` on a temporary mount point for a fixture: yields (mount,
     loop device); afterwards no swap area, loop device or mount is left,

@@ -142,9 +142,11 @@ def _watch_swapoff(mountpoint: str, space: SwapSpace, stop: threading.Event,
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
-              *, threads: int = 2) -> None:
+              *, channels: int = 2, threads: int = 2) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
-    ``threads``: engine worker threads for large requests, 0 for none."""
+    ``channels``: FUSE channel threads that serve the image's I/O (0: the
+    event loop serves it); ``threads``: worker threads the event loop hands
+    large engine calls to (0: none, all inline)."""
     fs = SwapFS(space, threads=threads)
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_swapoff, args=(mountpoint, space, stop),
@@ -154,7 +156,8 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
         async with trio.open_nursery() as nursery:
 
             async def serving(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-                await serve(mountpoint, fs, FSTYPE, source=FSTYPE, task_status=task_status)
+                await serve(mountpoint, fs, FSTYPE, source=FSTYPE, channels=channels,
+                            task_status=task_status)
                 nursery.cancel_scope.cancel()  # unmounted: stop watching signals
 
             await nursery.start(serving)

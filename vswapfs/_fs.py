@@ -5,10 +5,12 @@
     /control/   stats, knobs and actions (see ``_control``)
 
 Reads and writes of the image go to the engine; a punch-hole fallocate
-(what loop makes of a discard) frees the range.  Engine calls of more than
-a few pages run in worker threads (compression releases the GIL); small
-ones run on the event loop, where a thread hop would cost more than the
-work.
+(what loop makes of a discard) frees the range.  Served with channel
+threads (the default), these run on the thread that read the request (the
+``*_blocking`` methods) and never touch the event loop.  Served on the
+event loop alone, engine calls of more than a few pages go to worker
+threads (compression releases the GIL) and small ones run inline, where a
+thread hop would cost more than the work.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from . import _linux
 from ._control import ControlFile, build_control_files
 from .engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
 from .fuse import (
+    DEFER,
     FOPEN_DIRECT_IO,
     FOPEN_PARALLEL_DIRECT_WRITES,
     ROOT_ID,
@@ -145,27 +148,53 @@ class SwapFS(Operations):
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    # -- the image: blocking helpers, called on channel threads or via _run ---
+
+    def _read_image(self, offset: int, size: int) -> bytes | bytearray | memoryview:
+        size = max(0, min(size, self.space.size - offset))
+        return self.space.read(offset, size) if size else b""
+
+    def _write_image(self, offset: int, data: memoryview) -> int:
+        room = self.space.size - offset
+        if room <= 0:
+            raise FuseError(errno.ENOSPC, "write past the end of the image")
+        data = data[:room]
+        try:
+            self.space.write(offset, data)
+        except NoSpaceError as e:
+            log.warning("write of %d bytes at %d refused: %s", len(data), offset, e)
+            raise
+        return len(data)
+
+    def _punch(self, offset: int, length: int, mode: int) -> None:
+        if mode != PUNCH:
+            raise FuseError(errno.EOPNOTSUPP)
+        end = min(offset + length, self.space.size)
+        if end > offset:
+            self.space.discard(offset, end - offset)
+
+    def read_blocking(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> object:
+        return self._read_image(offset, size) if ino == SWAP_INO else DEFER
+
+    def write_blocking(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> object:
+        return self._write_image(offset, data) if ino == SWAP_INO else DEFER
+
+    def fallocate_blocking(self, ctx: Context, ino: int, fh: int, offset: int, length: int,
+                           mode: int) -> object:
+        if ino != SWAP_INO:
+            return DEFER
+        self._punch(offset, length, mode)
+        return None
+
     async def read(self, ctx: Context, ino: int, fh: int, offset: int,
                    size: int) -> bytes | bytearray | memoryview:
         if ino == SWAP_INO:
-            size = max(0, min(size, self.space.size - offset))
-            if not size:
-                return b""
-            return await self._run(self.space.read, offset, size, size=size)
+            return await self._run(self._read_image, offset, size, size=size)
         return self._snapshots.get(fh, b"")[offset:offset + size]
 
     async def write(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> int:
         if ino == SWAP_INO:
-            room = self.space.size - offset
-            if room <= 0:
-                raise FuseError(errno.ENOSPC, "write past the end of the image")
-            data = data[:room]
-            try:
-                await self._run(self.space.write, offset, data, size=len(data))
-            except NoSpaceError as e:
-                log.warning("write of %d bytes at %d refused: %s", len(data), offset, e)
-                raise
-            return len(data)
+            return await self._run(self._write_image, offset, data, size=len(data))
         return await self._control_write(ctx, ino, offset, bytes(data))
 
     async def _control_write(self, ctx: Context, ino: int, offset: int, data: bytes) -> int:
@@ -193,13 +222,8 @@ class SwapFS(Operations):
     async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
         if ino != SWAP_INO:
             raise FuseError(errno.EOPNOTSUPP)
-        if mode != PUNCH:
-            raise FuseError(errno.EOPNOTSUPP)
-        end = min(offset + length, self.space.size)
-        if end > offset:
-            # a cluster's discard is cheap; bigger ranges walk many clusters
-            await self._run(self.space.discard, offset, end - offset,
-                            size=0 if end - offset <= CLUSTER_BYTES else end - offset)
+        # a cluster's discard is cheap; bigger ranges walk many clusters
+        await self._run(self._punch, offset, length, mode, size=0 if length <= CLUSTER_BYTES else length)
 
     async def destroy(self) -> None:
         log.info("file system destroyed by the kernel")

@@ -25,6 +25,20 @@ def _size(text: str) -> int:
     return n
 
 
+DEFAULT_CHANNELS = 1
+MAX_CHANNELS = 64
+
+
+def _channels(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"channels must be an integer in 0..{MAX_CHANNELS}, not {text!r}")
+    return n
+
+
 def _limit(text: str) -> int:
     try:
         return parse_limit(text)
@@ -39,12 +53,27 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-limit", type=_limit, default=0, metavar="S|P%",
                    help="compressed pool limit: bytes (512M) or percent of RAM (20%%); default none")
     p.add_argument("--level", type=int, default=None, help="zstd level (default: engine default)")
+    p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
+                   help=f"threads that serve the image's I/O on their own /dev/fuse clone "
+                        f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
     p.add_argument("--reserve", type=_size, default=0, metavar="SIZE",
                    help="commit SIZE of pool memory (and the daemon's heap) at start and fault "
                         "nothing in later; for a daemon in the same memory cgroup as its users")
 
 
+MIN_RESERVE = 64 << 10  # one pool chunk
+
+
+def _check_mount_options(a: argparse.Namespace) -> None:
+    """What argparse cannot check alone; fails before anything starts."""
+    if a.reserve and a.reserve < MIN_RESERVE:
+        raise _admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
+    if a.reserve and a.pool_limit > a.reserve:
+        raise _admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
+
+
 def _mount_args(a: argparse.Namespace) -> list[str]:
+    _check_mount_options(a)
     out = []
     if a.size:
         out += ["--size", str(a.size)]
@@ -56,6 +85,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--level", str(a.level)]
     if a.reserve:
         out += ["--reserve", str(a.reserve)]
+    if a.channels != DEFAULT_CHANNELS:
+        out += ["--channels", str(a.channels)]
     return out
 
 
@@ -98,6 +129,7 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
         pid = _admin.start_daemon(a.mountpoint, _mount_args(a))
         print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {_admin.log_path(a.mountpoint)})")
         return 0
+    _check_mount_options(a)
     _admin.check_root()
     if a.ready_fd is None:
         _admin.check_mountpoint(a.mountpoint)
@@ -114,12 +146,10 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
     _daemon.protect(reserve=bool(a.reserve))  # before any thread exists
     size = a.size or mem_total() * 2 // PAGE * PAGE
-    if a.reserve and a.pool_limit > a.reserve:
-        raise _admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
     space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
                       reserve=a.reserve)
-    trio.run(functools.partial(_daemon.run, threads=0 if a.reserve else 2),
+    trio.run(functools.partial(_daemon.run, channels=a.channels, threads=0 if a.reserve else 2),
              _admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 

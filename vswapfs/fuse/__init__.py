@@ -12,12 +12,12 @@ from ._abi import (
     ROOT_ID,
     Opcode,
 )
-from ._ops import Operations
+from ._ops import DEFER, Operations
 from ._session import MAX_WRITE, Session, open_and_mount, serve, unmount
 from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
 __all__ = [
-    "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_NONSEEKABLE", "FOPEN_PARALLEL_DIRECT_WRITES",
+    "DEFER", "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_NONSEEKABLE", "FOPEN_PARALLEL_DIRECT_WRITES",
     "MAX_WRITE", "ROOT_ID", "Attr", "Context", "DirEntry", "Entry", "FuseError", "InitInfo",
     "Opcode", "Opened", "Operations", "Session", "SetattrRequest", "StatFs", "open_and_mount",
     "serve", "unmount",

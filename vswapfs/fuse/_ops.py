@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import errno
+from typing import Any, Final
 
 from ._types import Attr, Context, DirEntry, Entry, FuseError, Opened, SetattrRequest, StatFs
+
+DEFER: Final[Any] = type("Defer", (), {"__repr__": lambda self: "DEFER"})()
+"""Returned by a ``*_blocking`` method: serve this request with the async
+method on the event loop instead."""
 
 
 class Operations:
@@ -13,7 +18,24 @@ class Operations:
     Every method may raise :class:`FuseError` (or OSError) to answer with
     an errno.  Methods are called concurrently from the trio event loop;
     blocking work belongs in ``trio.to_thread``.
+
+    The data path may skip the event loop: when the session serves with
+    channel threads, ``read``, ``write`` and ``fallocate`` requests first go
+    to ``read_blocking``, ``write_blocking`` and ``fallocate_blocking``,
+    called on the thread that read the request, with the async method's
+    arguments.  They may block and must be thread-safe; returning
+    :data:`DEFER` (the default) hands the request to the async method.
     """
+
+    def read_blocking(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> Any:
+        return DEFER
+
+    def write_blocking(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> Any:
+        return DEFER
+
+    def fallocate_blocking(self, ctx: Context, ino: int, fh: int, offset: int, length: int,
+                           mode: int) -> Any:
+        return DEFER
 
     async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         raise FuseError(errno.ENOSYS)
