@@ -16,12 +16,14 @@ So in reserve mode the daemon faults everything in at start and nothing
 afterwards: the pool's chunks are committed up front (``Pool(reserve)``),
 Python allocates through glibc malloc (``PYTHONMALLOC=malloc``) from one
 arena that never shrinks and was grown at start, every mapping is locked
-and populated (MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT), and the
-requests are served on the event loop without thread hops (a new thread's
-stack would be new memory).  What it does not cover: the kernel memory a
-system call may charge (the swapoff watcher's reads of /proc run in their
-own thread for that reason), and PR_SET_IO_FLUSHER, the kernel's real
-answer, stays refused without CAP_SYS_RESOURCE.
+and populated (MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT), and no thread
+is started after the mount (a new thread's stack would be new memory): the
+FUSE channel threads and the housekeeping thread start with it, and what
+the event loop serves runs inline, without worker threads.  What it does
+not cover: the kernel memory a system call may charge (housekeeping's
+reads of /proc run on their own thread for that reason), and
+PR_SET_IO_FLUSHER, the kernel's real answer, stays refused without
+CAP_SYS_RESOURCE.
 """
 
 from __future__ import annotations
@@ -118,16 +120,25 @@ def swapped_on(mountpoint: str) -> set[str]:
     return set(_linux.loop_devices(mountpoint)) & set(_linux.swap_areas())
 
 
-def _watch_swapoff(mountpoint: str, space: SwapSpace, stop: threading.Event,
-                   interval: float = 0.5) -> None:
-    """Free the whole space (but the swap header) when swap goes off it.
+def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim: bool,
+                  interval: float = 0.5) -> None:
+    """Two chores, every ``interval`` seconds, on a thread of their own.
 
-    The kernel clears SWP_WRITEOK before swapoff frees the slots, so it
-    sends no discard for them: without this, every page swapoff brought back
-    would stay stored here until the next swapon reused its slot.  Runs in
-    its own thread: reading /proc and /sys charges kernel memory, which
-    must never stall the event loop in reclaim."""
+    Swapoff: free the whole space (but the swap header) when swap goes off
+    it.  The kernel clears SWP_WRITEOK before swapoff frees the slots, so
+    it sends no discard for them: without this, every page swapoff brought
+    back would stay stored here until the next swapon reused its slot.
+
+    Trim (``trim``): once pages were freed and an interval passed with no
+    more frees, hand malloc's free heap pages back to the kernel, so the
+    daemon shrinks back after a burst as zram does.  (Not in reserve mode,
+    whose heap is kept on purpose.)
+
+    Reading /proc and /sys charges kernel memory, which must never stall
+    the event loop in reclaim: hence a thread, started at boot."""
     was_on: set[str] = set()
+    freed_seen = 0
+    pending_trim = False
     while not stop.wait(interval):
         try:
             now = swapped_on(mountpoint)
@@ -137,20 +148,28 @@ def _watch_swapoff(mountpoint: str, space: SwapSpace, stop: threading.Event,
                 log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
                          before - space.stored_pages)
             was_on = now
-        except Exception:  # never let the watcher die silently
-            log.exception("swapoff watcher")
+            c = space.counters
+            freed = c.notify_free + c.swapoff_freed_pages
+            if freed != freed_seen:
+                freed_seen, pending_trim = freed, True
+            elif pending_trim and trim:
+                _linux.malloc_trim()
+                pending_trim = False
+        except Exception:  # never let housekeeping die silently
+            log.exception("housekeeping")
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
-              *, channels: int = 2, threads: int = 2) -> None:
+              *, channels: int = 1, threads: int = 2, trim: bool = True) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
     ``channels``: FUSE channel threads that serve the image's I/O (0: the
     event loop serves it); ``threads``: worker threads the event loop hands
-    large engine calls to (0: none, all inline)."""
+    large engine calls to (0: none, all inline); ``trim``: give free heap
+    memory back after frees (see _housekeeping)."""
     fs = SwapFS(space, threads=threads)
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_swapoff, args=(mountpoint, space, stop),
-                               name="swapoff-watcher", daemon=True)
+    watcher = threading.Thread(target=_housekeeping, args=(mountpoint, space, stop, trim),
+                               name="housekeeping", daemon=True)
     watcher.start()
     try:
         async with trio.open_nursery() as nursery:

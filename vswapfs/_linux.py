@@ -101,6 +101,14 @@ def grow_heap(nbytes: int) -> None:
     _libc.free(p)
 
 
+_libc.malloc_trim.argtypes = [ctypes.c_size_t]
+
+
+def malloc_trim() -> None:
+    """Give the malloc heap's free pages back to the kernel (all arenas)."""
+    _libc.malloc_trim(0)
+
+
 def prctl(option: int, arg2: int = 0) -> int:
     """prctl(2) with one argument."""
     return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")

@@ -149,7 +149,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
                       reserve=a.reserve)
-    trio.run(functools.partial(_daemon.run, channels=a.channels, threads=0 if a.reserve else 2),
+    trio.run(functools.partial(_daemon.run, channels=a.channels, threads=0 if a.reserve else 2,
+                               trim=not a.reserve),
              _admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 

@@ -18,9 +18,9 @@ loop (epoll, a task, a thread hop for the work) costs more than serving a
 with the GIL released.
 
 Request buffers come from a fixed set, faulted in at start: one per
-channel thread, and a pool for the event loop; when all of the loop's are
-busy it stops reading, which is the only back-pressure the kernel needs
-and keeps memory bounded.
+channel thread, or, when the event loop reads, a pool for it; when all of
+the loop's are busy it stops reading, which is the only back-pressure the
+kernel needs and keeps memory bounded.
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = 
     """
     fd = open_and_mount(mountpoint, fstype, source=source)
     try:
-        session = Session(fd, ops, channels=channels, buffers=4 if channels else 16)
+        session = Session(fd, ops, channels=channels, buffers=0 if channels else 16)
         await session.handshake()
         task_status.started(session)
         await session.serve()
