@@ -15,7 +15,10 @@ virtual slot, which is what the kernel knows, never changes.
 
 Threading: every method may be called from any thread.  Compression and
 decompression run outside the engine lock (zstandard releases the GIL);
-table and allocator changes run under it.
+table and allocator changes run under it.  zstd contexts are shared
+through a small free list rather than kept per thread: a thread that
+compresses once does not keep a context for good, and the first ones are
+made (and their code faulted in) at start, not in the middle of a burst.
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ WRITEBACK_BATCH: Final = 256
 _ZERO_PAGE: Final = bytes(PAGE)
 _ZERO_WORD: Final = E.same_word(0)
 _EMPTY_TABLE: Final = bytes(8 * CLUSTER_SLOTS)
+_WARM_PAGE: Final = b"vswapfs warms its zstd contexts up. " * 113 + bytes(28)
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """A page compressor: no frame checksum, size or dictionary id (the
+    table word knows the length).  zstd sizes its window and tables for
+    the 4 KiB input by itself (an 86 KB context at level 1)."""
+    return zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=False,
+                                    write_dict_id=False)
 
 
 class NoSpaceError(OSError):
@@ -118,7 +130,8 @@ class SwapSpace:
         self._backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
         self._evacuating: set[int] = set()  # backing-file indices being emptied
         self._lock = threading.Lock()
-        self._tls = threading.local()
+        self._cctxs: list[tuple[int, zstandard.ZstdCompressor]] = []  # idle (level, compressor)
+        self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
         self._pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
         self.counters = Counters()
         self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
@@ -134,6 +147,9 @@ class SwapSpace:
                        huge_threshold=huge_threshold)
         for path in backing:
             self.add_backing(path)
+        warm = self._encode(_WARM_PAGE)[1]  # make the first contexts now
+        if warm is not None:
+            self._decode(warm)
 
     # -- settings -----------------------------------------------------------
 
@@ -172,27 +188,32 @@ class SwapSpace:
             if writeback_enabled is not None:
                 self.writeback_enabled = writeback_enabled
 
-    # -- compression (thread-local contexts, no lock) ------------------------
+    # -- compression (pooled contexts, no lock) ------------------------------
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        tls = self._tls
-        if getattr(tls, "level", None) != self.level:
-            tls.level = self.level
-            tls.c = zstandard.ZstdCompressor(level=self.level, write_checksum=False,
-                                             write_content_size=False, write_dict_id=False)
-        c: zstandard.ZstdCompressor = tls.c
-        return c
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        d = getattr(self._tls, "d", None)
-        if d is None:
-            d = self._tls.d = zstandard.ZstdDecompressor()
-        return d
+    def _compress(self, page: bytes) -> bytes:
+        level = self.level
+        try:
+            lv, c = self._cctxs.pop()  # list.pop and append are atomic under the GIL
+            if lv != level:
+                c = _compressor(level)
+        except IndexError:
+            c = _compressor(level)
+        try:
+            return c.compress(page)
+        finally:
+            self._cctxs.append((level, c))
 
     def _decode(self, blob: bytes) -> bytes:
         if len(blob) == PAGE:
             return blob
-        page = self._decompressor().decompress(blob, max_output_size=PAGE)
+        try:
+            d = self._dctxs.pop()
+        except IndexError:
+            d = zstandard.ZstdDecompressor()
+        try:
+            page = d.decompress(blob, max_output_size=PAGE)
+        finally:
+            self._dctxs.append(d)
         if len(page) != PAGE:
             raise OSError(errno.EIO, "pool object did not decompress to a page")
         return page
@@ -207,7 +228,7 @@ class SwapSpace:
             word = E.same_word(int.from_bytes(head, "little"))
             if word is not None:
                 return word, None
-        blob = self._compressor().compress(page)
+        blob = self._compress(page)
         if len(blob) > self.huge_threshold:
             return 0, None
         return 0, blob
