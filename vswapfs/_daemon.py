@@ -74,6 +74,7 @@ def protect(reserve: bool = False) -> dict[str, bool]:
             _linux.grow_heap(HEAP_RESERVE)
         else:
             _linux.mlockall()
+            _linux.one_malloc_arena()
         got["mlockall"] = True
     except OSError as e:
         log.warning("mlockall failed (%s): the daemon's memory can be swapped out", e)

@@ -102,6 +102,16 @@ def grow_heap(nbytes: int) -> None:
 
 
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+_libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+M_ARENA_MAX: Final = -8
+
+
+def one_malloc_arena() -> None:
+    """Make every thread allocate from the main (brk) arena.  A thread arena
+    gives freed memory back with MADV_DONTNEED, which fails on mlocked pages,
+    so under mlockall its memory would stay for good; the main heap shrinks
+    with brk.  Call before threads start."""
+    _libc.mallopt(M_ARENA_MAX, 1)
 
 
 def malloc_trim() -> None:
