@@ -14,7 +14,10 @@ daemon stays outside it) and verify every page:
 
 For each backend the memory it holds is sampled: the daemon's RSS for
 vswapfs, ``mm_stat`` for zram, the zswap pool (``Zswap:`` in meminfo);
-and how much of it comes back within 2 s of the workload's exit.
+and how much of it comes back within 2 s of the workload's exit.  So is
+the swapped data it holds, before compression (vswapfs ``orig_data_size``,
+zram's ``mm_stat`` column 1, ``Zswapped:``, the swapfile's used space):
+how much the kernel keeps on the device differs between backends.
 
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
@@ -40,7 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import _admin
+from . import _admin, _linux
 from ._cgroup import MemCgroup
 
 MiB = 1 << 20
@@ -82,7 +85,8 @@ class Backend:
     name: str
     up: Callable[[], object]
     down: Callable[[], None]
-    memory: Callable[[], int]
+    memory: Callable[[], int]  # bytes of memory the backend holds now
+    held: Callable[[], int] = lambda: 0  # bytes of swapped data it holds, before compression
     available: Callable[[], str | None] = lambda: None  # why not, or None
     state: dict[str, object] = field(default_factory=dict)
 
@@ -109,7 +113,10 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
         _admin.down(mnt)
         os.rmdir(mnt)
 
-    return Backend(name, up, down, lambda: rss(int(st["pid"])), state=st)  # type: ignore[arg-type]
+    def held() -> int:
+        return int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
+
+    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st)  # type: ignore[arg-type]
 
 
 def zram_backend(alg: str, size: str = "4G") -> Backend:
@@ -134,7 +141,10 @@ def zram_backend(alg: str, size: str = "4G") -> Backend:
     def memory() -> int:
         return int((ZRAM / "mm_stat").read_text().split()[2])
 
-    return Backend(f"zram-{alg}", up, down, memory, available)
+    def held() -> int:
+        return int((ZRAM / "mm_stat").read_text().split()[0])
+
+    return Backend(f"zram-{alg}", up, down, memory, held, available)
 
 
 def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", size: str = "4G") -> Backend:
@@ -158,8 +168,11 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
             (ZSWAP / "enabled").write_text("N")
         os.unlink(path)
 
+    def held() -> int:
+        return meminfo("Zswapped") if zswap else _linux.swap_areas().get(path, 0) * 1024
+
     memory = (lambda: meminfo("Zswap")) if zswap else (lambda: 0)
-    return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, available)
+    return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, held, available)
 
 
 def backends() -> list[Backend]:
@@ -175,14 +188,15 @@ def backends() -> list[Backend]:
 
 
 class Sampler(threading.Thread):
-    """Samples a backend's memory every 20 ms until stopped."""
+    """Samples ``read()`` every ``interval`` seconds until stopped."""
 
-    def __init__(self, read: Callable[[], int]) -> None:
+    def __init__(self, read: Callable[[], int], interval: float = 0.02) -> None:
         super().__init__(daemon=True)
         self.read, self.samples, self.halt = read, [], threading.Event()  # type: ignore[var-annotated]
+        self.interval = interval
 
     def run(self) -> None:
-        while not self.halt.wait(0.02):
+        while not self.halt.wait(self.interval):
             with contextlib.suppress(OSError, ValueError):
                 self.samples.append((time.monotonic(), self.read()))
 
@@ -202,20 +216,24 @@ def run_workload(b: Backend, limit_mib: int, cmd: list[str]) -> tuple[dict[str, 
     """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory figures)."""
     baseline = b.memory()
     sampler = Sampler(b.memory)
+    held = Sampler(b.held, 0.1)  # through the mount for vswapfs: not too often
     sampler.start()
+    held.start()
     with MemCgroup(f"vswapfs-bench-{os.getpid()}", limit_mib * MiB) as cg:
         proc = cg.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=1800)
     exit_at = time.monotonic()
     time.sleep(2.2)
-    sampler.halt.set()
-    sampler.join()
+    for s in (sampler, held):
+        s.halt.set()
+        s.join()
     if proc.returncode:
         raise RuntimeError(f"{b.name}: {' '.join(cmd[:4])} failed ({proc.returncode}): {err.decode()[-500:]}")
     text = out.decode().strip().splitlines()[-1]
     result = json.loads(text) if text.startswith("{") else {"seconds": float(text)}
     peak = max((m for _, m in sampler.samples), default=baseline)
     return result, {"peak_mem_mib": round(peak / MiB, 1),
+                    "held_mib": round(max((h for _, h in held.samples), default=0) / MiB, 1),
                     "returned_pct": returned(sampler.samples, baseline, exit_at)}
 
 
@@ -228,6 +246,7 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
         raise RuntimeError(f"{b.name}: usemem found {r['bad']} bad pages")
     row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),  # type: ignore[arg-type]
                usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],  # type: ignore[arg-type]
+               held_mib=mem["held_mib"],
                returned_pct=mem["returned_pct"])
     r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
     if r["bad"]:
@@ -255,6 +274,7 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "swapin_p99_us": ("random swap-in p99 (µs)", True, 0.5),
     "pyheap_s": ("Python heap program (s)", True, None),
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
+    "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
 }
 
