@@ -138,11 +138,14 @@ def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim
     Reading /proc and /sys charges kernel memory, which must never stall
     the event loop in reclaim: hence a thread, started at boot."""
     was_on: set[str] = set()
+    areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
     freed_seen = 0
     pending_trim = False
     while not stop.wait(interval):
         try:
-            now = swapped_on(mountpoint)
+            seen = set(_linux.swap_areas())
+            now = was_on if seen == areas else swapped_on(mountpoint)  # sysfs only on a change
+            areas = seen
             if was_on and not now:
                 before = space.stored_pages
                 space.release_all_but(SWAP_HEADER_BYTES)
