@@ -186,3 +186,23 @@ def test_fuzzed_requests_never_crash_the_session(opcode: int, nodeid: int, body:
     assert len(replies) <= 1
     for error, unique, _ in replies:
         assert unique == 7 and error <= 0
+
+
+def test_session_whose_fd_cannot_be_cloned_serves_from_the_event_loop() -> None:
+    """Channels asked for on an fd that is no FUSE connection (a socket here):
+    the clone is refused, and the event loop serves the request instead."""
+    import socket
+
+    from vswapfs.fuse import _abi as A
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        session = Session(a.fileno(), SwapFS(SwapSpace(4 * MiB)), channels=2, buffers=0)
+        b.send(IN_HEADER.pack(IN_HEADER.size, Opcode.STATFS, 77, 1, 0, 0, 0, 0, 0))
+        b.shutdown(socket.SHUT_WR)  # the session then reads EOF, as after an unmount
+        trio.run(session.serve)
+        reply = b.recv(4096)
+    length, error, unique = OUT_HEADER.unpack_from(reply)
+    assert session.channels == 0 and session.requests == 1
+    assert (error, unique, length) == (0, 77, OUT_HEADER.size + A.STATFS_OUT.size)
+    assert A.STATFS_OUT.unpack_from(reply, OUT_HEADER.size)[5] == 4096  # f_bsize

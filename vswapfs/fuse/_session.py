@@ -47,6 +47,7 @@ log = logging.getLogger("vswapfs.fuse")
 MAX_WRITE = 1 << 20
 MAX_PAGES = MAX_WRITE // 4096
 MAX_BACKGROUND = 64
+FALLBACK_BUFFERS = 16  # event-loop buffers when channels were asked for but cannot be had
 WANTED_FLAGS = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
 
 
@@ -330,12 +331,30 @@ class Session:
     # -- the loop -------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve requests until the file system is unmounted."""
-        if self.channels:
-            await self._serve_channels()
+        """Serve requests until the file system is unmounted.  If the fd
+        cannot be cloned, the event loop serves everything."""
+        fds = self._clone_channels() if self.channels else []
+        if fds:
+            await self._serve_channels(fds)
         else:
+            if not self._free:  # buffers were left to the channels
+                self._free = [self._new_buffer() for _ in range(FALLBACK_BUFFERS)]
+                self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
             await self._serve_loop()
         await self.ops.destroy()
+
+    def _clone_channels(self) -> list[int]:
+        fds: list[int] = []
+        try:
+            for _ in range(self.channels):
+                fds.append(clone_fd(self.fd))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            log.warning("cannot clone the /dev/fuse fd (%s): the event loop serves every request", e)
+            self.channels = 0
+            return []
+        return fds
 
     async def _serve_loop(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -352,12 +371,11 @@ class Session:
                     break
                 nursery.start_soon(self._handle, buf, n)
 
-    async def _serve_channels(self) -> None:
-        """Start the channel threads, run what they hand over, return when
-        all have seen the file system go away."""
+    async def _serve_channels(self, fds: list[int]) -> None:
+        """Run a channel thread on each of ``fds`` and what they hand over;
+        return when all have seen the file system go away."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Semaphore(0)
-        fds = [clone_fd(self.fd) for _ in range(self.channels)]
         try:
             async with trio.open_nursery() as nursery:
 
