@@ -52,6 +52,10 @@ class MemCgroup:
     def set_limit(self, limit: int) -> None:
         self._file("memory.limit_in_bytes", "memory.max").write_text(str(limit))
 
+    def usage(self) -> int:
+        """Memory charged now, bytes."""
+        return int(self._file("memory.usage_in_bytes", "memory.current").read_text())
+
     def peak(self) -> int:
         """Highest memory usage seen, bytes (0 if the kernel does not tell)."""
         f = self._file("memory.max_usage_in_bytes", "memory.peak")

@@ -202,7 +202,7 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
             raise RuntimeError(f"vswapfs up failed: {text}")
         daemon = _admin.daemon_pid(mnt)
         out["daemon_in_cgroup"] = daemon in cg.pids()
-        out["daemon_charge_mib"] = round(_cgroup_usage(cg) / MiB, 1)
+        out["daemon_charge_mib"] = round(cg.usage() / MiB, 1)
         before = _faults_and_rss(daemon)
         t0 = time.monotonic()
         hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(hog_mib), "--mix", "1:2:0",
@@ -238,11 +238,6 @@ def _faults_and_rss(pid: int | None) -> tuple[int, int]:
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
     return int(fields[7]) + int(fields[9]), rss
-
-
-def _cgroup_usage(cg: MemCgroup) -> int:
-    f = cg.path / ("memory.usage_in_bytes" if cg.version == 1 else "memory.current")
-    return int(f.read_text())
 
 
 def _recover(mnt: str, hog: subprocess.Popen[bytes] | None) -> list[str]:

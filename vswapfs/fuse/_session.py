@@ -250,6 +250,9 @@ class Session:
         self.ops = ops
         self.channels = channels
         self.max_background = max_background
+        # opcode -> (the ops' *_blocking method, parser, builder), looked up once
+        self._blocking = {op: (getattr(ops, TABLE[op][0] + "_blocking"), *TABLE[op][1:])
+                          for op in BLOCKING}
         self.init = InitInfo()
         self.requests = 0  # requests served
         self.malformed = 0  # requests answered EIO because they did not parse
@@ -429,21 +432,24 @@ class Session:
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
         if opcode not in BLOCKING or length != len(req) or extlen:
             return False
-        name, parse, build = TABLE[opcode]
+        method, parse, build = self._blocking[opcode]
         try:
-            result = getattr(self.ops, name + "_blocking")(Context(uid, gid, pid), nodeid,
-                                                           *parse(req[A.IN_HEADER.size:]))
+            result = method(Context(uid, gid, pid), nodeid, *parse(req[A.IN_HEADER.size:]))
             if result is DEFER:
                 return False
             payload = build(result)
         except Exception as e:
-            if isinstance(e, MalformedRequest):
-                self.malformed += 1
-            self._reply(unique, _errno_of(e, unique, opcode), fd=fd)
+            self._fail(e, unique, opcode, fd)
         else:
             self._reply(unique, 0, payload, fd=fd)
         self.requests += 1
         return True
+
+    def _fail(self, e: BaseException, unique: int, opcode: int, fd: int | None) -> None:
+        """Answer a request that failed with ``e`` with its errno."""
+        if isinstance(e, MalformedRequest):
+            self.malformed += 1
+        self._reply(unique, _errno_of(e, unique, opcode), fd=fd)
 
     def _give_back(self, buf: bytearray) -> None:
         self._free.append(buf)
@@ -493,9 +499,7 @@ class Session:
                 result = await getattr(self.ops, name)(ctx, nodeid, *args)
                 payload = build(result)
         except Exception as e:
-            if isinstance(e, MalformedRequest):
-                self.malformed += 1
-            self._reply(unique, _errno_of(e, unique, opcode), fd=fd)
+            self._fail(e, unique, opcode, fd)
         else:
             self._reply(unique, 0, payload, fd=fd)
 
