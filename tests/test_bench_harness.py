@@ -51,7 +51,7 @@ def test_returned_counts_what_came_back_within_the_window() -> None:
 
 @needs_root
 @pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
-                                  "zswap-lzo", "swapfile"])
+                                  "zswap-lzo", "swapfile", "fuse-floor-c"])
 def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     b = next(b for b in bench.backends() if b.name == name)
     assert b.available() is None, f"{name} missing on this machine: {b.available()}"
@@ -61,3 +61,14 @@ def test_every_backend_comes_up_and_goes_down(name: str) -> None:
         assert b.memory() >= 0 and b.held() >= 0
     assert set(_admin.swaps()) == before
     assert _admin.mounts() == []
+
+
+def test_verdicts_compare_with_the_c_floor_when_it_ran() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0, swapin_p50_us=10.0, peak_mem_mib=100),
+                         "fuse-floor-c": rows(usemem_write_s=3.0, swapin_p50_us=50.0, peak_mem_mib=300),
+                         "vswapfs": rows(usemem_write_s=4.5, swapin_p50_us=60.0, peak_mem_mib=90)})
+    lines = bench.verdicts(s)
+    write = next(line for line in lines if "usemem write" in line)
+    assert "the C floor 1.50x zram, vswapfs 1.50x the floor" in write
+    assert "floor" in next(line for line in lines if "p50" in line)
+    assert "floor" not in next(line for line in lines if "memory at peak" in line)

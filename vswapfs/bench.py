@@ -19,6 +19,12 @@ the swapped data it holds, before compression (vswapfs ``orig_data_size``,
 zram's ``mm_stat`` column 1, ``Zswapped:``, the swapfile's used space):
 how much the kernel keeps on the device differs between backends.
 
+One more backend is a yardstick, not a contender: ``fuse-floor-c``
+(``scripts/fuse_floor.c``, built with cc), a minimal C FUSE server that
+stores pages raw and does nothing else, attached like vswapfs.  It is the
+loop+FUSE path's own cost in this run; the verdicts on time and latency
+also say how far vswapfs is from it.
+
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
 third here).  Results: a Markdown table, a JSON file and, with matplotlib,
@@ -33,6 +39,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -175,6 +182,72 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
     return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, held, available)
 
 
+FLOOR_SOURCE = Path(__file__).resolve().parents[1] / "scripts" / "fuse_floor.c"
+FLOOR = "fuse-floor-c"
+
+
+def floor_backend(size: int = 4 << 30) -> Backend:
+    """The yardstick: ``scripts/fuse_floor.c``, a minimal C server on raw
+    /dev/fuse that stores pages raw and does nothing else, attached exactly
+    as vswapfs is.  What it measures is the kernel's loop+FUSE path alone:
+    no daemon, in any language, does less per request."""
+    st: dict[str, object] = {}
+
+    def available() -> str | None:
+        if not FLOOR_SOURCE.exists():
+            return f"no {FLOOR_SOURCE} (not a source checkout)"
+        cc = shutil.which("cc") or shutil.which("gcc")
+        return None if cc else "no C compiler (cc) to build scripts/fuse_floor.c"
+
+    def up() -> None:
+        work = tempfile.mkdtemp(prefix="vswapfs-floor-")
+        st["work"] = work
+        exe, mnt = os.path.join(work, "fuse_floor"), os.path.join(work, "mnt")
+        os.mkdir(mnt)
+        _run(shutil.which("cc") or "gcc", "-O2", "-o", exe, str(FLOOR_SOURCE))
+        proc = subprocess.Popen([exe, mnt, str(size)], stderr=subprocess.PIPE)
+        st["proc"], st["mnt"] = proc, mnt
+        try:
+            deadline = time.monotonic() + 10
+            while _admin.mount_type(mnt) != "fuse.vswapfloor":
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"fuse_floor did not mount: {proc.stderr.read().decode()[-300:]}"  # type: ignore[union-attr]
+                                       if proc.poll() is not None else "fuse_floor did not mount in 10 s")
+                time.sleep(0.02)
+            dev = _admin.attach_loop(mnt)
+            st["dev"] = dev
+            _run("mkswap", dev)
+            _run("swapon", "--discard", "-p", "100", dev)
+            st["swapped"] = True
+        except BaseException:
+            down()
+            raise
+
+    def down() -> None:
+        """swapoff, losetup -d, umount, in that order; each only if it was done."""
+        if st.pop("swapped", None):
+            _run("swapoff", str(st["dev"]))
+        if dev := st.pop("dev", None):
+            subprocess.run(["losetup", "-d", str(dev)], check=False)
+        proc = st.pop("proc", None)
+        if proc is not None:
+            if _admin.mount_type(str(st["mnt"])) == "fuse.vswapfloor":
+                subprocess.run(["umount", str(st["mnt"])], check=False)
+            try:
+                proc.wait(10)  # type: ignore[attr-defined]
+            except subprocess.TimeoutExpired:
+                proc.kill()  # type: ignore[attr-defined]
+                proc.wait()  # type: ignore[attr-defined]
+        if work := st.pop("work", None):
+            shutil.rmtree(str(work), ignore_errors=True)
+
+    def held() -> int:
+        v = os.statvfs(str(st["mnt"]))
+        return (v.f_blocks - v.f_bfree) * v.f_frsize
+
+    return Backend(FLOOR, up, down, lambda: rss(st["proc"].pid), held, available, st)  # type: ignore[attr-defined]
+
+
 def backends() -> list[Backend]:
     return [
         vswapfs_backend("vswapfs", ["--size", "4G"]),
@@ -184,6 +257,7 @@ def backends() -> list[Backend]:
         zram_backend("lz4"),
         swapfile_backend(zswap=True),
         swapfile_backend(zswap=False),
+        floor_backend(),
     ]
 
 
@@ -283,6 +357,11 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
 }
 
 
+# Figures the kernel's loop+FUSE path bounds: verdicts on them also compare
+# with the C floor measured in the same run (its memory is raw pages, no yardstick).
+FLOOR_METRICS = ("usemem_write_s", "usemem_verify_s", "swapin_p50_us", "swapin_p99_us")
+
+
 def summarize(rows: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """backend -> metric -> mean, stdev, median, ratio to the reference median."""
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -331,7 +410,12 @@ def verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vs
             continue
         r = s[m]["ratio"]
         ok = r <= target if lower else r >= target
-        out.append(f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x zram (target ≤ {target}x)")
+        line = f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x zram (target ≤ {target}x)"
+        floor = summary.get(FLOOR, {}).get(m)
+        if floor and m in FLOOR_METRICS and floor["median"]:
+            line += (f"; the C floor {floor['ratio']:.2f}x zram, {backend} "
+                     f"{s[m]['median'] / floor['median']:.2f}x the floor")
+        out.append(line)
     if "returned_pct" in s:
         v = s["returned_pct"]["median"]
         out.append(f"{'MET   ' if v >= 99 else 'MISSED'} memory returned within 2 s: {v:.1f}% (target ≥ 99%)")
