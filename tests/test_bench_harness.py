@@ -72,3 +72,11 @@ def test_verdicts_compare_with_the_c_floor_when_it_ran() -> None:
     assert "the C floor 1.50x zram, vswapfs 1.50x the floor" in write
     assert "floor" in next(line for line in lines if "p50" in line)
     assert "floor" not in next(line for line in lines if "memory at peak" in line)
+
+
+@needs_root
+def test_unknown_backend_is_refused_and_extras_run_only_when_named(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--only", "zram-lzo-rle,nope"]) == 2
+    assert "no backend nope" in capsys.readouterr().err
+    assert "vswapfs-fastest" in [b.name for b in bench.backends()] and bench.EXTRA == ("vswapfs-fastest",)

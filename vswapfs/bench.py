@@ -23,7 +23,9 @@ One more backend is a yardstick, not a contender: ``fuse-floor-c``
 (``scripts/fuse_floor.c``, built with cc), a minimal C FUSE server that
 stores pages raw and does nothing else, attached like vswapfs.  It is the
 loop+FUSE path's own cost in this run; the verdicts on time and latency
-also say how far vswapfs is from it.
+also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
+-100, run only when named in ``--only``) splits that distance into what
+compression costs and what the rest of the daemon does.
 
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
@@ -248,7 +250,12 @@ def floor_backend(size: int = 4 << 30) -> Backend:
     return Backend(FLOOR, up, down, lambda: rss(st["proc"].pid), held, available, st)  # type: ignore[attr-defined]
 
 
+# Run only when named in --only: what the default run's figures are made of.
+EXTRA = ("vswapfs-fastest",)
+
+
 def backends() -> list[Backend]:
+    """Every backend, the extras (EXTRA) last."""
     return [
         vswapfs_backend("vswapfs", ["--size", "4G"]),
         vswapfs_backend("vswapfs-backed", ["--size", "4G", "--pool-limit", "32M",
@@ -258,6 +265,9 @@ def backends() -> list[Backend]:
         swapfile_backend(zswap=True),
         swapfile_backend(zswap=False),
         floor_backend(),
+        # zstd's fastest level: compression costs next to nothing, so the gap
+        # to fuse-floor-c left is the daemon's own Python
+        vswapfs_backend("vswapfs-fastest", ["--size", "4G", "--level", "-100"]),
     ]
 
 
@@ -462,12 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--limit", type=int, default=64, help="cgroup limit in MiB (workloads use 3x)")
     p.add_argument("--out", default="bench-results")
-    p.add_argument("--only", help="comma-separated backend names")
+    p.add_argument("--only", help="comma-separated backend names (default: all but "
+                   + ", ".join(EXTRA) + ")")
     a = p.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: must be run as root", file=sys.stderr)
         return 1
-    chosen = [b for b in backends() if not a.only or b.name in a.only.split(",")]
+    names = a.only.split(",") if a.only else None
+    known = [b.name for b in backends()]
+    if names and (unknown := [n for n in names if n not in known]):
+        print(f"bench: no backend {', '.join(unknown)}; there are {', '.join(known)}", file=sys.stderr)
+        return 2
+    chosen = [b for b in backends() if (b.name in names if names else b.name not in EXTRA)]
     missing = {b.name: why for b in chosen if (why := b.available())}
     chosen = [b for b in chosen if b.name not in missing]
     if _admin.swaps():
