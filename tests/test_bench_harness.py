@@ -51,7 +51,8 @@ def test_returned_counts_what_came_back_within_the_window() -> None:
 
 @needs_root
 @pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
-                                  "zswap-lzo", "swapfile", "fuse-floor-c"])
+                                  "zswap-lzo", "swapfile", "fuse-floor-c",
+                                  "fuse-floor-c-uring"])
 def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     b = next(b for b in bench.backends() if b.name == name)
     assert b.available() is None, f"{name} missing on this machine: {b.available()}"
@@ -79,4 +80,4 @@ def test_unknown_backend_is_refused_and_extras_run_only_when_named(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--only", "zram-lzo-rle,nope"]) == 2
     assert "no backend nope" in capsys.readouterr().err
-    assert "vswapfs-fastest" in [b.name for b in bench.backends()] and bench.EXTRA == ("vswapfs-fastest",)
+    assert "vswapfs-fastest" in [b.name for b in bench.backends()] and "vswapfs-fastest" in bench.EXTRA

@@ -25,7 +25,9 @@ stores pages raw and does nothing else, attached like vswapfs.  It is the
 loop+FUSE path's own cost in this run; the verdicts on time and latency
 also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
 -100, run only when named in ``--only``) splits that distance into what
-compression costs and what the rest of the daemon does.
+compression costs and what the rest of the daemon does;
+``fuse-floor-c-uring`` (also only when named) is the yardstick served over
+FUSE-over-io_uring, the faster transport this kernel has.
 
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
@@ -186,18 +188,22 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
 
 FLOOR_SOURCE = Path(__file__).resolve().parents[1] / "scripts" / "fuse_floor.c"
 FLOOR = "fuse-floor-c"
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 
 
-def floor_backend(size: int = 4 << 30) -> Backend:
+def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
     """The yardstick: ``scripts/fuse_floor.c``, a minimal C server on raw
     /dev/fuse that stores pages raw and does nothing else, attached exactly
     as vswapfs is.  What it measures is the kernel's loop+FUSE path alone:
-    no daemon, in any language, does less per request."""
+    no daemon, in any language, does less per request.  ``uring``: the same
+    over FUSE-over-io_uring (``enable_uring`` is turned on while it runs)."""
     st: dict[str, object] = {}
 
     def available() -> str | None:
         if not FLOOR_SOURCE.exists():
             return f"no {FLOOR_SOURCE} (not a source checkout)"
+        if uring and not ENABLE_URING.exists():
+            return "this kernel has no FUSE-over-io_uring (no fuse enable_uring parameter)"
         cc = shutil.which("cc") or shutil.which("gcc")
         return None if cc else "no C compiler (cc) to build scripts/fuse_floor.c"
 
@@ -206,8 +212,12 @@ def floor_backend(size: int = 4 << 30) -> Backend:
         st["work"] = work
         exe, mnt = os.path.join(work, "fuse_floor"), os.path.join(work, "mnt")
         os.mkdir(mnt)
-        _run(shutil.which("cc") or "gcc", "-O2", "-o", exe, str(FLOOR_SOURCE))
-        proc = subprocess.Popen([exe, mnt, str(size)], stderr=subprocess.PIPE)
+        _run(shutil.which("cc") or "gcc", "-O2", "-pthread", "-o", exe, str(FLOOR_SOURCE))
+        if uring:
+            st["enable_uring"] = ENABLE_URING.read_text().strip()
+            ENABLE_URING.write_text("1")
+        cmd = [exe, *(["--uring"] if uring else []), mnt, str(size)]
+        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
         st["proc"], st["mnt"] = proc, mnt
         try:
             deadline = time.monotonic() + 10
@@ -240,6 +250,8 @@ def floor_backend(size: int = 4 << 30) -> Backend:
             except subprocess.TimeoutExpired:
                 proc.kill()  # type: ignore[attr-defined]
                 proc.wait()  # type: ignore[attr-defined]
+        if was := st.pop("enable_uring", None):
+            ENABLE_URING.write_text("1" if was == "Y" else "0")
         if work := st.pop("work", None):
             shutil.rmtree(str(work), ignore_errors=True)
 
@@ -247,11 +259,12 @@ def floor_backend(size: int = 4 << 30) -> Backend:
         v = os.statvfs(str(st["mnt"]))
         return (v.f_blocks - v.f_bfree) * v.f_frsize
 
-    return Backend(FLOOR, up, down, lambda: rss(st["proc"].pid), held, available, st)  # type: ignore[attr-defined]
+    return Backend(FLOOR + ("-uring" if uring else ""), up, down,
+                   lambda: rss(st["proc"].pid), held, available, st)  # type: ignore[attr-defined]
 
 
 # Run only when named in --only: what the default run's figures are made of.
-EXTRA = ("vswapfs-fastest",)
+EXTRA = ("vswapfs-fastest", "fuse-floor-c-uring")
 
 
 def backends() -> list[Backend]:
@@ -268,6 +281,8 @@ def backends() -> list[Backend]:
         # zstd's fastest level: compression costs next to nothing, so the gap
         # to fuse-floor-c left is the daemon's own Python
         vswapfs_backend("vswapfs-fastest", ["--size", "4G", "--level", "-100"]),
+        # the yardstick over FUSE-over-io_uring: what a faster transport would lift
+        floor_backend(uring=True),
     ]
 
 
