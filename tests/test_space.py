@@ -268,3 +268,23 @@ def test_reserve_caps_the_pool_and_refuses_cleanly_when_used_up() -> None:
     assert s.read(4 * PAGE, PAGE) == pages[4]
     with pytest.raises(ValueError):
         SwapSpace(64 * MiB, reserve=4096)
+
+
+def _shmem_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+
+
+def test_trim_gives_the_writeback_buffer_back_and_writeback_still_works(tmp_path: Path) -> None:
+    s = SwapSpace(64 * MiB, backing=[str(tmp_path / "b0")])
+    for i in range(600):
+        s.write(i * PAGE, text_page(i))
+    before = _shmem_kib()
+    assert s.writeback(300) == 300
+    assert _shmem_kib() - before >= 1000  # the 1 MiB buffer is resident after a writeback
+    s.trim()
+    assert _shmem_kib() - before < 100
+    assert s.writeback() == 300
+    assert all(s.read(i * PAGE, PAGE) == text_page(i) for i in range(600))
+    s.trim()
+    s.close()

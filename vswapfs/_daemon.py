@@ -131,8 +131,9 @@ def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim
     back would stay stored here until the next swapon reused its slot.
 
     Trim (``trim``): once pages were freed and an interval passed with no
-    more frees, hand malloc's free heap pages back to the kernel, so the
-    daemon shrinks back after a burst as zram does.  (Not in reserve mode,
+    more frees, drop the backing files' write buffers and hand malloc's
+    free heap pages back to the kernel, so the daemon shrinks back after a
+    burst as zram does.  (Not in reserve mode,
     whose heap is kept on purpose.)
 
     Reading /proc and /sys charges kernel memory, which must never stall
@@ -157,6 +158,7 @@ def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim
             if freed != freed_seen:
                 freed_seen, pending_trim = freed, True
             elif pending_trim and trim:
+                space.trim()
                 _linux.malloc_trim()
                 pending_trim = False
         except Exception:  # never let housekeeping die silently

@@ -87,7 +87,7 @@ class BackingFile:
         self.free_clusters: set[int] = set()  # clusters with used == 0
         self.cursor = -1  # cluster being filled, -1: none
         self.live = 0  # slots in use
-        self._stage = mmap.mmap(-1, _STAGE_PAGES * PAGE)  # aligned write buffer
+        self._stage: mmap.mmap | None = None  # aligned write buffer, made on first write
         self._tls = threading.local()
 
     # -- allocation -----------------------------------------------------
@@ -178,6 +178,8 @@ class BackingFile:
 
     def write(self, pslots: Sequence[int], pages: Sequence[bytes | memoryview]) -> None:
         """Write one page into each slot, coalescing runs into one pwrite."""
+        if self._stage is None:
+            self._stage = mmap.mmap(-1, _STAGE_PAGES * PAGE)
         stage = memoryview(self._stage)
         for i, first, n in runs(pslots):
             for k in range(n):
@@ -208,6 +210,13 @@ class BackingFile:
             raise BackingChecksumError(errno.EIO, f"{self.path}: checksum mismatch in slot {pslot}")
         return page
 
+    def release_buffers(self) -> None:
+        """Give the write buffer's memory back (1 MiB once a writeback has
+        used it); the next write makes it again."""
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+
     # -- state ----------------------------------------------------------
 
     def allocated_bytes(self) -> int:
@@ -221,7 +230,7 @@ class BackingFile:
     def close(self, unlink: bool = True) -> None:
         """Close the file; by default remove it (its data is private)."""
         os.close(self.fd)
-        self._stage.close()
+        self.release_buffers()
         if unlink:
             try:
                 os.unlink(self.path)

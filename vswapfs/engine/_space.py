@@ -716,6 +716,13 @@ class SwapSpace:
             s.update(self.counters.as_dict())
             return s
 
+    def trim(self) -> None:
+        """Give back memory kept only to make the next burst cheaper: the
+        backing files' write buffers.  For idle time, after frees."""
+        with self._lock:
+            for bf in self.backing_files():
+                bf.release_buffers()
+
     def close(self) -> None:
         """Release all memory and delete the backing files."""
         with self._lock:
