@@ -15,8 +15,8 @@
  * arrives as the completion of a FUSE_IO_URING_CMD_REGISTER or
  * COMMIT_AND_FETCH command on a ring queue per CPU, and one io_uring_enter
  * both answers a request and waits for the next.  That is the
- * "fuse-floor-c-uring" backend: what the kernel path costs with the
- * cheapest transport this kernel offers.
+ * "fuse-floor-c-uring" backend: what the kernel path costs over the other
+ * transport this kernel offers (on the 2-CPU test machine: no less).
  *
  *     cc -O2 -pthread -o fuse_floor fuse_floor.c
  *     fuse_floor [--uring] MOUNTPOINT SIZE_BYTES   # serves until unmounted

@@ -27,7 +27,7 @@ also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
 -100, run only when named in ``--only``) splits that distance into what
 compression costs and what the rest of the daemon does;
 ``fuse-floor-c-uring`` (also only when named) is the yardstick served over
-FUSE-over-io_uring, the faster transport this kernel has.
+FUSE-over-io_uring, the other transport this kernel has.
 
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
@@ -281,7 +281,7 @@ def backends() -> list[Backend]:
         # zstd's fastest level: compression costs next to nothing, so the gap
         # to fuse-floor-c left is the daemon's own Python
         vswapfs_backend("vswapfs-fastest", ["--size", "4G", "--level", "-100"]),
-        # the yardstick over FUSE-over-io_uring: what a faster transport would lift
+        # the yardstick over FUSE-over-io_uring: would the other transport lift the floor?
         floor_backend(uring=True),
     ]
 
