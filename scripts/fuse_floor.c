@@ -304,7 +304,6 @@ static void serve_uring(void) {
             oh->len = sizeof *oh;
             oh->error = res < 0 ? (int32_t)res : 0;
             oh->unique = commit;
-            e->hdr->ent.commit_id = commit;
             e->hdr->ent.payload_sz = res > 0 ? (uint32_t)res : 0;
             ring_cmd(e, URING_CMD_COMMIT_AND_FETCH, commit);
         }

@@ -133,8 +133,8 @@ def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim
     Trim (``trim``): once pages were freed and an interval passed with no
     more frees, drop the backing files' write buffers and hand malloc's
     free heap pages back to the kernel, so the daemon shrinks back after a
-    burst as zram does.  (Not in reserve mode,
-    whose heap is kept on purpose.)
+    burst as zram does.  (Not in reserve mode, whose heap is kept on
+    purpose.)
 
     Reading /proc and /sys charges kernel memory, which must never stall
     the event loop in reclaim: hence a thread, started at boot."""

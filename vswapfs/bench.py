@@ -106,6 +106,13 @@ def _run(*cmd: str) -> None:
     subprocess.run(list(cmd), check=True, capture_output=True)
 
 
+PRIORITY = 100  # every backend's swap priority (only one is on at a time)
+
+
+def _swapon(dev: str) -> None:
+    _run("swapon", "--discard", "-p", str(PRIORITY), dev)
+
+
 def vswapfs_backend(name: str, args: list[str]) -> Backend:
     st: dict[str, object] = {}
 
@@ -116,7 +123,7 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(b)
         st["mnt"] = mnt
-        _admin.up(mnt, args, priority=100)
+        _admin.up(mnt, args, priority=PRIORITY)
         st["pid"] = _admin.daemon_pid(mnt)
 
     def down() -> None:
@@ -143,7 +150,7 @@ def zram_backend(alg: str, size: str = "4G") -> Backend:
         (ZRAM / "comp_algorithm").write_text(alg)
         (ZRAM / "disksize").write_text(size)
         _run("mkswap", "/dev/zram0")
-        _run("swapon", "--discard", "-p", "100", "/dev/zram0")
+        _swapon("/dev/zram0")
 
     def down() -> None:
         _run("swapoff", "/dev/zram0")
@@ -171,7 +178,7 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
         if zswap:
             (ZSWAP / "compressor").write_text("lzo")
             (ZSWAP / "enabled").write_text("Y")
-        _run("swapon", "--discard", "-p", "100", path)
+        _swapon(path)
 
     def down() -> None:
         _run("swapoff", path)
@@ -229,7 +236,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
             dev = _admin.attach_loop(mnt)
             st["dev"] = dev
             _run("mkswap", dev)
-            _run("swapon", "--discard", "-p", "100", dev)
+            _swapon(dev)
             st["swapped"] = True
         except BaseException:
             down()
