@@ -71,6 +71,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
                 ["fio", "--name=vswapfs-verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
                  f"--size={mib}M", "--direct=1", "--ioengine=libaio", "--iodepth=32",
                  "--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024",
+                 "--verify_state_save=0",
                  "--buffer_compress_percentage=50", "--refill_buffers", "--output-format=json"],
                 capture_output=True, text=True, check=False)
             job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0] if "{" in r.stdout else {}

@@ -35,6 +35,7 @@ import zstandard
 
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
+from ._helpers import Helpers
 from ._pool import CHUNK_BYTES, CLASS_STEP, Pool, size_class
 from ._stats import Counters
 
@@ -103,6 +104,10 @@ class SwapSpace:
     every page in them (see ``_pool``); the pool limit is then at most the
     reserve.  This is for a daemon that shares a memory cgroup with the
     processes that swap to it: storing a page faults no memory in.
+
+    ``compress_threads`` helper threads compress a share of each large
+    write alongside the calling thread (see ``_helpers``); 0: the caller
+    compresses everything.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class SwapSpace:
         writeback_enabled: bool = True,
         backing: Iterable[str] = (),
         reserve: int = 0,
+        compress_threads: int = 0,
     ) -> None:
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0 bytes, not {reserve}")
@@ -132,6 +138,7 @@ class SwapSpace:
         self._lock = threading.Lock()
         self._cctxs: list[tuple[int, zstandard.ZstdCompressor]] = []  # idle (level, compressor)
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
+        self._helpers = Helpers(compress_threads)  # share large writes' compression
         self._pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
         self.counters = Counters()
         self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
@@ -395,7 +402,7 @@ class SwapSpace:
                     page = self._read_pages(slot, 1)
                     page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
                     pages.append(bytes(page))
-            encoded = [self._encode(p) for p in pages]
+            encoded = self._helpers.map(self._encode, pages)
             with self._lock:
                 self._commit(first, pages, encoded)
         except OSError:
@@ -713,6 +720,7 @@ class SwapSpace:
                 "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
                 "pool_full": int(self._pool_full),
             }
+            self.counters.helper_pages = self._helpers.shared_items
             s.update(self.counters.as_dict())
             return s
 
@@ -724,7 +732,8 @@ class SwapSpace:
                 bf.release_buffers()
 
     def close(self) -> None:
-        """Release all memory and delete the backing files."""
+        """Release all memory, delete the backing files, stop the helpers."""
+        self._helpers.close()
         with self._lock:
             self._clusters.clear()
             self._pool.close()
