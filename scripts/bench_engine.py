@@ -4,8 +4,10 @@
 The page mix is a third zero pages, a third cut from real files on this
 machine (shared libraries, executables, Python sources, text), a third random.
 Every page read back is compared with what was written.  Prints write and
-read MB/s (single-threaded), the compression ratio and the memory used per
-stored page beyond the compressed payload; the last line is one JSON object.
+read MB/s (single-threaded), the compression ratio, the memory used per
+stored page beyond the compressed payload, and how long freeing one whole
+512-slot cluster takes (what a kernel discard asks for; afterwards the
+space must hold nothing); the last line is one JSON object.
 
     python3 scripts/bench_engine.py [--mib 1024] [--levels 1,3,-1] [--rounds 3]
 
@@ -25,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vswapfs.engine import PAGE, SwapSpace
+from vswapfs.engine import CLUSTER_SLOTS, PAGE, SwapSpace
 
 SOURCES = ("/usr/lib/x86_64-linux-gnu/*.so*", "/usr/lib/*/*.so*", "/usr/bin/*", "/usr/lib/python3*/*.py",
            "/usr/share/doc/*/*", "/usr/share/common-licenses/*", "/usr/include/*.h",
@@ -82,6 +84,15 @@ def bench(pages: list[bytes], level: int, batch: int) -> dict[str, float]:
         space.read(i * PAGE, min(batch, n - i) * PAGE)
     t4 = time.perf_counter()
     s = space.stats()
+    # free it as the kernel does with --discard=pages: one whole cluster at a time
+    cluster = CLUSTER_SLOTS * PAGE
+    t5 = time.perf_counter()
+    for off in range(0, n * PAGE, cluster):
+        space.discard(off, min(cluster, n * PAGE - off))
+    t6 = time.perf_counter()
+    left = space.stats()
+    if left["stored_pages"] or left["mem_used_total"]:
+        bad += 1
     space.close()
     mb = n * PAGE / 1e6
     overhead = (s["mem_used_total"] - s["compr_data_size"] + s["metadata_bytes"]) / s["stored_pages"]
@@ -90,6 +101,7 @@ def bench(pages: list[bytes], level: int, batch: int) -> dict[str, float]:
             "ratio": round(s["orig_data_size"] / max(s["mem_used_total"], 1), 3),
             "compr_ratio": round(s["orig_data_size"] / max(s["compr_data_size"], 1), 3),
             "overhead_bytes_per_page": round(overhead, 2), "same_pages": s["same_pages"],
+            "discard_us_per_cluster": round((t6 - t5) / -(-n // CLUSTER_SLOTS) * 1e6, 1),
             "huge_pages": s["huge_pages"], "mem_used_total": s["mem_used_total"]}
 
 
@@ -116,12 +128,13 @@ def main() -> None:
     for level in levels:
         rs = runs[level]
         result = {**rs[-1], **{k: round(statistics.median(r[k] for r in rs), 1)
-                               for k in ("write_mb_s", "read_mb_s")},
+                               for k in ("write_mb_s", "read_mb_s", "discard_us_per_cluster")},
                   "bad_batches": sum(r["bad_batches"] for r in rs), "rounds": len(rs)}
         print(f"level {level:>3}: write {result['write_mb_s']:7.1f} MB/s  "
               f"read {result['read_mb_s']:7.1f} MB/s  "
               f"ratio {result['ratio']:.2f} (payload {result['compr_ratio']:.2f})  "
-              f"overhead {result['overhead_bytes_per_page']:.1f} B/page  bad {result['bad_batches']}")
+              f"overhead {result['overhead_bytes_per_page']:.1f} B/page  "
+              f"discard {result['discard_us_per_cluster']:.0f} µs/cluster  bad {result['bad_batches']}")
     print(json.dumps(result))
     if result["bad_batches"]:
         sys.exit(1)

@@ -57,10 +57,8 @@ def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
 
 @pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
                                            ("--channels=two", "0..64"), ("--reserve=1K", "smaller than one"),
-                                           ("--reserve=lots", "not a size"),
-                                           ("--compress-threads=-1", "compress threads must be"),
-                                           ("--compress-threads=1.5", "0..64")])
-def test_cli_bad_thread_counts_and_reserve(tmp_path: Path, opt: str, word: str) -> None:
+                                           ("--reserve=lots", "not a size")])
+def test_cli_bad_channels_and_reserve(tmp_path: Path, opt: str, word: str) -> None:
     r = cli("mount", str(tmp_path), opt)
     assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
     assert _admin.mount_type(str(tmp_path)) is None

@@ -80,4 +80,6 @@ def test_unknown_backend_is_refused_and_extras_run_only_when_named(
         capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--only", "zram-lzo-rle,nope"]) == 2
     assert "no backend nope" in capsys.readouterr().err
-    assert "vswapfs-fastest" in [b.name for b in bench.backends()] and "vswapfs-fastest" in bench.EXTRA
+    names = [b.name for b in bench.backends()]
+    assert "vswapfs-fastest" in bench.EXTRA and set(bench.EXTRA) <= set(names)
+    assert names[-len(bench.EXTRA):] == [n for n in names if n in bench.EXTRA]  # extras last

@@ -20,10 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fstab_options_translate_and_unknown_ones_are_named() -> None:
-    assert options_to_args("size=8G,pool_limit=25%,backing=/a,backing=/b,noauto,x-systemd.foo=1,"
-                           "compress_threads=2") == [
-        "--size", "8G", "--pool-limit", "25%", "--backing", "/a", "--backing", "/b",
-        "--compress-threads", "2"]
+    assert options_to_args("size=8G,pool_limit=25%,backing=/a,backing=/b,noauto,x-systemd.foo=1") == [
+        "--size", "8G", "--pool-limit", "25%", "--backing", "/a", "--backing", "/b"]
     with pytest.raises(ValueError, match="bogus"):
         options_to_args("size=1G,bogus=2")
     assert helper_main(["vswapfs", "/mnt/x", "-o", "rw,size=1G"]) == ["mount", "/mnt/x", "--size", "1G"]

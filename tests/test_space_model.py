@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from vswapfs.engine import PAGE, NoSpaceError, SwapSpace
+from vswapfs.engine import entry as E
 
 SIZE = 3 * 512 * PAGE + 5 * PAGE  # three clusters and a bit
 
@@ -87,6 +88,11 @@ class SpaceModel(RuleBasedStateMachine):
         self.space.discard(offset, n)
         self.model[offset:offset + n] = bytes(n)
 
+    @rule(cluster=st.integers(0, 2))
+    def discard_cluster(self, cluster: int) -> None:
+        """What the kernel sends: one whole, aligned 512-slot cluster."""
+        self.discard(cluster * 512 * PAGE, 512 * PAGE)
+
     @precondition(lambda self: self.space.backing_files())
     @rule(n=st.one_of(st.none(), st.integers(1, 300)))
     def writeback(self, n: int | None) -> None:
@@ -124,6 +130,12 @@ class SpaceModel(RuleBasedStateMachine):
         assert s["orig_data_size"] == s["stored_pages"] * PAGE
         assert s["compr_data_size"] <= s["mem_used_total"] <= s["mem_used_max"]
         assert s["phys_pages"] == sum(bf.live for bf in self.space.backing_files())
+        # the gauges are kept incrementally: recount them from the tables
+        words = [w for cl in self.space._clusters.values() for w in cl.table if w]
+        tags = [w & E.TAG_MASK for w in words]
+        assert s["same_pages"] == tags.count(E.SAME) and s["pool_pages"] == tags.count(E.POOL)
+        assert s["huge_pages"] == sum(t == E.POOL and E.pool_length(w) == PAGE for t, w in zip(tags, words))
+        assert s["clusters"] == sum(1 for cl in self.space._clusters.values() if cl.used)
 
 
 SpaceModel.TestCase.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)

@@ -30,7 +30,7 @@ LIMIT_MIB = 64
 
 @pytest.fixture
 def swap_mnt() -> Iterator[tuple[Path, str]]:
-    yield from swap_on(["--size", "1G", "--compress-threads", "1"])
+    yield from swap_on(["--size", "1G"])
 
 
 class Sampler(threading.Thread):
@@ -78,8 +78,6 @@ def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(swap_mnt: tuple[
     # well over a limit's worth of pages went through the daemon
     assert peak["stored_pages"] > LIMIT_MIB * MiB // 4096, peak
     assert peak["pool_pages"] > 0 and peak["compr_data_size"] < peak["orig_data_size"]
-    # swap-out came in writes large enough to share their compression
-    assert peak["helper_pages"] > 0, peak
     # after the process exits, the kernel's discards empty the space
     deadline = time.monotonic() + 5
     while stats(mnt)["stored_pages"] > 1 and time.monotonic() < deadline:  # 1: the swap header

@@ -18,8 +18,7 @@ Python allocates through glibc malloc (``PYTHONMALLOC=malloc``) from one
 arena that never shrinks and was grown at start, every mapping is locked
 and populated (MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT), and no thread
 is started after the mount (a new thread's stack would be new memory): the
-engine's compression helpers start before it, the FUSE channel threads and
-the housekeeping thread with it, and what
+FUSE channel threads and the housekeeping thread start with it, and what
 the event loop serves runs inline, without worker threads.  What it does
 not cover: the kernel memory a system call may charge (housekeeping's
 reads of /proc run on their own thread for that reason), and

@@ -8,11 +8,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from . import _admin
 from ._units import human, mem_total, parse_limit, parse_size
-from .engine import PAGE, default_threads
+from .engine import PAGE
 
 
 def _size(text: str) -> int:
@@ -27,24 +27,16 @@ def _size(text: str) -> int:
 
 DEFAULT_CHANNELS = 1
 MAX_CHANNELS = 64
-MAX_COMPRESS_THREADS = 64
 
 
-def _count(what: str, most: int) -> Callable[[str], int]:
-    """An argparse type: an integer in 0..most, with an error naming ``what``."""
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = -1
-        if not 0 <= n <= most:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer in 0..{most}, not {text!r}")
-        return n
-    return parse
-
-
-_channels = _count("channels", MAX_CHANNELS)
-_compress_threads = _count("compress threads", MAX_COMPRESS_THREADS)
+def _channels(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"channels must be an integer in 0..{MAX_CHANNELS}, not {text!r}")
+    return n
 
 
 def _limit(text: str) -> int:
@@ -64,9 +56,6 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"threads that serve the image's I/O on their own /dev/fuse clone "
                         f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
-    p.add_argument("--compress-threads", type=_compress_threads, default=None, metavar="N",
-                   help=f"helper threads that compress a share of each large write (default "
-                        f"{default_threads()} here: one per CPU beyond the first, at most 3)")
     p.add_argument("--reserve", type=_size, default=0, metavar="SIZE",
                    help="commit SIZE of pool memory (and the daemon's heap) at start and fault "
                         "nothing in later; for a daemon in the same memory cgroup as its users")
@@ -98,8 +87,6 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--reserve", str(a.reserve)]
     if a.channels != DEFAULT_CHANNELS:
         out += ["--channels", str(a.channels)]
-    if a.compress_threads is not None:
-        out += ["--compress-threads", str(a.compress_threads)]
     return out
 
 
@@ -161,9 +148,7 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     size = a.size or mem_total() * 2 // PAGE * PAGE
     space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
-                      reserve=a.reserve,
-                      compress_threads=default_threads() if a.compress_threads is None
-                      else a.compress_threads)
+                      reserve=a.reserve)
     trio.run(functools.partial(_daemon.run, channels=a.channels, threads=0 if a.reserve else 2,
                                trim=not a.reserve),
              _admin.canonical(a.mountpoint), space, a.ready_fd)

@@ -6,7 +6,6 @@ entry-word helpers live in :mod:`vswapfs.engine.entry`.
 
 from . import _entry as entry
 from ._backing import BackingChecksumError, BackingFile
-from ._helpers import default_threads
 from ._space import (
     CLUSTER_SLOTS,
     DEFAULT_ACCEPT_THRESHOLD,
@@ -21,5 +20,5 @@ from ._stats import COUNTERS, DESCRIPTIONS, GAUGES
 __all__ = [
     "CLUSTER_SLOTS", "COUNTERS", "DEFAULT_ACCEPT_THRESHOLD", "DEFAULT_HUGE_THRESHOLD",
     "DEFAULT_LEVEL", "DESCRIPTIONS", "GAUGES", "PAGE", "BackingChecksumError", "BackingFile",
-    "NoSpaceError", "SwapSpace", "default_threads", "entry",
+    "NoSpaceError", "SwapSpace", "entry",
 ]

@@ -35,7 +35,6 @@ import zstandard
 
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
-from ._helpers import Helpers
 from ._pool import CHUNK_BYTES, CLASS_STEP, Pool, size_class
 from ._stats import Counters
 
@@ -104,10 +103,6 @@ class SwapSpace:
     every page in them (see ``_pool``); the pool limit is then at most the
     reserve.  This is for a daemon that shares a memory cgroup with the
     processes that swap to it: storing a page faults no memory in.
-
-    ``compress_threads`` helper threads compress a share of each large
-    write alongside the calling thread (see ``_helpers``); 0: the caller
-    compresses everything.
     """
 
     def __init__(
@@ -121,7 +116,6 @@ class SwapSpace:
         writeback_enabled: bool = True,
         backing: Iterable[str] = (),
         reserve: int = 0,
-        compress_threads: int = 0,
     ) -> None:
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0 bytes, not {reserve}")
@@ -138,7 +132,6 @@ class SwapSpace:
         self._lock = threading.Lock()
         self._cctxs: list[tuple[int, zstandard.ZstdCompressor]] = []  # idle (level, compressor)
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
-        self._helpers = Helpers(compress_threads)  # share large writes' compression
         self._pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
         self.counters = Counters()
         self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
@@ -402,7 +395,7 @@ class SwapSpace:
                     page = self._read_pages(slot, 1)
                     page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
                     pages.append(bytes(page))
-            encoded = self._helpers.map(self._encode, pages)
+            encoded = [self._encode(p) for p in pages]
             with self._lock:
                 self._commit(first, pages, encoded)
         except OSError:
@@ -559,14 +552,43 @@ class SwapSpace:
         for ci in cis:
             cl = self._clusters[ci]
             base = ci * CLUSTER_SLOTS
+            a, b = max(lo - base, 0), min(hi - base, CLUSTER_SLOTS)
+            if a == 0 and b == CLUSTER_SLOTS:  # what the kernel discards: a whole cluster
+                freed += self._drop_cluster(ci, cl)
+                continue
             table = cl.table
-            for idx in range(max(lo - base, 0), min(hi - base, CLUSTER_SLOTS)):
+            for idx in range(a, b):
                 if table[idx]:
                     self._set(base + idx, 0)
                     freed += 1
                     if ci not in self._clusters:
                         break
         return freed
+
+    def _drop_cluster(self, ci: int, cl: _Cluster) -> int:
+        """Free every slot of cluster ``ci`` and drop it (lock held); returns
+        how many held data.  ``_set`` slot by slot, with the bookkeeping
+        summed once."""
+        pool_free = self._pool.free
+        backing = self._backing
+        per_tag = [0, 0, 0, 0]
+        huge = 0
+        for w in cl.table:
+            if w:
+                t = w & E.TAG_MASK
+                per_tag[t] += 1
+                if t == E.POOL:
+                    length = E.pool_length(w)
+                    pool_free(E.pool_object(w), length)
+                    huge += length == PAGE
+                elif t == E.PHYS:
+                    backing[E.phys_file(w)].free(E.phys_slot(w))  # type: ignore[union-attr]
+        for t, n in enumerate(per_tag):
+            self.tag_pages[t] -= n
+        self.huge_pages -= huge
+        del self._clusters[ci]
+        self.counters.clusters_freed += 1
+        return cl.used
 
     def release_all_but(self, keep: int) -> int:
         """Free every page after the first ``keep`` bytes (a page multiple),
@@ -720,7 +742,6 @@ class SwapSpace:
                 "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
                 "pool_full": int(self._pool_full),
             }
-            self.counters.helper_pages = self._helpers.shared_items
             s.update(self.counters.as_dict())
             return s
 
@@ -732,8 +753,7 @@ class SwapSpace:
                 bf.release_buffers()
 
     def close(self) -> None:
-        """Release all memory, delete the backing files, stop the helpers."""
-        self._helpers.close()
+        """Release all memory and delete the backing files."""
         with self._lock:
             self._clusters.clear()
             self._pool.close()

@@ -27,7 +27,6 @@ COUNTERS: Final[dict[str, str]] = {
     "clusters_created": "virtual clusters ever created",
     "clusters_freed": "virtual clusters dropped after their last slot was freed",
     "evacuated_pages": "pages moved out of a backing file being removed",
-    "helper_pages": "pages of large writes compressed on helper threads",
 }
 
 # Gauges: the state now.
