@@ -60,8 +60,24 @@ def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     with bench.brought_up(b):
         assert len(set(_admin.swaps()) - before) == 1
         assert b.memory() >= 0 and b.held() >= 0
+        if name.startswith("vswapfs"):  # swapon read the header: the daemon counted it
+            assert b.served is not None and b.served()["READ"][0] >= 1
     assert set(_admin.swaps()) == before
     assert _admin.mounts() == []
+
+
+def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
+    before = bench.parse_fuse_stat("LOOKUP 2 30 15.0\nREAD 5 100 20.0\n")
+    after = bench.parse_fuse_stat("LOOKUP 2 30 15.0\nREAD 15 1100 73.3\nWRITE 40 2500000 62500.0\n")
+    assert after["WRITE"] == (40, 2500000)
+    assert bench.served_delta(before, after) == {
+        "usemem_write_requests": 40.0, "usemem_write_busy_s": 2.5,
+        "usemem_read_requests": 10.0, "usemem_read_busy_s": 0.001}
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0),
+                         "vswapfs": rows(usemem_write_s=1.0, usemem_write_busy_s=0.5)})
+    md = bench.markdown(s, {})
+    busy = next(line for line in md.splitlines() if "daemon busy on WRITE" in line)
+    assert busy.startswith("| usemem: daemon busy on WRITE (s) | - | 0.5 ± ") and "x)" not in busy
 
 
 def test_verdicts_compare_with_the_c_floor_when_it_ran() -> None:

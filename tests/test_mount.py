@@ -105,6 +105,36 @@ def test_stat_files_have_zram_columns_and_prometheus_format(mnt: Path) -> None:
     assert "vswapfs_stored_pages 3" in metrics
 
 
+def test_fuse_stat_counts_each_opcode_and_the_time_spent(any_mnt: Path) -> None:
+    """Ten one-page writes and ten reads of the image: each is one request
+    (the image is direct I/O), counted with its service time; the columns
+    are name, requests, busy µs, mean µs."""
+    def rows() -> dict[str, tuple[int, int, float]]:
+        out = {}
+        for line in (any_mnt / "control" / "fuse_stat").read_text().splitlines():
+            name, n, busy, mean = line.split()
+            out[name] = (int(n), int(busy), float(mean))
+        return out
+
+    before = rows()  # its content is taken at open, after the lookups that led to it
+    assert before["LOOKUP"][0] >= 2  # control, then fuse_stat
+    fd = os.open(any_mnt / "swap", os.O_RDWR)
+    try:
+        for i in range(10):
+            os.pwrite(fd, bytes([i + 1]) * PAGE, i * PAGE)
+        for i in range(10):
+            assert os.pread(fd, PAGE, i * PAGE) == bytes([i + 1]) * PAGE
+    finally:
+        os.close(fd)
+    after = rows()
+    assert after["WRITE"][0] - before.get("WRITE", (0, 0, 0.0))[0] == 10
+    assert after["READ"][0] - before.get("READ", (0, 0, 0.0))[0] >= 10
+    assert after["OPEN"][0] >= 2  # the image, and fuse_stat the first time
+    for name, (n, busy, mean) in after.items():
+        assert n > 0 and busy >= 0 and mean * n == pytest.approx(busy, abs=n), name
+    assert after["WRITE"][1] > 0
+
+
 def write_control(path: Path, value: str) -> int:
     """Write like `echo value > path`; returns 0 or the errno."""
     try:

@@ -39,7 +39,7 @@ import trio
 from . import _linux
 from ._fs import SwapFS
 from .engine import SwapSpace
-from .fuse import serve, unmount
+from .fuse import Session, serve, unmount
 
 log = logging.getLogger("vswapfs")
 FSTYPE = "vswapfs"
@@ -180,12 +180,13 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
     try:
         async with trio.open_nursery() as nursery:
 
-            async def serving(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async def serving(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
                 await serve(mountpoint, fs, FSTYPE, source=FSTYPE, channels=channels,
                             task_status=task_status)
                 nursery.cancel_scope.cancel()  # unmounted: stop watching signals
 
-            await nursery.start(serving)
+            session = await nursery.start(serving)
+            fs.service_stats = session.service_stats
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))
             if ready_fd is not None:

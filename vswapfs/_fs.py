@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -59,13 +60,22 @@ class SwapFS(Operations):
         self.space = space
         self._limiter = trio.CapacityLimiter(max(threads, 1))
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
-        self._files = list(build_control_files(space).values())
+        # the transport's per-opcode (requests, ns) once serving (Session.service_stats)
+        self.service_stats: Callable[[], dict[str, tuple[int, int]]] = dict
+        self._files = [*build_control_files(space).values(),
+                       ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, "
+                                   "busy µs (parse to reply, summed), mean µs",
+                                   lambda _: self._fuse_stat())]
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
         self._next_fh = 1
         self._mtime = int(time.time())
 
     # -- inodes ---------------------------------------------------------------
+
+    def _fuse_stat(self) -> str:
+        return "".join(f"{name} {n} {ns // 1000} {ns / n / 1000:.1f}\n"
+                       for name, (n, ns) in self.service_stats().items())
 
     def _control(self, ino: int) -> ControlFile | None:
         i = ino - FIRST_CONTROL_FILE_INO

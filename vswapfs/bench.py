@@ -17,7 +17,10 @@ vswapfs, ``mm_stat`` for zram, the zswap pool (``Zswap:`` in meminfo);
 and how much of it comes back within 2 s of the workload's exit.  So is
 the swapped data it holds, before compression (vswapfs ``orig_data_size``,
 zram's ``mm_stat`` column 1, ``Zswapped:``, the swapfile's used space):
-how much the kernel keeps on the device differs between backends.
+how much the kernel keeps on the device differs between backends.  For
+vswapfs, ``control/fuse_stat`` read before and after usemem gives the
+WRITE and READ requests the daemon answered and the time it was busy with
+them: its own share of the time, apart from the kernel's side.
 
 One more backend is a yardstick, not a contender: ``fuse-floor-c``
 (``scripts/fuse_floor.c``, built with cc), a minimal C FUSE server that
@@ -100,6 +103,18 @@ class Backend:
     held: Callable[[], int] = lambda: 0  # bytes of swapped data it holds, before compression
     available: Callable[[], str | None] = lambda: None  # why not, or None
     state: dict[str, object] = field(default_factory=dict)
+    # per FUSE opcode, (requests, busy µs) the daemon has answered (vswapfs's fuse_stat)
+    served: Callable[[], dict[str, tuple[int, int]]] | None = None
+
+
+def parse_fuse_stat(text: str) -> dict[str, tuple[int, int]]:
+    """``control/fuse_stat`` (name, requests, busy µs, mean µs per line) as
+    name -> (requests, busy µs)."""
+    out = {}
+    for line in text.splitlines():
+        name, n, busy, _ = line.split()
+        out[name] = (int(n), int(busy))
+    return out
 
 
 def _run(*cmd: str) -> None:
@@ -134,7 +149,11 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
     def held() -> int:
         return int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
 
-    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st)  # type: ignore[arg-type]
+    def served() -> dict[str, tuple[int, int]]:
+        return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
+
+    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st,  # type: ignore[arg-type]
+                   served=served)
 
 
 def zram_backend(alg: str, size: str = "4G") -> Backend:
@@ -350,10 +369,13 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
     py = sys.executable
     mib = 3 * limit_mib
     row: dict[str, float] = {}
+    served = b.served() if b.served else {}
     r, mem = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--files"],
                           sample_held=True)
     if r["bad"]:
         raise RuntimeError(f"{b.name}: usemem found {r['bad']} bad pages")
+    if b.served:
+        row.update(served_delta(served, b.served()))
     row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),  # type: ignore[arg-type]
                usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],  # type: ignore[arg-type]
                held_mib=mem["held_mib"],
@@ -374,6 +396,19 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
     return row
 
 
+def served_delta(before: dict[str, tuple[int, int]],
+                 after: dict[str, tuple[int, int]]) -> dict[str, float]:
+    """What the daemon answered between two fuse_stat readings: WRITE and
+    READ requests and the seconds it was busy with them."""
+    row = {}
+    for op, key in (("WRITE", "write"), ("READ", "read")):
+        n0, us0 = before.get(op, (0, 0))
+        n1, us1 = after.get(op, (0, 0))
+        row[f"usemem_{key}_requests"] = float(n1 - n0)
+        row[f"usemem_{key}_busy_s"] = round((us1 - us0) / 1e6, 3)
+    return row
+
+
 METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or None)
     "usemem_write_s": ("usemem write (s)", True, 1.0),
     "usemem_verify_s": ("usemem verify (s)", True, 1.0),
@@ -386,7 +421,14 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
+    # what the daemon itself spent during usemem (fuse_stat; vswapfs only)
+    "usemem_write_requests": ("usemem: WRITE requests the daemon answered", True, None),
+    "usemem_write_busy_s": ("usemem: daemon busy on WRITE (s)", True, None),
+    "usemem_read_requests": ("usemem: READ requests the daemon answered", True, None),
+    "usemem_read_busy_s": ("usemem: daemon busy on READ (s)", True, None),
 }
+DAEMON_METRICS = ("usemem_write_requests", "usemem_write_busy_s", "usemem_read_requests",
+                  "usemem_read_busy_s")
 
 
 # Figures the kernel's loop+FUSE path bounds: verdicts on them also compare
@@ -462,7 +504,7 @@ def chart(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    metrics = [m for m in METRICS if m != "returned_pct"]
+    metrics = [m for m in METRICS if m != "returned_pct" and m not in DAEMON_METRICS]
     names = list(summary)
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(names)

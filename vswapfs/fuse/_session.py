@@ -21,6 +21,10 @@ Request buffers come from a fixed set, faulted in at start: one per
 channel thread, or, when the event loop reads, a pool for it; when all of
 the loop's are busy it stops reading, which is the only back-pressure the
 kernel needs and keeps memory bounded.
+
+Every request answered is counted with the time it took, from parsing to
+the reply written (``service_stats``): how busy the server is, apart from
+what the kernel's side of the crossing costs.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import os
 import stat
 import struct
 import threading
+import time
+from array import array
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -49,6 +55,25 @@ MAX_PAGES = MAX_WRITE // 4096
 MAX_BACKGROUND = 64
 FALLBACK_BUFFERS = 16  # event-loop buffers when channels were asked for but cannot be had
 WANTED_FLAGS = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
+
+
+OPCODES_TALLIED = 64  # opcodes below this are counted (the highest FUSE opcode is 52)
+
+
+class _Tally:
+    """Requests answered and nanoseconds spent on them, per opcode, by one
+    thread: each serving thread has its own, so counting needs no lock."""
+
+    __slots__ = ("count", "ns")
+
+    def __init__(self) -> None:
+        self.count = array("Q", bytes(8 * OPCODES_TALLIED))
+        self.ns = array("Q", bytes(8 * OPCODES_TALLIED))
+
+    def add(self, opcode: int, t0: int) -> None:
+        if opcode < OPCODES_TALLIED:
+            self.count[opcode] += 1
+            self.ns[opcode] += time.perf_counter_ns() - t0
 
 
 class MalformedRequest(Exception):
@@ -256,6 +281,8 @@ class Session:
         self.init = InitInfo()
         self.requests = 0  # requests served
         self.malformed = 0  # requests answered EIO because they did not parse
+        self._loop_tally = _Tally()  # what the event loop answered
+        self._tallies = [self._loop_tally]  # and one per channel thread
         self._bufsize = MAX_WRITE + 4096
         # The I/O path's reserve: allocated and faulted in now (and mlocked, if
         # the process is), so serving a request never waits on reclaim for it.
@@ -263,6 +290,20 @@ class Session:
         self._buffers = trio.Semaphore(buffers)
         self._dirs: dict[int, list[DirEntry]] = {}
         os.set_blocking(fd, False)
+
+    def service_stats(self) -> dict[str, tuple[int, int]]:
+        """Per opcode answered so far: (requests, nanoseconds from parsing
+        the request to writing the reply, summed)."""
+        out: dict[str, tuple[int, int]] = {}
+        for op in range(OPCODES_TALLIED):
+            n = sum(t.count[op] for t in self._tallies)
+            if n:
+                try:
+                    name = A.Opcode(op).name
+                except ValueError:
+                    name = str(op)
+                out[name] = (n, sum(t.ns[op] for t in self._tallies))
+        return out
 
     def _new_buffer(self) -> bytearray:
         buf = bytearray(self._bufsize)
@@ -405,6 +446,8 @@ class Session:
                  token: trio.lowlevel.TrioToken) -> None:
         """One channel thread: read, serve or hand over, until ENODEV."""
         mv = memoryview(buf)
+        tally = _Tally()
+        self._tallies.append(tally)
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -417,7 +460,7 @@ class Session:
                 return
             if not n:
                 return
-            if self._serve_blocking(fd, mv[:n]):
+            if self._serve_blocking(fd, mv[:n], tally):
                 continue
             copy = bytes(mv[:n])  # the buffer is reused at once
             try:
@@ -425,8 +468,9 @@ class Session:
             except trio.RunFinishedError:
                 return
 
-    def _serve_blocking(self, fd: int, req: memoryview) -> bool:
+    def _serve_blocking(self, fd: int, req: memoryview, tally: _Tally) -> bool:
         """Serve a data request on this thread; False to hand it over."""
+        t0 = time.perf_counter_ns()
         if len(req) < A.IN_HEADER.size:
             return False
         length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
@@ -443,6 +487,7 @@ class Session:
         else:
             self._reply(unique, 0, payload, fd=fd)
         self.requests += 1
+        tally.add(opcode, t0)
         return True
 
     def _fail(self, e: BaseException, unique: int, opcode: int, fd: int | None) -> None:
@@ -464,6 +509,7 @@ class Session:
     async def dispatch(self, req: memoryview | bytes, fd: int | None = None) -> None:
         """Parse one request and answer it on ``fd`` (default: the session's);
         public for tests and fuzzing."""
+        t0 = time.perf_counter_ns()
         req = memoryview(req)
         self.requests += 1
         if len(req) < A.IN_HEADER.size:
@@ -502,6 +548,7 @@ class Session:
             self._fail(e, unique, opcode, fd)
         else:
             self._reply(unique, 0, payload, fd=fd)
+        self._loop_tally.add(opcode, t0)
 
     def _no_reply(self, opcode: int, nodeid: int, body: memoryview) -> None:
         try:
