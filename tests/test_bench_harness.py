@@ -67,15 +67,21 @@ def test_every_backend_comes_up_and_goes_down(name: str) -> None:
 
 
 def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
-    before = bench.parse_fuse_stat("LOOKUP 2 30 15.0\nREAD 5 100 20.0\n")
-    after = bench.parse_fuse_stat("LOOKUP 2 30 15.0\nREAD 15 1100 73.3\nWRITE 40 2500000 62500.0\n")
-    assert after["WRITE"] == (40, 2500000)
+    before = bench.parse_fuse_stat("LOOKUP 2 0 30 15.0\nREAD 5 20480 100 20.0\n")
+    after = bench.parse_fuse_stat("LOOKUP 2 0 30 15.0\nREAD 15 102400 1100 73.3\n"
+                                  "WRITE 40 327680 2500000 62500.0\n")
+    assert after["WRITE"] == (40, 327680, 2500000)
     assert bench.served_delta(before, after) == {
-        "usemem_write_requests": 40.0, "usemem_write_busy_s": 2.5,
-        "usemem_read_requests": 10.0, "usemem_read_busy_s": 0.001}
+        "usemem_write_requests": 40.0, "usemem_write_pages_per_request": 2.0,
+        "usemem_write_busy_s": 2.5,
+        "usemem_read_requests": 10.0, "usemem_read_pages_per_request": 2.0,
+        "usemem_read_busy_s": 0.001}
+    assert bench.served_delta(after, after)["usemem_write_requests"] == 0.0
     s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0),
-                         "vswapfs": rows(usemem_write_s=1.0, usemem_write_busy_s=0.5)})
+                         "vswapfs": rows(usemem_write_s=1.0, usemem_write_busy_s=0.5,
+                                         usemem_write_requests=17503.0)})
     md = bench.markdown(s, {})
+    assert "| usemem: WRITE requests the daemon answered | - | 17,503 ± " in md
     busy = next(line for line in md.splitlines() if "daemon busy on WRITE" in line)
     assert busy.startswith("| usemem: daemon busy on WRITE (s) | - | 0.5 ± ") and "x)" not in busy
 

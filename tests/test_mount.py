@@ -105,19 +105,19 @@ def test_stat_files_have_zram_columns_and_prometheus_format(mnt: Path) -> None:
     assert "vswapfs_stored_pages 3" in metrics
 
 
-def test_fuse_stat_counts_each_opcode_and_the_time_spent(any_mnt: Path) -> None:
+def test_fuse_stat_counts_each_opcode_its_data_and_the_time_spent(any_mnt: Path) -> None:
     """Ten one-page writes and ten reads of the image: each is one request
-    (the image is direct I/O), counted with its service time; the columns
-    are name, requests, busy µs, mean µs."""
-    def rows() -> dict[str, tuple[int, int, float]]:
+    (the image is direct I/O), counted with its data and its service time;
+    the columns are name, requests, bytes, busy µs, mean µs."""
+    def rows() -> dict[str, tuple[int, int, int, float]]:
         out = {}
         for line in (any_mnt / "control" / "fuse_stat").read_text().splitlines():
-            name, n, busy, mean = line.split()
-            out[name] = (int(n), int(busy), float(mean))
+            name, n, data, busy, mean = line.split()
+            out[name] = (int(n), int(data), int(busy), float(mean))
         return out
 
     before = rows()  # its content is taken at open, after the lookups that led to it
-    assert before["LOOKUP"][0] >= 2  # control, then fuse_stat
+    assert before["LOOKUP"][0] >= 2 and "WRITE" not in before  # control, then fuse_stat
     fd = os.open(any_mnt / "swap", os.O_RDWR)
     try:
         for i in range(10):
@@ -127,12 +127,13 @@ def test_fuse_stat_counts_each_opcode_and_the_time_spent(any_mnt: Path) -> None:
     finally:
         os.close(fd)
     after = rows()
-    assert after["WRITE"][0] - before.get("WRITE", (0, 0, 0.0))[0] == 10
-    assert after["READ"][0] - before.get("READ", (0, 0, 0.0))[0] >= 10
+    assert after["WRITE"][:2] == (10, 10 * PAGE) and after["WRITE"][2] > 0
+    read_before = before.get("READ", (0, 0, 0, 0.0))
+    assert after["READ"][0] - read_before[0] >= 10  # and the first read of fuse_stat
+    assert after["READ"][1] - read_before[1] >= 10 * PAGE
     assert after["OPEN"][0] >= 2  # the image, and fuse_stat the first time
-    for name, (n, busy, mean) in after.items():
+    for name, (n, _, busy, mean) in after.items():
         assert n > 0 and busy >= 0 and mean * n == pytest.approx(busy, abs=n), name
-    assert after["WRITE"][1] > 0
 
 
 def write_control(path: Path, value: str) -> int:

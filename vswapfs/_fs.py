@@ -60,11 +60,11 @@ class SwapFS(Operations):
         self.space = space
         self._limiter = trio.CapacityLimiter(max(threads, 1))
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
-        # the transport's per-opcode (requests, ns) once serving (Session.service_stats)
-        self.service_stats: Callable[[], dict[str, tuple[int, int]]] = dict
+        # the transport's per-opcode (requests, bytes, ns) once serving (Session.service_stats)
+        self.service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
         self._files = [*build_control_files(space).values(),
-                       ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, "
-                                   "busy µs (parse to reply, summed), mean µs",
+                       ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes "
+                                   "written or read, busy µs (parse to reply, summed), mean µs",
                                    lambda _: self._fuse_stat())]
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
@@ -74,8 +74,8 @@ class SwapFS(Operations):
     # -- inodes ---------------------------------------------------------------
 
     def _fuse_stat(self) -> str:
-        return "".join(f"{name} {n} {ns // 1000} {ns / n / 1000:.1f}\n"
-                       for name, (n, ns) in self.service_stats().items())
+        return "".join(f"{name} {n} {data} {ns // 1000} {ns / n / 1000:.1f}\n"
+                       for name, (n, data, ns) in self.service_stats().items())
 
     def _control(self, ino: int) -> ControlFile | None:
         i = ino - FIRST_CONTROL_FILE_INO

@@ -103,17 +103,17 @@ class Backend:
     held: Callable[[], int] = lambda: 0  # bytes of swapped data it holds, before compression
     available: Callable[[], str | None] = lambda: None  # why not, or None
     state: dict[str, object] = field(default_factory=dict)
-    # per FUSE opcode, (requests, busy µs) the daemon has answered (vswapfs's fuse_stat)
-    served: Callable[[], dict[str, tuple[int, int]]] | None = None
+    # per FUSE opcode, (requests, bytes, busy µs) the daemon has answered (vswapfs's fuse_stat)
+    served: Callable[[], dict[str, tuple[int, int, int]]] | None = None
 
 
-def parse_fuse_stat(text: str) -> dict[str, tuple[int, int]]:
-    """``control/fuse_stat`` (name, requests, busy µs, mean µs per line) as
-    name -> (requests, busy µs)."""
+def parse_fuse_stat(text: str) -> dict[str, tuple[int, int, int]]:
+    """``control/fuse_stat`` (name, requests, bytes, busy µs, mean µs per
+    line) as name -> (requests, bytes, busy µs)."""
     out = {}
     for line in text.splitlines():
-        name, n, busy, _ = line.split()
-        out[name] = (int(n), int(busy))
+        name, n, data, busy, _ = line.split()
+        out[name] = (int(n), int(data), int(busy))
     return out
 
 
@@ -149,7 +149,7 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
     def held() -> int:
         return int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
 
-    def served() -> dict[str, tuple[int, int]]:
+    def served() -> dict[str, tuple[int, int, int]]:
         return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
 
     return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st,  # type: ignore[arg-type]
@@ -396,15 +396,17 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
     return row
 
 
-def served_delta(before: dict[str, tuple[int, int]],
-                 after: dict[str, tuple[int, int]]) -> dict[str, float]:
+def served_delta(before: dict[str, tuple[int, int, int]],
+                 after: dict[str, tuple[int, int, int]]) -> dict[str, float]:
     """What the daemon answered between two fuse_stat readings: WRITE and
-    READ requests and the seconds it was busy with them."""
+    READ requests, pages per request and the seconds it was busy with them."""
     row = {}
     for op, key in (("WRITE", "write"), ("READ", "read")):
-        n0, us0 = before.get(op, (0, 0))
-        n1, us1 = after.get(op, (0, 0))
+        n0, b0, us0 = before.get(op, (0, 0, 0))
+        n1, b1, us1 = after.get(op, (0, 0, 0))
         row[f"usemem_{key}_requests"] = float(n1 - n0)
+        if n1 > n0:
+            row[f"usemem_{key}_pages_per_request"] = round((b1 - b0) / 4096 / (n1 - n0), 2)
         row[f"usemem_{key}_busy_s"] = round((us1 - us0) / 1e6, 3)
     return row
 
@@ -423,12 +425,14 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "returned_pct": ("memory returned within 2 s (%)", False, None),
     # what the daemon itself spent during usemem (fuse_stat; vswapfs only)
     "usemem_write_requests": ("usemem: WRITE requests the daemon answered", True, None),
+    "usemem_write_pages_per_request": ("usemem: pages per WRITE", False, None),
     "usemem_write_busy_s": ("usemem: daemon busy on WRITE (s)", True, None),
     "usemem_read_requests": ("usemem: READ requests the daemon answered", True, None),
+    "usemem_read_pages_per_request": ("usemem: pages per READ", False, None),
     "usemem_read_busy_s": ("usemem: daemon busy on READ (s)", True, None),
 }
-DAEMON_METRICS = ("usemem_write_requests", "usemem_write_busy_s", "usemem_read_requests",
-                  "usemem_read_busy_s")
+DAEMON_METRICS = ("usemem_write_requests", "usemem_write_pages_per_request", "usemem_write_busy_s",
+                  "usemem_read_requests", "usemem_read_pages_per_request", "usemem_read_busy_s")
 
 
 # Figures the kernel's loop+FUSE path bounds: verdicts on them also compare
@@ -467,7 +471,10 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], missing: dict[str,
                 cells.append("-")
                 continue
             ratio = "" if n == REFERENCE or s["ratio"] != s["ratio"] else f" ({s['ratio']:.2f}x)"
-            cells.append(f"{s['median']:.3g} ± {s['stdev']:.2g}{ratio}")
+            if m.endswith("_requests"):  # counts: every digit
+                cells.append(f"{s['median']:,.0f} ± {s['stdev']:,.0f}{ratio}")
+            else:
+                cells.append(f"{s['median']:.3g} ± {s['stdev']:.2g}{ratio}")
         tgt = f" — target ≤ {target}x zram" if target and m != "returned_pct" else ""
         lines.append(f"| {label}{tgt} | " + " | ".join(cells) + " |")
     for n, why in missing.items():

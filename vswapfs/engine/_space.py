@@ -384,18 +384,23 @@ class SwapSpace:
         mv = memoryview(data).cast("B")
         first = offset // PAGE
         end = (offset + n + PAGE - 1) // PAGE
-        pages: list[bytes] = []
+        pages: list[bytes]
         try:
-            for slot in range(first, end):
-                lo = max(offset, slot * PAGE)
-                hi = min(offset + n, (slot + 1) * PAGE)
-                if hi - lo == PAGE:
-                    pages.append(bytes(mv[lo - offset:hi - offset]))
-                else:
-                    page = self._read_pages(slot, 1)
-                    page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
-                    pages.append(bytes(page))
-            encoded = [self._encode(p) for p in pages]
+            if not (offset | n) % PAGE:  # whole pages: what swap writes
+                pages = [mv[i:i + PAGE].tobytes() for i in range(0, n, PAGE)]
+            else:
+                pages = []
+                for slot in range(first, end):
+                    lo = max(offset, slot * PAGE)
+                    hi = min(offset + n, (slot + 1) * PAGE)
+                    if hi - lo == PAGE:
+                        pages.append(bytes(mv[lo - offset:hi - offset]))
+                    else:
+                        page = self._read_pages(slot, 1)
+                        page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
+                        pages.append(bytes(page))
+            encode = self._encode
+            encoded = [encode(p) for p in pages]
             with self._lock:
                 self._commit(first, pages, encoded)
         except OSError:
@@ -403,10 +408,24 @@ class SwapSpace:
             raise
 
     def _commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
-        words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
         self.counters.reject_compress_poor += len(poor)
         target = self._target() if self.writeback_enabled else None
+        if not self.pool_limit and not (poor and target):
+            # the common case: everything goes to the pool or its table word
+            store, set_ = self._store_pool, self._set
+            for i, (w, b) in enumerate(encoded):
+                set_(first + i, w or store(pages[i] if b is None else b))
+        else:
+            self._commit_limited(first, pages, encoded, poor, target)
+        for ci in range(first // CLUSTER_SLOTS, (first + len(encoded) - 1) // CLUSTER_SLOTS + 1):
+            self._touch(ci)
+        self._note_mem()
+
+    def _commit_limited(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
+                        poor: list[int], target: BackingFile | None) -> None:
+        """_commit with a pool limit or poor pages bound for a backing file."""
+        words = [w for w, _ in encoded]
         to_disk = set(poor) if target else set()
         if to_disk:
             try:
@@ -437,9 +456,6 @@ class SwapSpace:
             words[i] = self._store_pool(blob)
         for i, w in enumerate(words):
             self._set(first + i, w)
-        for ci in range(first // CLUSTER_SLOTS, (first + len(words) - 1) // CLUSTER_SLOTS + 1):
-            self._touch(ci)
-        self._note_mem()
 
     def _room(self, lengths: list[int]) -> bool:
         """True if objects of ``lengths`` fit: under the limit (after

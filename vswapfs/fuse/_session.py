@@ -61,19 +61,31 @@ OPCODES_TALLIED = 64  # opcodes below this are counted (the highest FUSE opcode 
 
 
 class _Tally:
-    """Requests answered and nanoseconds spent on them, per opcode, by one
-    thread: each serving thread has its own, so counting needs no lock."""
+    """Requests answered, the data they moved and the nanoseconds spent on
+    them, per opcode, by one thread: each serving thread has its own, so
+    counting needs no lock."""
 
-    __slots__ = ("count", "ns")
+    __slots__ = ("count", "data", "ns")
 
     def __init__(self) -> None:
         self.count = array("Q", bytes(8 * OPCODES_TALLIED))
+        self.data = array("Q", bytes(8 * OPCODES_TALLIED))
         self.ns = array("Q", bytes(8 * OPCODES_TALLIED))
 
-    def add(self, opcode: int, t0: int) -> None:
+    def add(self, opcode: int, t0: int, data: int = 0) -> None:
         if opcode < OPCODES_TALLIED:
             self.count[opcode] += 1
+            self.data[opcode] += data
             self.ns[opcode] += time.perf_counter_ns() - t0
+
+
+def _data_bytes(opcode: int, result: Any, payload: Any) -> int:
+    """Bytes of file data a successful request moved: written or read."""
+    if opcode == A.Opcode.WRITE:
+        return int(result)
+    if opcode == A.Opcode.READ:
+        return len(payload)
+    return 0
 
 
 class MalformedRequest(Exception):
@@ -291,10 +303,11 @@ class Session:
         self._dirs: dict[int, list[DirEntry]] = {}
         os.set_blocking(fd, False)
 
-    def service_stats(self) -> dict[str, tuple[int, int]]:
-        """Per opcode answered so far: (requests, nanoseconds from parsing
-        the request to writing the reply, summed)."""
-        out: dict[str, tuple[int, int]] = {}
+    def service_stats(self) -> dict[str, tuple[int, int, int]]:
+        """Per opcode answered so far: (requests, bytes of file data they
+        wrote or read, nanoseconds from parsing the request to writing the
+        reply), summed."""
+        out: dict[str, tuple[int, int, int]] = {}
         for op in range(OPCODES_TALLIED):
             n = sum(t.count[op] for t in self._tallies)
             if n:
@@ -302,7 +315,8 @@ class Session:
                     name = A.Opcode(op).name
                 except ValueError:
                     name = str(op)
-                out[name] = (n, sum(t.ns[op] for t in self._tallies))
+                out[name] = (n, sum(t.data[op] for t in self._tallies),
+                             sum(t.ns[op] for t in self._tallies))
         return out
 
     def _new_buffer(self) -> bytearray:
@@ -484,10 +498,11 @@ class Session:
             payload = build(result)
         except Exception as e:
             self._fail(e, unique, opcode, fd)
+            tally.add(opcode, t0)
         else:
             self._reply(unique, 0, payload, fd=fd)
+            tally.add(opcode, t0, _data_bytes(opcode, result, payload))
         self.requests += 1
-        tally.add(opcode, t0)
         return True
 
     def _fail(self, e: BaseException, unique: int, opcode: int, fd: int | None) -> None:
@@ -528,6 +543,7 @@ class Session:
             return
         body = req[A.IN_HEADER.size:length - extlen * 8]
         ctx = Context(uid, gid, pid)
+        result: Any = None
         try:
             if opcode == A.Opcode.DESTROY:
                 await self.ops.destroy()
@@ -546,9 +562,10 @@ class Session:
                 payload = build(result)
         except Exception as e:
             self._fail(e, unique, opcode, fd)
+            self._loop_tally.add(opcode, t0)
         else:
             self._reply(unique, 0, payload, fd=fd)
-        self._loop_tally.add(opcode, t0)
+            self._loop_tally.add(opcode, t0, _data_bytes(opcode, result, payload))
 
     def _no_reply(self, opcode: int, nodeid: int, body: memoryview) -> None:
         try:
