@@ -134,7 +134,8 @@ class SpaceModel(RuleBasedStateMachine):
         words = [w for cl in self.space._clusters.values() for w in cl.table if w]
         tags = [w & E.TAG_MASK for w in words]
         assert s["same_pages"] == tags.count(E.SAME) and s["pool_pages"] == tags.count(E.POOL)
-        assert s["huge_pages"] == sum(t == E.POOL and E.pool_length(w) == PAGE for t, w in zip(tags, words))
+        raw = [t == E.POOL and E.pool_length(w) == PAGE for t, w in zip(tags, words, strict=True)]
+        assert s["huge_pages"] == sum(raw)
         assert s["clusters"] == sum(1 for cl in self.space._clusters.values() if cl.used)
 
 
