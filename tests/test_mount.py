@@ -103,6 +103,12 @@ def test_stat_files_have_zram_columns_and_prometheus_format(mnt: Path) -> None:
     metrics = (c / "metrics").read_text()
     assert "# TYPE vswapfs_notify_free counter" in metrics
     assert "vswapfs_stored_pages 3" in metrics
+    # and what the transport answered: the pwrite above was one WRITE of three pages
+    assert "# TYPE vswapfs_fuse_requests_total counter" in metrics
+    assert 'vswapfs_fuse_requests_total{op="WRITE"} 1\n' in metrics
+    assert f'vswapfs_fuse_bytes_total{{op="WRITE"}} {3 * PAGE}\n' in metrics
+    busy = float(metrics.split('vswapfs_fuse_busy_seconds_total{op="WRITE"} ')[1].split()[0])
+    assert 0 < busy < 1
 
 
 def test_fuse_stat_counts_each_opcode_its_data_and_the_time_spent(any_mnt: Path) -> None:

@@ -62,7 +62,12 @@ class SwapFS(Operations):
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns) once serving (Session.service_stats)
         self.service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
-        self._files = [*build_control_files(space).values(),
+        files = build_control_files(space)
+        engine_metrics = files["metrics"].read
+        assert engine_metrics is not None
+        files["metrics"] = ControlFile("metrics", files["metrics"].help,
+                                       lambda s: engine_metrics(s) + self._fuse_metrics())
+        self._files = [*files.values(),
                        ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes "
                                    "written or read, busy µs (parse to reply, summed), mean µs",
                                    lambda _: self._fuse_stat())]
@@ -76,6 +81,21 @@ class SwapFS(Operations):
     def _fuse_stat(self) -> str:
         return "".join(f"{name} {n} {data} {ns // 1000} {ns / n / 1000:.1f}\n"
                        for name, (n, data, ns) in self.service_stats().items())
+
+    def _fuse_metrics(self) -> str:
+        """fuse_stat in the Prometheus text format, one series per opcode."""
+        stats = self.service_stats()
+        out = []
+        for metric, what, field in (
+                ("requests_total", "FUSE requests answered", 0),
+                ("bytes_total", "bytes of file data written or read", 1),
+                ("busy_seconds_total", "time from parsing a request to writing its reply", 2)):
+            out += [f"# HELP vswapfs_fuse_{metric} {what}, per opcode",
+                    f"# TYPE vswapfs_fuse_{metric} counter"]
+            for op, row in stats.items():
+                value = row[field] / 1e9 if field == 2 else row[field]
+                out.append(f'vswapfs_fuse_{metric}{{op="{op}"}} {value}')
+        return "\n".join(out) + "\n"
 
     def _control(self, ino: int) -> ControlFile | None:
         i = ino - FIRST_CONTROL_FILE_INO
