@@ -57,7 +57,7 @@ FALLBACK_BUFFERS = 16  # event-loop buffers when channels were asked for but can
 WANTED_FLAGS = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
 
 
-OPCODES_TALLIED = 64  # opcodes below this are counted (the highest FUSE opcode is 52)
+OPCODES_TALLIED = 64  # opcodes below this are counted (fuse.h here ends at 51; CUSE_INIT is 4096)
 
 
 class _Tally:
