@@ -57,8 +57,9 @@ def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
 
 @pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
                                            ("--channels=two", "0..64"), ("--reserve=1K", "smaller than one"),
-                                           ("--reserve=lots", "not a size")])
-def test_cli_bad_channels_and_reserve(tmp_path: Path, opt: str, word: str) -> None:
+                                           ("--reserve=lots", "not a size"),
+                                           ("--algorithm=lzo", "choose from 'zstd', 'lz4'")])
+def test_cli_bad_channels_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
     r = cli("mount", str(tmp_path), opt)
     assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
     assert _admin.mount_type(str(tmp_path)) is None
@@ -68,6 +69,7 @@ def test_cli_bad_channels_and_reserve(tmp_path: Path, opt: str, word: str) -> No
 def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Path) -> None:
     one_clear_line(cli("mount", str(tmp_path), "--reserve=1M", "--pool-limit=2M"), "larger than --reserve")
     one_clear_line(cli("up", str(tmp_path), "--reserve=8K"), "less than one 64 KiB pool chunk")
+    one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--level=3"), "lz4 has no levels")
     assert _admin.mount_type(str(tmp_path)) is None
 
 

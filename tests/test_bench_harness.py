@@ -52,7 +52,7 @@ def test_returned_counts_what_came_back_within_the_window() -> None:
 @needs_root
 @pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
                                   "zswap-lzo", "swapfile", "fuse-floor-c",
-                                  "fuse-floor-c-uring"])
+                                  "vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring"])
 def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     b = next(b for b in bench.backends() if b.name == name)
     assert b.available() is None, f"{name} missing on this machine: {b.available()}"

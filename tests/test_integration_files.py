@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_fstab_options_translate_and_unknown_ones_are_named() -> None:
-    assert options_to_args("size=8G,pool_limit=25%,backing=/a,backing=/b,noauto,x-systemd.foo=1") == [
-        "--size", "8G", "--pool-limit", "25%", "--backing", "/a", "--backing", "/b"]
+    assert options_to_args("size=8G,pool_limit=25%,backing=/a,backing=/b,noauto,x-systemd.foo=1,"
+                           "algorithm=lz4") == [
+        "--size", "8G", "--pool-limit", "25%", "--backing", "/a", "--backing", "/b", "--algorithm", "lz4"]
     with pytest.raises(ValueError, match="bogus"):
         options_to_args("size=1G,bogus=2")
     assert helper_main(["vswapfs", "/mnt/x", "-o", "rw,size=1G"]) == ["mount", "/mnt/x", "--size", "1G"]

@@ -234,3 +234,32 @@ def test_unmount_ends_the_daemon(tmp_path: Path) -> None:
     assert _admin.mount_type(str(mnt)) is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_lz4_mount_says_so_keeps_data_and_refuses_a_level() -> None:
+    """``--algorithm lz4``: comp_algorithm, ``status`` and the data agree;
+    compression_level, a zstd knob, reads 0 and takes nothing."""
+    from conftest import _mount
+
+    gen = _mount(["--size", "64M", "--algorithm", "lz4"])
+    mnt = next(gen)
+    try:
+        c = mnt / "control"
+        assert (c / "comp_algorithm").read_text() == "zstd [lz4]\n"
+        assert (c / "compression_level").read_text() == "0\n"
+        assert write_control(c / "compression_level", "3") == errno.EINVAL
+        data = b"".join(((b"lz4 page %d " % i) * 400)[:PAGE] for i in range(64))
+        fd = os.open(mnt / "swap", os.O_RDWR)
+        try:
+            os.pwrite(fd, data, 0)
+            assert os.pread(fd, len(data), 0) == data
+        finally:
+            os.close(fd)
+        s = stats(mnt)
+        assert s["pool_pages"] == 64 and s["compr_data_size"] < len(data) // 4
+        out = subprocess.run([sys.executable, "-m", "vswapfs", "status", str(mnt)],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        header, row = out[0].split(), out[1].split()
+        assert row[header.index("ALGORITHM")] == "lz4"
+    finally:
+        gen.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,39 @@ def test_trim_gives_the_writeback_buffer_back_and_writeback_still_works(tmp_path
     assert all(s.read(i * PAGE, PAGE) == text_page(i) for i in range(600))
     s.trim()
     s.close()
+
+
+def test_lz4_space_stores_every_kind_of_page_and_has_no_levels(tmp_path: Path) -> None:
+    pages = [text_page(i) if i % 4 == 0 else os.urandom(PAGE) if i % 4 == 1
+             else bytes(PAGE) if i % 4 == 2 else bytes([i % 251]) * PAGE for i in range(1024)]
+    s = SwapSpace(8 * MiB, codec="lz4", backing=[str(tmp_path / "b0")])
+    try:
+        s.write(0, b"".join(pages))
+        st = s.stats()
+        # text in the pool, shrunk; random pages straight to the backing file; the rest in words
+        assert st["pool_pages"] == 256 and st["phys_pages"] == 256 and st["zero_pages"] == 512
+        assert st["compr_data_size"] < 256 * PAGE // 4
+        assert s.writeback(100) == 100 and s.compact() >= 0
+        for i, page in enumerate(pages):
+            assert s.read(i * PAGE, PAGE) == page, f"page {i}"
+        with pytest.raises(ValueError, match="levels are zstd's"):
+            s.configure(level=3)
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="codec must be one of zstd, lz4"):
+        SwapSpace(MiB, codec="lzo")
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_an_object_of_exactly_a_page_is_kept_raw(codec: str) -> None:
+    """A pool object of 4096 bytes reads back as a raw page, so a page that
+    compresses to exactly 4096 bytes (lz4 does, for this one) must be stored
+    raw even when huge_threshold allows 4096."""
+    tail = random.Random(0).randbytes(PAGE)
+    page = bytes(22) + tail[22:]
+    s = SwapSpace(MiB, codec=codec, huge_threshold=PAGE)
+    if codec == "lz4":
+        assert len(s._compress(page)) == PAGE  # the case this test is about
+    s.write(0, page)
+    assert s.read(0, PAGE) == page
+    assert s.stats()["huge_pages"] == 1

@@ -16,7 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vswapfs.engine import PAGE, NoSpaceError, SwapSpace
+from vswapfs.engine import CODECS, PAGE, NoSpaceError, SwapSpace
 from vswapfs.engine import entry as E
 
 SIZE = 3 * 512 * PAGE + 5 * PAGE  # three clusters and a bit
@@ -42,9 +42,9 @@ class SpaceModel(RuleBasedStateMachine):
         self.model = bytearray(SIZE)
         self.n_files = 0
 
-    @initialize(limit=st.sampled_from([0, 256 * 1024]), backed=st.booleans())
-    def start(self, limit: int, backed: bool) -> None:
-        self.space = SwapSpace(SIZE, pool_limit=limit, accept_threshold=75)
+    @initialize(limit=st.sampled_from([0, 256 * 1024]), backed=st.booleans(), codec=st.sampled_from(CODECS))
+    def start(self, limit: int, backed: bool, codec: str) -> None:
+        self.space = SwapSpace(SIZE, pool_limit=limit, accept_threshold=75, codec=codec)
         if backed:
             self.add_backing()
 

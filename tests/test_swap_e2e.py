@@ -33,6 +33,12 @@ def swap_mnt() -> Iterator[tuple[Path, str]]:
     yield from swap_on(["--size", "1G"])
 
 
+@pytest.fixture(params=["zstd", "lz4"])
+def any_codec_swap_mnt(request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
+    """swap_mnt with each compressor."""
+    yield from swap_on(["--size", "1G", "--algorithm", request.param])
+
+
 class Sampler(threading.Thread):
     """Polls stats.json, keeping the largest value of each key."""
 
@@ -63,8 +69,9 @@ def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> Non
         _admin.up(str(mnt))
 
 
-def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(swap_mnt: tuple[Path, str]) -> None:
-    mnt, _ = swap_mnt
+def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(
+        any_codec_swap_mnt: tuple[Path, str]) -> None:
+    mnt, _ = any_codec_swap_mnt
     sampler = Sampler(mnt)
     sampler.start()
     try:

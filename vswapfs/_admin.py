@@ -293,7 +293,14 @@ def daemon_pid_alive(mnt: str) -> int | None:
         return None
 
 
+def algorithm(mnt: str) -> str:
+    """The mount's compressor: the bracketed word of ``control/comp_algorithm``."""
+    words = Path(mnt, "control", "comp_algorithm").read_text().split()
+    return next((w[1:-1] for w in words if w.startswith("[")), "?")
+
+
 def status(mnt: str) -> dict[str, int]:
+    """Every counter and gauge of the mount (``control/stats.json``)."""
     try:
         return json.loads(Path(mnt, "control", "stats.json").read_text())
     except OSError as e:

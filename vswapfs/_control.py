@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._units import parse_limit, parse_size
-from .engine import COUNTERS, DESCRIPTIONS, SwapSpace
+from .engine import CODECS, COUNTERS, DESCRIPTIONS, SwapSpace
 
 MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
            "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
@@ -147,7 +147,9 @@ def build_control_files(space: SwapSpace) -> dict[str, ControlFile]:
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
         _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",
               lambda s: f"{s.pool_limit}\n", _set_pool_limit),
-        _knob("compression_level", "zstd level (negative: faster)",
+        ControlFile("comp_algorithm", "zram's format: the codecs, the one in use in brackets",
+                    lambda s: " ".join(f"[{c}]" if c == s.codec else c for c in CODECS) + "\n"),
+        _knob("compression_level", "zstd level (negative: faster); 0 with lz4, which has none",
               lambda s: f"{s.level}\n", _set_level),
         _knob("accept_threshold_percent", "after the limit is hit, accept again below this % of it",
               lambda s: f"{s.accept_threshold}\n", _set_accept),

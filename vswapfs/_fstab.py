@@ -2,7 +2,7 @@
 
 mount(8) runs ``mount.fuse.vswapfs SOURCE MOUNTPOINT -o OPTS``; the helper
 turns vswapfs's own options (size=, pool_limit=, backing=, level=,
-reserve=, channels=) into a
+reserve=, channels=, algorithm=) into a
 ``vswapfs mount`` command line and leaves the generic ones (defaults,
 noauto, nofail, rw, x-systemd.* ...) to mount(8) and systemd.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 OWN = {"size": "--size", "pool_limit": "--pool-limit", "backing": "--backing", "level": "--level",
-       "reserve": "--reserve", "channels": "--channels"}
+       "reserve": "--reserve", "channels": "--channels", "algorithm": "--algorithm"}
 GENERIC = {"defaults", "auto", "noauto", "nofail", "rw", "_netdev", "user", "nouser", "users",
            "suid", "nosuid", "dev", "nodev", "exec", "noexec", "relatime", "noatime", "atime"}
 

@@ -29,6 +29,7 @@ loop+FUSE path's own cost in this run; the verdicts on time and latency
 also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
 -100, run only when named in ``--only``) splits that distance into what
 compression costs and what the rest of the daemon does;
+``vswapfs-lz4`` (also only when named) is vswapfs with ``--algorithm lz4``;
 ``fuse-floor-c-uring`` (also only when named) is the yardstick served over
 FUSE-over-io_uring, the other transport this kernel has.
 
@@ -290,7 +291,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 
 # Run only when named in --only: what the default run's figures are made of.
-EXTRA = ("vswapfs-fastest", "fuse-floor-c-uring")
+EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring")
 
 
 def backends() -> list[Backend]:
@@ -307,6 +308,8 @@ def backends() -> list[Backend]:
         # zstd's fastest level: compression costs next to nothing, so the gap
         # to fuse-floor-c left is the daemon's own Python
         vswapfs_backend("vswapfs-fastest", ["--size", "4G", "--level", "-100"]),
+        # the other compressor: lz4, for speed over ratio
+        vswapfs_backend("vswapfs-lz4", ["--size", "4G", "--algorithm", "lz4"]),
         # the yardstick over FUSE-over-io_uring: would the other transport lift the floor?
         floor_backend(uring=True),
     ]

@@ -8,7 +8,9 @@ from . import _entry as entry
 from ._backing import BackingChecksumError, BackingFile
 from ._space import (
     CLUSTER_SLOTS,
+    CODECS,
     DEFAULT_ACCEPT_THRESHOLD,
+    DEFAULT_CODEC,
     DEFAULT_HUGE_THRESHOLD,
     DEFAULT_LEVEL,
     PAGE,
@@ -18,7 +20,7 @@ from ._space import (
 from ._stats import COUNTERS, DESCRIPTIONS, GAUGES
 
 __all__ = [
-    "CLUSTER_SLOTS", "COUNTERS", "DEFAULT_ACCEPT_THRESHOLD", "DEFAULT_HUGE_THRESHOLD",
-    "DEFAULT_LEVEL", "DESCRIPTIONS", "GAUGES", "PAGE", "BackingChecksumError", "BackingFile",
-    "NoSpaceError", "SwapSpace", "entry",
+    "CLUSTER_SLOTS", "CODECS", "COUNTERS", "DEFAULT_ACCEPT_THRESHOLD", "DEFAULT_CODEC",
+    "DEFAULT_HUGE_THRESHOLD", "DEFAULT_LEVEL", "DESCRIPTIONS", "GAUGES", "PAGE",
+    "BackingChecksumError", "BackingFile", "NoSpaceError", "SwapSpace", "entry",
 ]
