@@ -86,6 +86,18 @@ def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
     assert busy.startswith("| usemem: daemon busy on WRITE (s) | - | 0.5 ± ") and "x)" not in busy
 
 
+def test_the_lz4_variant_gets_its_own_verdicts_when_it_ran() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0),
+                         "fuse-floor-c": rows(usemem_write_s=3.0),
+                         "vswapfs": rows(usemem_write_s=4.5), "vswapfs-lz4": rows(usemem_write_s=3.0)})
+    lines = bench.all_verdicts(s)
+    at = lines.index("vswapfs-lz4 (--algorithm lz4):")
+    assert "vswapfs 1.50x the floor" in lines[0]
+    assert "vswapfs-lz4 1.00x the floor" in lines[at + 1]
+    del s["vswapfs-lz4"]
+    assert bench.all_verdicts(s) == bench.verdicts(s)
+
+
 def test_verdicts_compare_with_the_c_floor_when_it_ran() -> None:
     s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0, swapin_p50_us=10.0, peak_mem_mib=100),
                          "fuse-floor-c": rows(usemem_write_s=3.0, swapin_p50_us=50.0, peak_mem_mib=300),

@@ -506,6 +506,14 @@ def verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vs
     return out
 
 
+def all_verdicts(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The verdicts for vswapfs, then for the other compressor if it ran."""
+    lines = verdicts(summary)
+    if "vswapfs-lz4" in summary:
+        lines += ["", "vswapfs-lz4 (--algorithm lz4):", *verdicts(summary, "vswapfs-lz4")]
+    return lines
+
+
 def chart(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
     try:
         import matplotlib
@@ -578,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
     header = (f"Machine: {machine}. Limit {a.limit} MiB, workloads {3 * a.limit} MiB, {a.rounds} interleaved "
               f"rounds; median ± stdev, (ratio to {REFERENCE} median).\n\n")
-    lines = verdicts(summary)
+    lines = all_verdicts(summary)
     (out / "bench.md").write_text(header + table + "\n" + "\n".join(lines) + "\n")
     (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": a.limit, "rounds": rows,
                                                 "summary": summary, "missing": missing}, indent=1))
