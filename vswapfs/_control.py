@@ -134,14 +134,17 @@ def _do_evacuate(space: SwapSpace, text: str) -> str:
     return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
 
 
-def build_control_files(space: SwapSpace) -> dict[str, ControlFile]:
-    """All control files, by name."""
+def build_control_files(space: SwapSpace,
+                        more_metrics: Callable[[], str] = str) -> dict[str, ControlFile]:
+    """All control files, by name.  ``more_metrics``: Prometheus text the
+    ``metrics`` file appends (the transport's series, which this module
+    does not know)."""
     files = [
         ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
         ControlFile("io_stat", "zram columns: " + " ".join(IO_STAT), _columns(IO_STAT)),
         ControlFile("bd_stat", "zram columns, 4 KiB units: " + " ".join(BD_STAT), _columns(BD_STAT)),
         ControlFile("stats.json", "every counter and gauge", lambda s: json.dumps(s.stats()) + "\n"),
-        ControlFile("metrics", "Prometheus text format", _metrics),
+        ControlFile("metrics", "Prometheus text format", lambda s: _metrics(s) + more_metrics()),
         ControlFile("backing_files", "backing files, one path per line",
                     lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),

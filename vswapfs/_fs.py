@@ -62,12 +62,7 @@ class SwapFS(Operations):
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns) once serving (Session.service_stats)
         self.service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
-        files = build_control_files(space)
-        engine_metrics = files["metrics"].read
-        assert engine_metrics is not None
-        files["metrics"] = ControlFile("metrics", files["metrics"].help,
-                                       lambda s: engine_metrics(s) + self._fuse_metrics())
-        self._files = [*files.values(),
+        self._files = [*build_control_files(space, self._fuse_metrics).values(),
                        ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes "
                                    "written or read, busy µs (parse to reply, summed), mean µs",
                                    lambda _: self._fuse_stat())]

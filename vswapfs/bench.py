@@ -414,6 +414,16 @@ def served_delta(before: dict[str, tuple[int, int, int]],
     return row
 
 
+# What the daemon itself spent during usemem (fuse_stat; vswapfs only): no
+# ratio to zram, no chart.
+DAEMON_METRICS = {
+    "usemem_write_requests": ("usemem: WRITE requests the daemon answered", True, None),
+    "usemem_write_pages_per_request": ("usemem: pages per WRITE", False, None),
+    "usemem_write_busy_s": ("usemem: daemon busy on WRITE (s)", True, None),
+    "usemem_read_requests": ("usemem: READ requests the daemon answered", True, None),
+    "usemem_read_pages_per_request": ("usemem: pages per READ", False, None),
+    "usemem_read_busy_s": ("usemem: daemon busy on READ (s)", True, None),
+}
 METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or None)
     "usemem_write_s": ("usemem write (s)", True, 1.0),
     "usemem_verify_s": ("usemem verify (s)", True, 1.0),
@@ -426,16 +436,8 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
-    # what the daemon itself spent during usemem (fuse_stat; vswapfs only)
-    "usemem_write_requests": ("usemem: WRITE requests the daemon answered", True, None),
-    "usemem_write_pages_per_request": ("usemem: pages per WRITE", False, None),
-    "usemem_write_busy_s": ("usemem: daemon busy on WRITE (s)", True, None),
-    "usemem_read_requests": ("usemem: READ requests the daemon answered", True, None),
-    "usemem_read_pages_per_request": ("usemem: pages per READ", False, None),
-    "usemem_read_busy_s": ("usemem: daemon busy on READ (s)", True, None),
+    **DAEMON_METRICS,
 }
-DAEMON_METRICS = ("usemem_write_requests", "usemem_write_pages_per_request", "usemem_write_busy_s",
-                  "usemem_read_requests", "usemem_read_pages_per_request", "usemem_read_busy_s")
 
 
 # Figures the kernel's loop+FUSE path bounds: verdicts on them also compare

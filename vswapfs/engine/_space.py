@@ -33,6 +33,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Iterable
+from types import ModuleType
 from typing import Final
 
 import zstandard
@@ -133,11 +134,11 @@ class SwapSpace:
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {codec!r}")
         self.codec = codec  # fixed for the space's life: the pool's objects are in it
-        self._lz4 = codec == "lz4"
-        if self._lz4:  # imported only when used: loaded in a zstd daemon, it cost a
+        self._lz4: ModuleType | None = None  # lz4.block when the codec is lz4
+        if codec == "lz4":  # imported only when used: loaded in a zstd daemon, it cost a
             # point of the memory returned after a burst in the bench (98.7% vs 99.7%)
             import lz4.block
-            self._lz4_block = lz4.block
+            self._lz4 = lz4.block
         self.size = size
         self.nslots = size // PAGE
         self._clusters: dict[int, _Cluster] = {}  # cluster index -> cluster, oldest write first
@@ -209,7 +210,7 @@ class SwapSpace:
 
     def _compress(self, page: bytes) -> bytes:
         if self._lz4:  # stateless: no context to pool
-            return self._lz4_block.compress(page, store_size=False)
+            return self._lz4.compress(page, store_size=False)
         level = self.level
         try:
             lv, c = self._cctxs.pop()  # list.pop and append are atomic under the GIL
@@ -227,8 +228,8 @@ class SwapSpace:
             return blob
         if self._lz4:
             try:
-                page = self._lz4_block.decompress(blob, uncompressed_size=PAGE)
-            except self._lz4_block.LZ4BlockError as e:
+                page = self._lz4.decompress(blob, uncompressed_size=PAGE)
+            except self._lz4.LZ4BlockError as e:
                 raise OSError(errno.EIO, f"pool object does not decompress: {e}") from None
             if len(page) != PAGE:
                 raise OSError(errno.EIO, "pool object did not decompress to a page")
@@ -435,24 +436,10 @@ class SwapSpace:
             raise
 
     def _commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
+        words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
         self.counters.reject_compress_poor += len(poor)
         target = self._target() if self.writeback_enabled else None
-        if not self.pool_limit and not (poor and target):
-            # the common case: everything goes to the pool or its table word
-            store, set_ = self._store_pool, self._set
-            for i, (w, b) in enumerate(encoded):
-                set_(first + i, w or store(pages[i] if b is None else b))
-        else:
-            self._commit_limited(first, pages, encoded, poor, target)
-        for ci in range(first // CLUSTER_SLOTS, (first + len(encoded) - 1) // CLUSTER_SLOTS + 1):
-            self._touch(ci)
-        self._note_mem()
-
-    def _commit_limited(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
-                        poor: list[int], target: BackingFile | None) -> None:
-        """_commit with a pool limit or poor pages bound for a backing file."""
-        words = [w for w, _ in encoded]
         to_disk = set(poor) if target else set()
         if to_disk:
             try:
@@ -483,6 +470,9 @@ class SwapSpace:
             words[i] = self._store_pool(blob)
         for i, w in enumerate(words):
             self._set(first + i, w)
+        for ci in range(first // CLUSTER_SLOTS, (first + len(words) - 1) // CLUSTER_SLOTS + 1):
+            self._touch(ci)
+        self._note_mem()
 
     def _room(self, lengths: list[int]) -> bool:
         """True if objects of ``lengths`` fit: under the limit (after
@@ -612,20 +602,15 @@ class SwapSpace:
         """Free every slot of cluster ``ci`` and drop it (lock held); returns
         how many held data.  ``_set`` slot by slot, with the bookkeeping
         summed once."""
-        pool_free = self._pool.free
-        backing = self._backing
+        release = self._release
         per_tag = [0, 0, 0, 0]
         huge = 0
         for w in cl.table:
             if w:
+                release(w)
                 t = w & E.TAG_MASK
                 per_tag[t] += 1
-                if t == E.POOL:
-                    length = E.pool_length(w)
-                    pool_free(E.pool_object(w), length)
-                    huge += length == PAGE
-                elif t == E.PHYS:
-                    backing[E.phys_file(w)].free(E.phys_slot(w))  # type: ignore[union-attr]
+                huge += t == E.POOL and E.pool_length(w) == PAGE
         for t, n in enumerate(per_tag):
             self.tag_pages[t] -= n
         self.huge_pages -= huge
