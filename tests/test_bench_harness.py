@@ -49,6 +49,14 @@ def test_returned_counts_what_came_back_within_the_window() -> None:
     assert bench.returned([(0.0, 100)], baseline=100, exit_at=0.0) == 100.0
 
 
+def test_give_back_time_is_when_90_percent_of_the_peak_was_back() -> None:
+    samples = [(0.0, 100), (1.0, 500), (2.0, 500), (2.5, 300), (3.5, 104), (9.0, 100)]
+    assert bench.give_back_s(samples, baseline=100, exit_at=2.0) == 1.5
+    assert bench.give_back_s(samples, baseline=100, exit_at=2.0, share=0.5) == 0.5
+    assert bench.give_back_s(samples[:4], baseline=100, exit_at=2.0) is None  # never within sampling
+    assert bench.give_back_s([(0.0, 100)], baseline=100, exit_at=0.0) == 0.0
+
+
 @needs_root
 @pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
                                   "zswap-lzo", "swapfile", "fuse-floor-c",

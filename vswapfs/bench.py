@@ -340,6 +340,17 @@ def returned(samples: list[tuple[float, int]], baseline: int, exit_at: float, wi
     return round(100 * (1 - max(low, 0) / peak), 1)
 
 
+def give_back_s(samples: list[tuple[float, int]], baseline: int, exit_at: float,
+                share: float = 0.9) -> float | None:
+    """Seconds from ``exit_at`` until ``share`` of the peak (above
+    ``baseline``) was given back; None if that did not happen while sampling."""
+    peak = max((m for _, m in samples), default=baseline) - baseline
+    if peak <= 0:
+        return 0.0
+    return next((round(max(t - exit_at, 0.0), 3) for t, m in samples
+                 if t >= exit_at and m - baseline <= peak * (1 - share)), None)
+
+
 def run_workload(b: Backend, limit_mib: int, cmd: list[str],
                  sample_held: bool = False) -> tuple[dict[str, object], dict[str, float]]:
     """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory figures).
@@ -363,9 +374,13 @@ def run_workload(b: Backend, limit_mib: int, cmd: list[str],
     text = out.decode().strip().splitlines()[-1]
     result = json.loads(text) if text.startswith("{") else {"seconds": float(text)}
     peak = max((m for _, m in sampler.samples), default=baseline)
-    return result, {"peak_mem_mib": round(peak / MiB, 1),
-                    "held_mib": round(max((h for _, h in held.samples), default=0) / MiB, 1),
-                    "returned_pct": returned(sampler.samples, baseline, exit_at)}
+    mem = {"peak_mem_mib": round(peak / MiB, 1),
+           "held_mib": round(max((h for _, h in held.samples), default=0) / MiB, 1),
+           "returned_pct": returned(sampler.samples, baseline, exit_at)}
+    soon = give_back_s(sampler.samples, baseline, exit_at)
+    if soon is not None:  # not within the window: the round has no figure
+        mem["return90_s"] = soon
+    return result, mem
 
 
 def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
@@ -383,6 +398,8 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
                usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],  # type: ignore[arg-type]
                held_mib=mem["held_mib"],
                returned_pct=mem["returned_pct"])
+    if "return90_s" in mem:
+        row["return90_s"] = mem["return90_s"]
     r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
     if r["bad"]:
         raise RuntimeError(f"{b.name}: memhog found {r['bad']} bad pages")
@@ -436,9 +453,13 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
+    "return90_s": ("time to give back 90% of it after exit (s)", True, None),
     **DAEMON_METRICS,
 }
 
+
+# How memory comes back: zram's is all of it at once, so a ratio to it says nothing.
+NOT_CHARTED = ("returned_pct", "return90_s")
 
 # Figures the kernel's loop+FUSE path bounds: verdicts on them also compare
 # with the C floor measured in the same run (its memory is raw pages, no yardstick).
@@ -524,7 +545,7 @@ def chart(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    metrics = [m for m in METRICS if m != "returned_pct" and m not in DAEMON_METRICS]
+    metrics = [m for m in METRICS if m not in NOT_CHARTED and m not in DAEMON_METRICS]
     names = list(summary)
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(names)
