@@ -453,13 +453,14 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
-    "return99_s": ("time to give back 99% of it after exit (s)", True, None),
+    "return99_s": ("time to give back 99% of it after exit (s, sampled every 20 ms)", True, None),
     **DAEMON_METRICS,
 }
 
 
-# How memory comes back: zram's is all of it at once, so a ratio to it says nothing.
-NOT_CHARTED = ("returned_pct", "return99_s")
+# How memory comes back: zram gives it all back at once, and the sampler
+# looks every 20 ms, so a ratio to zram says nothing (none in the table or chart).
+NO_RATIO = ("returned_pct", "return99_s")
 
 # Figures the kernel's loop+FUSE path bounds: verdicts on them also compare
 # with the C floor measured in the same run (its memory is raw pages, no yardstick).
@@ -496,7 +497,8 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], missing: dict[str,
             if s is None:
                 cells.append("-")
                 continue
-            ratio = "" if n == REFERENCE or s["ratio"] != s["ratio"] else f" ({s['ratio']:.2f}x)"
+            bare = n == REFERENCE or m in NO_RATIO or s["ratio"] != s["ratio"]
+            ratio = "" if bare else f" ({s['ratio']:.2f}x)"
             if m.endswith("_requests"):  # counts: every digit
                 cells.append(f"{s['median']:,.0f} ± {s['stdev']:,.0f}{ratio}")
             else:
@@ -548,7 +550,7 @@ def chart(summary: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    metrics = [m for m in METRICS if m not in NOT_CHARTED and m not in DAEMON_METRICS]
+    metrics = [m for m in METRICS if m not in NO_RATIO and m not in DAEMON_METRICS]
     names = list(summary)
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(names)
@@ -582,7 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results")
     p.add_argument("--only", help="comma-separated backend names (default: all but "
                    + ", ".join(EXTRA) + ")")
+    p.add_argument("--render", metavar="BENCH_JSON",
+                   help="measure nothing: write the report again from a saved run's bench.json")
     a = p.parse_args(argv)
+    if a.render:
+        render(Path(a.render), Path(a.out))
+        return 0
     if os.geteuid() != 0:
         print("bench: must be run as root", file=sys.stderr)
         return 1
@@ -605,22 +612,35 @@ def main(argv: list[str] | None = None) -> int:
                 row = one_round(b, a.limit)
             rows[b.name].append(row)
             print(f"round {rnd + 1}/{a.rounds} {b.name}: " + json.dumps(row), flush=True)
+    machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
+    report(Path(a.out), machine, a.limit, rows, missing)
+    return 0
+
+
+def report(out: Path, machine: str, limit_mib: int, rows: dict[str, list[dict[str, float]]],
+           missing: dict[str, str]) -> None:
+    """Summarize the rounds and write bench.md, bench.json and bench.png to ``out``."""
     summary = summarize(rows)
-    out = Path(a.out)
     out.mkdir(exist_ok=True)
     table = markdown(summary, missing)
-    machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
-    header = (f"Machine: {machine}. Limit {a.limit} MiB, workloads {3 * a.limit} MiB, {a.rounds} interleaved "
+    n = max((len(rs) for rs in rows.values()), default=0)
+    header = (f"Machine: {machine}. Limit {limit_mib} MiB, workloads {3 * limit_mib} MiB, {n} interleaved "
               f"rounds; median ± stdev, (ratio to {REFERENCE} median).\n\n")
     lines = all_verdicts(summary)
     (out / "bench.md").write_text(header + table + "\n" + "\n".join(lines) + "\n")
-    (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": a.limit, "rounds": rows,
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": limit_mib, "rounds": rows,
                                                 "summary": summary, "missing": missing}, indent=1))
     drew = chart(summary, out / "bench.png")
     print("\n" + header + table)
     print("\n".join(lines))
     print(f"\nwrote {out}/bench.md, bench.json" + (", bench.png" if drew else " (no matplotlib: no chart)"))
-    return 0
+
+
+def render(saved: Path, out: Path) -> None:
+    """Write the report again from a saved bench.json's rounds, as this
+    version of the harness summarizes them; nothing is measured."""
+    d = json.loads(saved.read_text())
+    report(out, d["machine"], d["limit_mib"], d["rounds"], d["missing"])
 
 
 if __name__ == "__main__":
