@@ -2,6 +2,7 @@
 """Side-by-side swap benchmark: vswapfs, zram (lzo-rle, lz4), zswap, a swapfile.
 
     python3 scripts/bench.py [--rounds 3] [--limit 64] [--out bench-results] [--only a,b]
+    python3 scripts/bench.py --render bench-results/bench.json [--out DIR]
 
 See vswapfs/bench.py for what is measured and how.
 """

@@ -63,6 +63,15 @@ def test_render_writes_the_report_again_from_a_saved_run(tmp_path: Path) -> None
     assert json.loads((tmp_path / "out" / "bench.json").read_text())["rounds"] == saved["rounds"]
 
 
+def test_render_refuses_what_is_not_a_saved_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "other.json").write_text('{"rounds": {}}')
+    (tmp_path / "broken.json").write_text("{")
+    for path in ("absent.json", "other.json", "broken.json"):
+        assert bench.main(["--render", str(tmp_path / path), "--out", str(tmp_path / "out")]) == 2
+        assert f"bench: cannot render {tmp_path / path}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_returned_counts_what_came_back_within_the_window() -> None:
     samples = [(0.0, 100), (1.0, 500), (2.0, 500), (2.5, 300), (3.5, 104), (9.0, 100)]
     assert bench.returned(samples, baseline=100, exit_at=2.0, within=2.0) == 99.0

@@ -14,7 +14,8 @@ daemon stays outside it) and verify every page:
 
 For each backend the memory it holds is sampled: the daemon's RSS for
 vswapfs, ``mm_stat`` for zram, the zswap pool (``Zswap:`` in meminfo);
-and how much of it comes back within 2 s of the workload's exit.  So is
+how much of it comes back within 2 s of the workload's exit, and how soon
+99% of it is back (to the 20 ms the sampler waits between looks).  So is
 the swapped data it holds, before compression (vswapfs ``orig_data_size``,
 zram's ``mm_stat`` column 1, ``Zswapped:``, the swapfile's used space):
 how much the kernel keeps on the device differs between backends.  For
@@ -36,9 +37,11 @@ FUSE-over-io_uring, the other transport this kernel has.
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
 third here).  Results: a Markdown table, a JSON file and, with matplotlib,
-a PNG chart.
+a PNG chart; ``--render`` writes them again from a saved JSON file, as this
+version summarizes its rounds, without measuring anything.
 
-    python3 scripts/bench.py [--rounds 3] [--limit 64] [--out bench-results]
+    python3 scripts/bench.py [--rounds 3] [--limit 64] [--out bench-results] [--only a,b]
+    python3 scripts/bench.py --render bench-results/bench.json [--out DIR]
 """
 
 from __future__ import annotations
@@ -588,7 +591,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure nothing: write the report again from a saved run's bench.json")
     a = p.parse_args(argv)
     if a.render:
-        render(Path(a.render), Path(a.out))
+        try:
+            render(Path(a.render), Path(a.out))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"bench: cannot render {a.render}: {e!r}", file=sys.stderr)
+            return 2
         return 0
     if os.geteuid() != 0:
         print("bench: must be run as root", file=sys.stderr)
