@@ -506,7 +506,7 @@ def markdown(summary: dict[str, dict[str, dict[str, float]]], missing: dict[str,
                 cells.append(f"{s['median']:,.0f} ± {s['stdev']:,.0f}{ratio}")
             else:
                 cells.append(f"{s['median']:.3g} ± {s['stdev']:.2g}{ratio}")
-        tgt = f" — target ≤ {target}x zram" if target and m != "returned_pct" else ""
+        tgt = f" — target ≤ {target}x zram" if target else ""
         lines.append(f"| {label}{tgt} | " + " | ".join(cells) + " |")
     for n, why in missing.items():
         lines.append(f"\n{n}: missing on this kernel ({why})")
