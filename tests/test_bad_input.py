@@ -208,3 +208,87 @@ def test_session_whose_fd_cannot_be_cloned_serves_from_the_event_loop() -> None:
     assert session.channels == 0 and session.requests == 1
     assert (error, unique, length) == (0, 77, OUT_HEADER.size + A.STATFS_OUT.size)
     assert A.STATFS_OUT.unpack_from(reply, OUT_HEADER.size)[5] == 4096  # f_bsize
+
+
+# -- INIT, aborts and the channel-thread path ----------------------------------------
+
+def _init_request(major: int, minor: int, unique: int = 1) -> bytes:
+    from vswapfs.fuse import _abi as A
+
+    body = A.INIT_IN.pack(major, minor, 1 << 17, 0xFFFFFFFF) + bytes(A.INIT_IN_FLAGS2.size + 44)
+    return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.INIT, unique, 0, 0, 0, 0, 0, 0) + body
+
+
+def test_init_from_a_newer_major_asks_for_ours_with_a_whole_reply() -> None:
+    """A kernel that speaks major 8 gets fuse_init_out with our major (7),
+    all 18 fields, and sends INIT again in it; the handshake then ends."""
+    import socket
+
+    from vswapfs.fuse import _abi as A
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        session = Session(a.fileno(), SwapFS(SwapSpace(4 * MiB)), buffers=1)
+        b.send(_init_request(8, 0, unique=1))
+        b.send(_init_request(7, 45, unique=2))
+        info = trio.run(session.handshake)
+        first, second = b.recv(4096), b.recv(4096)
+    length, error, unique = OUT_HEADER.unpack_from(first)
+    assert (error, unique, length) == (0, 1, OUT_HEADER.size + A.INIT_OUT.size)
+    assert A.INIT_OUT.unpack_from(first, OUT_HEADER.size)[:2] == (7, A.KERNEL_MINOR_VERSION)
+    assert OUT_HEADER.unpack_from(second)[1:] == (0, 2) and (info.major, info.minor) == (7, 38)
+
+
+def test_every_request_through_a_channel_thread_gets_exactly_its_answer() -> None:
+    """The channel-thread path (the one swap I/O takes) under fuzzed
+    requests: every request that needs an answer gets exactly one, with its
+    own unique, and FORGET, BATCH_FORGET and INTERRUPT get none.  A request
+    left unanswered would hang a kernel task for good: it fails here."""
+    import random
+    import socket
+
+    rng = random.Random(7)
+    opcodes = [int(o) for o in Opcode if o not in (Opcode.INIT, Opcode.DESTROY)] + [0, 77, 4096]
+    no_reply = {Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT}
+    main, main_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    chan, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # the channel's "clone"
+    got: list[int] = []
+
+    def collect() -> None:
+        while reply := kernel.recv(1 << 21):
+            length, error, unique = OUT_HEADER.unpack_from(reply)
+            assert length == len(reply) and error <= 0
+            got.append(unique)
+
+    with main, main_peer, chan, kernel:
+        session = Session(main.fileno(), SwapFS(SwapSpace(4 * MiB)), channels=1, buffers=0)
+        server = threading.Thread(target=trio.run, args=(session._serve_channels, [os.dup(chan.fileno())]))
+        reader = threading.Thread(target=collect)
+        server.start()
+        reader.start()
+        expected: set[int] = set()
+        for unique in range(1, 600):
+            op = rng.choice(opcodes)
+            body = rng.randbytes(rng.randrange(0, 120))
+            if op in (Opcode.READ, Opcode.WRITE, Opcode.FALLOCATE) and rng.random() < 0.6:
+                off = rng.randrange(0, 4 * MiB, 4096)  # well-formed data requests on the image
+                if op == Opcode.READ:
+                    body = struct.pack("<QQII", 0, off, 4096, 0) + bytes(16)
+                elif op == Opcode.WRITE:
+                    body = struct.pack("<QQII", 0, off, 4096, 0) + bytes(24) + rng.randbytes(4096)
+                else:
+                    body = struct.pack("<QQQII", 0, off, 4096, 3, 0)
+            lie = rng.choice([None, None, None, rng.randrange(0, 300)])
+            raw = request(op, body, unique=unique, nodeid=rng.choice([1, 2, 3, 16, 999]), length=lie)
+            if len(raw) < IN_HEADER.size:
+                continue
+            kernel.send(raw)
+            if op not in no_reply:  # never these, even malformed: the kernel expects no answer
+                expected.add(unique)
+        kernel.shutdown(socket.SHUT_WR)  # the channel reads EOF, as after an unmount
+        server.join(30)
+        chan.shutdown(socket.SHUT_WR)
+        reader.join(10)
+    assert not server.is_alive() and not reader.is_alive()
+    assert sorted(got) == sorted(expected), "requests answered twice or not at all"
+    assert len(expected) > 400

@@ -195,3 +195,99 @@ def test_daemon_sharing_a_memory_cgroup_with_its_hog_faults_nothing_and_never_ha
     assert r["daemon_faults_while_serving"] == 0 and r["daemon_rss_growth_kib"] <= 0
     assert r["stats"]["notify_free"] > 50_000  # type: ignore[index]  # ~200 MiB really went through swap
     assert _admin.mounts() == []
+
+
+def test_default_daemon_in_its_hogs_cgroup_ten_runs_in_a_row_never_hangs() -> None:
+    """Issue: with the default options (no --reserve), the daemon in the
+    same memory cgroup as a verifying hog that swaps several times the
+    limit through it.  Ten runs in a row must finish with every page
+    right; a hang would be aborted after 240 s and fail the run."""
+    from vswapfs import checks
+
+    results = []
+    for _ in range(10):
+        r = checks.same_cgroup(reserve_mib=0, limit_mib=320, hog_mib=512, seconds=240, rounds=2)
+        results.append(r)
+        assert r["ok"] and not r["hung"] and r["bad"] == 0, r
+        assert r["daemon_in_cgroup"] and r["verified"] == 2 * 512 * 256
+        assert r["stats"]["notify_free"] > 100_000  # type: ignore[index]  # it really swapped
+    assert _admin.mounts() == []
+    print("serving-thread faults per run:", [r["serving_thread_faults"] for r in results],
+          "daemon faults:", [r["daemon_faults_while_serving"] for r in results],
+          "seconds:", [r["seconds"] for r in results])
+
+
+def test_refused_writes_are_logged_a_few_times_not_each_time(tmp_path: Path) -> None:
+    """At the pool limit the kernel retries refused pages relentlessly; the
+    log (on tmpfs, in RAM) says so a few times per interval, with a count."""
+    for mnt in _mount(["--size", "64M", "--pool-limit", "128K"]):
+        log = _admin.log_path(str(mnt))
+        before = log.read_text().count("refused")
+        fd = os.open(mnt / "swap", os.O_RDWR)
+        try:
+            refused = 0
+            for i in range(2000):
+                try:
+                    os.pwrite(fd, os.urandom(PAGE), (i % 1000) * PAGE)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    refused += 1
+        finally:
+            os.close(fd)
+        assert refused > 1500 and stats(mnt)["failed_writes"] == refused
+        time.sleep(0.5)  # the log writer thread
+        lines = log.read_text().count("refused") - before
+        assert 1 <= lines <= 10, lines
+
+
+def test_an_aborted_connection_ends_the_daemon_cleanly(tmp_path: Path) -> None:
+    """An abort through /sys/fs/fuse/connections makes /dev/fuse reads fail
+    with ECONNABORTED: a shutdown, not an error that kills a channel
+    thread and leaves the daemon half alive."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    pid = _admin.start_daemon(str(mnt), ["--size", "16M", "--channels", "2"])
+    try:
+        log = _admin.log_path(str(mnt))
+        start = len(log.read_text())
+        assert _admin.abort_connection(str(mnt))
+        assert _admin.wait_gone(pid, 20), "the daemon did not end after the abort"
+        text = log.read_text()[start:]
+        assert "read from /dev/fuse failed" not in text and "Traceback" not in text, text
+    finally:
+        if _admin.mount_type(str(mnt)):
+            _admin.down(str(mnt), force=True)
+
+
+def test_mapping_count_does_not_grow_with_gigabytes_written(tmp_path: Path) -> None:
+    """Three GiB written through the image: the pool lives in one mapping,
+    so the daemon's mappings (vm.max_map_count caps them) stay put."""
+    for mnt in _mount(["--size", "4G"]):
+        pid = _admin.daemon_pid(str(mnt))
+        maps = Path(f"/proc/{pid}/maps")
+        before = maps.read_text().count("\n")
+        block = b"".join((b"%08d mapping count " % i * 200)[:PAGE] for i in range(256))  # 1 MiB
+        fd = os.open(mnt / "swap", os.O_RDWR)
+        try:
+            for off in range(0, 3 << 30, MiB):
+                os.pwrite(fd, block, off)
+            assert os.pread(fd, MiB, (3 << 30) - MiB) == block
+        finally:
+            os.close(fd)
+        s = stats(mnt)
+        assert s["stored_pages"] == 3 * 256 * 1024 and s["pool_chunks"] > 100
+        after = maps.read_text().count("\n")
+        assert after - before <= 4, (before, after)
+
+
+def test_the_default_pool_limit_is_zswaps_20_percent_and_status_shows_it(tmp_path: Path) -> None:
+    from vswapfs._units import parse_limit
+
+    for mnt in _mount(["--size", "64M"]):
+        assert int((mnt / "control" / "pool_limit").read_text()) == parse_limit("20%")
+        out = subprocess.run([sys.executable, "-m", "vswapfs", "status", str(mnt)],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+        header, row = out[0].split(), out[1].split()
+        assert row[header.index("LIMIT")] != "-"
+    for mnt in _mount(["--size", "64M", "--pool-limit", "0"]):
+        assert (mnt / "control" / "pool_limit").read_text() == "0\n"

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
 
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
 from vswapfs.engine import entry as E
+from vswapfs.engine._inject import armed
 
 MiB = 1 << 20
 
@@ -251,14 +253,14 @@ def test_reserve_caps_the_pool_and_refuses_cleanly_when_used_up() -> None:
     for bad in (0, reserve + 1):
         with pytest.raises(ValueError):
             s.configure(pool_limit=bad)
-    # four size classes take the four reserved chunks with a page or so each,
-    # far under the limit; a fifth class finds no chunk left
+    # four size classes take the four reserved chunks (all of each counts: it
+    # is faulted in) with a page or so each; a fifth class finds no chunk left
     pages = [os.urandom(n) + bytes(PAGE - n) for n in (512, 1024, 1536, 2048, 2560)]
     blobs = [s._encode(p)[1] for p in pages]
     assert len({(len(b) - 1) // 16 for b in blobs if b}) == 5
     for i, p in enumerate(pages[:4]):
         s.write(i * PAGE, p)
-    assert s.stats()["mem_used_total"] < reserve // 4
+    assert s.stats()["mem_used_total"] == reserve and s.stats()["pool_spare"] == 0
     with pytest.raises(NoSpaceError):
         s.write(4 * PAGE, pages[4])
     assert s.read(4 * PAGE, PAGE) == bytes(PAGE)
@@ -325,3 +327,230 @@ def test_an_object_of_exactly_a_page_is_kept_raw(codec: str) -> None:
     s.write(0, page)
     assert s.read(0, PAGE) == page
     assert s.stats()["huge_pages"] == 1
+
+
+# -- failure paths: each leaves the space as it was (issue: nothing lost) -----
+
+def test_a_failed_pool_store_leaves_no_orphan_backing_slot(tmp_path: Path) -> None:
+    """A write whose poorly compressing page went to the backing file while
+    its other page found no pool chunk must release the backing slot: an
+    orphan would later be evacuated into a live slot, which would then read
+    back an old page."""
+    s = SwapSpace(MiB, backing=[str(tmp_path / "b0")])
+    s.write(0, text_page(0))  # slot 0 lives in the pool
+    armed["pool.chunk"] = errno.ENOMEM
+    try:
+        s.write(PAGE, os.urandom(PAGE))  # poor: straight to the backing file, no chunk needed
+        with pytest.raises(NoSpaceError):  # the random page reaches the file, the text page no chunk
+            s.write(4 * PAGE, os.urandom(PAGE) + text_page(7)[:3000] + os.urandom(PAGE - 3000))
+    finally:
+        armed.clear()
+    assert s.check() == []
+    assert s.stats()["phys_pages"] == 1  # only the page whose write succeeded
+    assert s.read(4 * PAGE, 2 * PAGE) == bytes(2 * PAGE)
+    s.add_backing(str(tmp_path / "b1"))
+    assert s.remove_backing(str(tmp_path / "b0")) == 1
+    assert s.read(0, PAGE) == text_page(0) and s.check() == []
+
+
+def test_a_backing_read_never_sees_its_slot_reused(tmp_path: Path) -> None:
+    """A read takes a backing page without the lock.  If the slot is freed
+    and given to another page meanwhile, the read must not return that
+    page: freed slots wait in quarantine until the reader is done."""
+    s = SwapSpace(MiB, backing=[str(tmp_path / "b0")])
+    mine, other = os.urandom(PAGE), os.urandom(PAGE)
+    s.write(0, mine)
+    bf = s.backing_files()[0]
+    entered, resume = threading.Event(), threading.Event()
+    real_read = bf.read
+
+    def slow_read(pslot: int, expect: int) -> bytes:
+        entered.set()
+        assert resume.wait(10)
+        return real_read(pslot, expect)
+
+    bf.read = slow_read  # type: ignore[method-assign]  # hold the reader between lookup and pread
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(bytes(s.read(0, PAGE))))
+    reader.start()
+    assert entered.wait(10)
+    bf.read = real_read  # type: ignore[method-assign]
+    s.discard(0, PAGE)  # slot 0's page is freed...
+    s.write(8 * PAGE, other)  # ...and another page takes a backing slot
+    assert s.entry(8 * PAGE // PAGE) != 0 and E.phys_slot(s.entry(8)) != 0  # not the reader's slot
+    resume.set()
+    reader.join()
+    assert got == [mine]  # the page as it was when the read looked it up, never `other`
+    assert s.check() == [] and s.read(8 * PAGE, PAGE) == other
+    assert bf.live == 1  # the quarantined slot was freed once the reader was done
+
+
+def test_discard_frees_whole_pages_even_when_an_edge_cannot_be_stored() -> None:
+    s = SwapSpace(64 * MiB, pool_limit=256 * 1024, accept_threshold=100)
+    n = 0
+    with pytest.raises(NoSpaceError):
+        while True:
+            s.write(n * PAGE, text_page(n))
+            n += 1
+    held = s.stats()["stored_pages"]
+    with pytest.raises(NoSpaceError):  # the partial first page cannot be stored again
+        s.discard(100, 10 * PAGE)
+    st = s.stats()
+    assert st["stored_pages"] == held - 9 and st["notify_free"] == 9  # pages 1..9 are gone
+    assert s.read(0, 100) == text_page(0)[:100] and s.check() == []
+
+
+def test_a_corrupt_pool_object_reads_eio_and_is_counted() -> None:
+    s = SwapSpace(MiB)
+    s.write(0, text_page(1) + text_page(2))
+    w = s.entry(1)
+    pool = s._pool
+    cls = pool._classes[(E.pool_length(w) - 1) // 16]
+    no, k = divmod(E.pool_object(w), cls.per_chunk)
+    off = cls.chunks[no] + k * cls.size
+    pool._map[off:off + 8] = b"\xff" * 8  # bit rot in the pool
+    with pytest.raises(OSError) as err:
+        s.read(PAGE, PAGE)
+    assert err.value.errno == errno.EIO
+    assert s.read(0, PAGE) == text_page(1)
+    assert s.stats()["failed_reads"] == 1
+
+
+def test_a_compaction_whose_move_fails_stops_and_keeps_everything() -> None:
+    s = SwapSpace(256 * MiB)
+    data = {i: os.urandom(600) + bytes(PAGE - 600) for i in range(3000)}
+    for i, page in data.items():
+        s.write(i * PAGE, page)
+    for i in data:
+        if i % 5:
+            s.discard(i * PAGE, PAGE)
+    armed["pool.move"] = errno.ENOMEM
+    try:
+        assert s.compact() == 0  # the first move fails: nothing moved, nothing lost
+    finally:
+        armed.clear()
+    assert s.check() == []
+    assert all(s.read(i * PAGE, PAGE) == data[i] for i in data if not i % 5)
+    assert s.compact() > 0  # and a later compaction works
+    assert s.check() == [] and all(s.read(i * PAGE, PAGE) == data[i] for i in data if not i % 5)
+
+
+def test_check_finds_a_word_that_points_nowhere(tmp_path: Path) -> None:
+    s = SwapSpace(MiB, backing=[str(tmp_path / "b0")])
+    s.write(0, text_page(0) + os.urandom(PAGE))
+    assert s.check() == []
+    cl = s._clusters[0]
+    cl.table[1] = E.phys_word(0, 77)  # a PHYS word whose slot holds nothing
+    assert any("does not point back" in p for p in s.check())
+    cl.table[0] = E.pool_word(999, 100)
+    assert len(s.check()) >= 2
+
+
+# -- backing files: created safely, removed safely ------------------------------
+
+def test_backing_files_refuse_existing_paths_symlinks_and_unsafe_directories(tmp_path: Path) -> None:
+    s = SwapSpace(MiB)
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"someone's data")
+    with pytest.raises(FileExistsError):
+        s.add_backing(str(taken))
+    assert taken.read_bytes() == b"someone's data"
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(FileExistsError):  # O_NOFOLLOW|O_EXCL: a symlink is an existing name
+        s.add_backing(str(tmp_path / "link"))
+    assert not (tmp_path / "target").exists()
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(PermissionError, match="writable by others"):
+        s.add_backing(str(open_dir / "b0"))
+    os.chmod(open_dir, 0o1777)  # sticky or not, anyone could take the name first
+    with pytest.raises(PermissionError, match="writable by others"):
+        s.add_backing(str(open_dir / "b0"))
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(PermissionError, match="owned by uid 65534"):
+        s.add_backing(str(theirs / "b0"))
+    below = theirs / "sub"
+    below.mkdir()
+    with pytest.raises(PermissionError, match="owned by uid 65534"):
+        s.add_backing(str(below / "b0"))
+    with pytest.raises(FileNotFoundError):
+        s.add_backing(str(tmp_path / "no-such-dir" / "b0"))
+    assert s.backing_files() == [] and s.check() == []
+    s.add_backing(str(tmp_path / "ok"))
+    assert os.stat(tmp_path / "ok").st_mode & 0o777 == 0o600
+
+
+def test_removing_a_backing_file_deletes_only_the_file_it_created(tmp_path: Path) -> None:
+    path = tmp_path / "b0"
+    s = SwapSpace(MiB, backing=[str(path)])
+    s.write(0, os.urandom(PAGE))
+    os.rename(path, tmp_path / "moved")  # someone swaps the name for another file
+    path.write_bytes(b"not vswapfs's")
+    s.close()
+    assert path.read_bytes() == b"not vswapfs's"
+    s2 = SwapSpace(MiB, backing=[str(tmp_path / "b1")])
+    s2.close()
+    assert not (tmp_path / "b1").exists()
+
+
+# -- scale: structures follow the data, not the size --------------------------
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_pool_holds_more_than_max_map_count_chunks_in_one_mapping() -> None:
+    """Every pool chunk lives in one memfd mapping: lower vm.max_map_count
+    below what a mapping per chunk would need, and store more than that."""
+    knob = Path("/proc/sys/vm/max_map_count")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to lower vm.max_map_count")
+    saved = knob.read_text()
+    limit = _maps() + 1000
+    s = SwapSpace(1 << 30)
+    before = _maps()
+    try:
+        knob.write_text(str(limit))
+        page = os.urandom(PAGE)
+        block = page * 256  # 1 MiB of incompressible pages: kept raw, a chunk per 16
+        mib = (limit * 64 * 1024 >> 20) + 64  # more than `limit` chunks of 64 KiB could hold
+        for i in range(mib):
+            s.write(i * MiB, block)
+        st = s.stats()
+        assert st["pool_chunks"] > limit and st["mem_used_total"] > limit * 64 * 1024
+        assert _maps() - before <= 2
+        assert s.read((mib - 1) * MiB, MiB) == block
+    finally:
+        knob.write_text(saved)
+        s.close()
+
+
+def test_a_64_gib_space_costs_per_cluster_used_not_per_slot() -> None:
+    """Nothing is allocated per virtual slot or per GiB of virtual space:
+    a 64 GiB space costs nothing empty, and one page in each of 1024
+    clusters spread over it costs 1024 tables."""
+    s = SwapSpace(64 << 30)
+    assert s.stats()["metadata_bytes"] == 0 and s.stats()["clusters"] == 0
+    maps = _maps()
+    step = (64 << 30) // 1024
+    for i in range(1024):
+        s.write(i * step, text_page(i))
+    st = s.stats()
+    assert st["clusters"] == 1024 and st["pool_chunks"] <= 4
+    assert st["metadata_bytes"] < 1024 * 5000  # a 4 KiB table and its object per cluster
+    assert _maps() - maps <= 2
+    s.discard(0, 64 << 30)
+    assert s.stats()["metadata_bytes"] == 0 and s.check() == []
+
+
+def test_incompressible_pages_without_a_backing_file_count_against_the_limit() -> None:
+    s = SwapSpace(256 * MiB, pool_limit=MiB)
+    with pytest.raises(NoSpaceError):
+        for i in range(1000):
+            s.write(i * PAGE, os.urandom(PAGE))
+    st = s.stats()
+    assert st["huge_pages"] > 0 and st["mem_used_total"] <= MiB and st["pool_limit_hit"] == 1

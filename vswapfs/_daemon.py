@@ -2,37 +2,54 @@
 
 A swap daemon must not be swapped out or OOM-killed, or the memory it
 serves dies with it.  Before any thread starts it locks its memory
-(mlockall; MCL_ONFAULT so the pool's lazily committed chunks stay lazy),
-asks for oom_score_adj -1000 and PR_SET_IO_FLUSHER (its own reclaim then
-does no I/O).  The last two need CAP_SYS_RESOURCE; without it the daemon
-says so once and goes on.
+(mlockall), asks for oom_score_adj -1000 and for PR_SET_IO_FLUSHER (its own
+reclaim then does no I/O, so it can never wait on itself).  The last two
+need CAP_SYS_RESOURCE; without it the daemon says so once and goes on.
 
-Reserve mode (``--reserve``) is for a daemon that shares a memory cgroup
-with the processes that swap to it.  There, any page the daemon faults in
-while the cgroup is full sends it into memcg reclaim, and reclaim on
-cgroup v1 writes and waits for swap pages: to the daemon's own device.  If
-the thread in reclaim is the one that serves requests, nothing moves again.
-So in reserve mode the daemon faults everything in at start and nothing
-afterwards: the pool's chunks are committed up front (``Pool(reserve)``),
-Python allocates through glibc malloc (``PYTHONMALLOC=malloc``) from one
-arena that never shrinks and was grown at start, every mapping is locked
-and populated (MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT), and no thread
-is started after the mount (a new thread's stack would be new memory): the
-FUSE channel threads and the housekeeping thread start with it, and what
-the event loop serves runs inline, without worker threads.  What it does
-not cover: the kernel memory a system call may charge (housekeeping's
-reads of /proc run on their own thread for that reason), and
-PR_SET_IO_FLUSHER, the kernel's real answer, stays refused without
-CAP_SYS_RESOURCE.
+Where PR_SET_IO_FLUSHER is refused, a daemon that shares a memory cgroup
+with the processes that swap to it (or a machine under global pressure)
+can deadlock: a page it faults in sends it into reclaim, and reclaim on
+cgroup v1 writes swap pages to the daemon's own device and waits for them.
+So no thread that answers the kernel may fault memory in or wait on
+reclaim, by default:
+
+- *the pool* takes new chunks only from spares faulted in beforehand
+  (``SwapSpace(dynamic=True)``); when none is ready, a store goes to a
+  backing file or is refused with ENOSPC, and never waits;
+- *the heap*: Python allocates through glibc malloc (``PYTHONMALLOC=malloc``,
+  set by re-executing itself) from one arena, without mmap'd blocks and
+  without trimming on free, so freed memory stays faulted in and is reused;
+- *the housekeeping thread* keeps both topped up, outside every lock and
+  with the GIL released while the kernel faults pages in: spare chunks up
+  to the pool's high mark, and HEAP_HEADROOM of free heap faulted in;
+  when the daemon is idle it gives the surplus back (spares above the low
+  mark, the heap above its headroom), so memory still returns after a
+  burst;
+- *no thread starts after the mount* (a new stack is new memory): the FUSE
+  channel threads, housekeeping and the log writer start with it, and what
+  the event loop serves runs inline;
+- *the log* is written by a thread of its own from a bounded queue (a file
+  write can wait on reclaim), and the serving path rate-limits what it
+  logs.
+
+``--reserve`` is the stricter mode: the pool's chunks are committed up
+front and never given back, the heap is grown by HEAP_RESERVE at start
+and never trimmed, every mapping is populated at once
+(MCL_CURRENT|MCL_FUTURE without MCL_ONFAULT).  It costs memory held for
+good, for those who want it committed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import threading
+import time
+from collections.abc import Callable
 
 import trio
 
@@ -45,36 +62,45 @@ log = logging.getLogger("vswapfs")
 FSTYPE = "vswapfs"
 SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
 HEAP_RESERVE = 48 << 20  # bytes of malloc heap faulted in at start in reserve mode
-THREAD_STACK = 512 << 10  # bytes per thread stack in reserve mode (locked and populated)
-# The environment a reserve-mode daemon runs in: every Python object from
-# glibc malloc, one arena, no mmap'd blocks and no trimming, so memory once
-# faulted in is reused and never handed back and faulted again.
-RESERVE_ENV = {
+HEAP_HEADROOM = 16 << 20  # bytes of free heap kept faulted in for the serving threads
+THREAD_STACK = 512 << 10  # bytes per thread stack (locked; populated in reserve mode)
+BUSY_TICK = 0.02  # seconds between top-ups while requests come in
+IDLE_TICK = 0.05  # seconds between looks for requests when none came
+TRIM_AFTER = 0.5  # seconds without requests before memory is given back
+SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
+SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm), for ps and the checks
+LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
+# The environment every daemon runs in: every Python object from glibc
+# malloc, one arena, no mmap'd blocks and no trimming on free, so memory
+# once faulted in is reused, not handed back and faulted again (the
+# housekeeping thread trims explicitly when the daemon is idle).
+DAEMON_ENV = {
     "PYTHONMALLOC": "malloc",
     "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                       "glibc.malloc.trim_threshold=4294967295",
 }
 
 
-def reserve_env_missing() -> bool:
-    """True if this process does not run with RESERVE_ENV (it must be set
+def env_missing() -> bool:
+    """True if this process does not run with DAEMON_ENV (it must be set
     before the interpreter starts, so the caller re-executes)."""
-    return any(os.environ.get(k) != v for k, v in RESERVE_ENV.items())
+    return any(os.environ.get(k) != v for k, v in DAEMON_ENV.items())
 
 
 def protect(reserve: bool = False) -> dict[str, bool]:
     """Lock memory, avoid the OOM killer, mark as I/O flusher; returns what
-    took effect.  ``reserve``: populate all memory now (see the module
-    docstring); call it before any thread starts."""
+    took effect.  Call it before any thread starts.  ``reserve``: populate
+    all memory now (see the module docstring)."""
     got = {}
+    threading.stack_size(THREAD_STACK)
     try:
         if reserve:
-            threading.stack_size(THREAD_STACK)
             _linux.mlockall(_linux.MCL_CURRENT | _linux.MCL_FUTURE)
             _linux.grow_heap(HEAP_RESERVE)
         else:
             _linux.mlockall()
             _linux.one_malloc_arena()
+            _linux.grow_heap(HEAP_HEADROOM)
         got["mlockall"] = True
     except OSError as e:
         log.warning("mlockall failed (%s): the daemon's memory can be swapped out", e)
@@ -86,17 +112,46 @@ def protect(reserve: bool = False) -> dict[str, bool]:
             got["oom_score_adj"] = f.read().strip() == "-1000"
     except OSError:
         got["oom_score_adj"] = False
-    try:
-        _linux.prctl(_linux.PR_SET_IO_FLUSHER, 1)
-        got["io_flusher"] = _linux.prctl(_linux.PR_GET_IO_FLUSHER) == 1
-    except OSError:
-        got["io_flusher"] = False
+    got["io_flusher"] = io_flusher()
     missing = [k for k in ("oom_score_adj", "io_flusher") if not got[k]]
     if missing:
-        log.warning("could not set %s (needs CAP_SYS_RESOURCE): under memory pressure the "
-                    "daemon can be OOM-killed or recurse into reclaim I/O", " and ".join(missing))
+        log.warning("could not set %s (needs CAP_SYS_RESOURCE): the daemon relies on its "
+                    "pre-faulted memory not to wait on reclaim%s", " and ".join(missing),
+                    "" if got["oom_score_adj"] else ", and can be OOM-killed")
     log.info("protection: %s", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in got.items()))
     return got
+
+
+def io_flusher() -> bool:
+    """PR_SET_IO_FLUSHER for the calling thread (each serving thread asks);
+    True if it took."""
+    try:
+        _linux.prctl(_linux.PR_SET_IO_FLUSHER, 1)
+        return _linux.prctl(_linux.PR_GET_IO_FLUSHER) == 1
+    except OSError:
+        return False
+
+
+def log_through_thread() -> Callable[[], None]:
+    """Route every log record through a bounded queue to a writer thread:
+    a thread that serves the kernel never writes the log file itself (a
+    file write can wait on reclaim, and the handler's lock with it).
+    Records beyond LOG_QUEUE are dropped.  Returns a function that
+    flushes and stops the writer."""
+    root = logging.getLogger()
+    q: queue.Queue[logging.LogRecord] = queue.Queue(LOG_QUEUE)
+
+    class DropWhenFull(logging.handlers.QueueHandler):
+        def enqueue(self, record: logging.LogRecord) -> None:
+            try:
+                self.queue.put_nowait(record)
+            except queue.Full:
+                pass
+
+    listener = logging.handlers.QueueListener(q, *root.handlers, respect_handler_level=True)
+    root.handlers = [DropWhenFull(q)]
+    listener.start()
+    return listener.stop
 
 
 async def _on_signals(mountpoint: str) -> None:
@@ -121,62 +176,90 @@ def swapped_on(mountpoint: str) -> set[str]:
     return set(_linux.loop_devices(mountpoint)) & set(_linux.swap_areas())
 
 
-def _housekeeping(mountpoint: str, space: SwapSpace, stop: threading.Event, trim: bool,
-                  interval: float = 0.5) -> None:
-    """Two chores, every ``interval`` seconds, on a thread of their own.
+class Housekeeping(threading.Thread):
+    """The daemon's chores, on a thread of its own, started at boot.
 
-    Swapoff: free the whole space (but the swap header) when swap goes off
-    it.  The kernel clears SWP_WRITEOK before swapoff frees the slots, so
-    it sends no discard for them: without this, every page swapoff brought
-    back would stay stored here until the next swapon reused its slot.
+    Memory for the serving path: while requests come in (``busy()`` says
+    so), every BUSY_TICK it faults spare pool chunks in (``replenish``)
+    and makes sure HEAP_HEADROOM of free heap is faulted in, so the
+    serving threads find what they allocate ready.  Once the daemon has
+    been idle for IDLE_TICK it gives the surplus back: spare chunks above
+    the pool's low mark, backing-file buffers, and malloc's heap above its
+    headroom (``trim``), so the daemon shrinks back after a burst as zram
+    does.  (Not in reserve mode, whose memory is kept on purpose.)
 
-    Trim (``trim``): once pages were freed and an interval passed with no
-    more frees, drop the backing files' write buffers and hand malloc's
-    free heap pages back to the kernel, so the daemon shrinks back after a
-    burst as zram does.  (Not in reserve mode, whose heap is kept on
-    purpose.)
+    Swapoff: free the whole space (but the swap header) when swap goes
+    off it.  The kernel clears SWP_WRITEOK before swapoff frees the slots,
+    so it sends no discard for them: without this, every page swapoff
+    brought back would stay stored here until the next swapon reused its
+    slot.
 
-    Reading /proc and /sys charges kernel memory, which must never stall
-    the event loop in reclaim: hence a thread, started at boot."""
-    was_on: set[str] = set()
-    areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
-    freed_seen = 0
-    pending_trim = False
-    while not stop.wait(interval):
-        try:
-            seen = set(_linux.swap_areas())
-            now = was_on if seen == areas else swapped_on(mountpoint)  # sysfs only on a change
-            areas = seen
-            if was_on and not now:
-                before = space.stored_pages
-                space.release_all_but(SWAP_HEADER_BYTES)
-                log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
-                         before - space.stored_pages)
-            was_on = now
-            c = space.counters
-            freed = c.notify_free + c.swapoff_freed_pages
-            if freed != freed_seen:
-                freed_seen, pending_trim = freed, True
-            elif pending_trim and trim:
-                space.trim()
-                _linux.malloc_trim()
-                pending_trim = False
-        except Exception:  # never let housekeeping die silently
-            log.exception("housekeeping")
+    Faulting memory in and reading /proc and /sys may wait on reclaim:
+    here that holds up no one, since this thread holds no lock the
+    serving threads need, and the GIL is released while the kernel works.
+    """
+
+    def __init__(self, mountpoint: str, space: SwapSpace, busy: Callable[[], int],
+                 trim: bool = True) -> None:
+        super().__init__(name="housekeeping", daemon=True)
+        self.mountpoint, self.space, self.busy, self.trim = mountpoint, space, busy, trim
+        self.stop = threading.Event()
+        self.topups = 0  # ticks that topped memory up
+
+    def run(self) -> None:
+        _linux.set_thread_name("vswapfs-keeper")
+        was_on: set[str] = set()
+        areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
+        seen_busy = self.busy()
+        last_look = 0.0
+        idle_since: float | None = None
+        trimmed = True
+        tick = IDLE_TICK
+        while not self.stop.wait(tick):
+            try:
+                now = time.monotonic()
+                busy = self.busy()
+                if busy != seen_busy:
+                    seen_busy, idle_since, trimmed, tick = busy, None, False, BUSY_TICK
+                    if self.trim:  # dynamic mode: keep the serving path supplied
+                        self.space.replenish()
+                        _linux.heap_headroom(HEAP_HEADROOM)
+                        self.topups += 1
+                elif idle_since is None:
+                    idle_since = now
+                elif not trimmed and now - idle_since >= TRIM_AFTER:
+                    if self.trim:
+                        self.space.trim()
+                        _linux.malloc_trim(HEAP_HEADROOM)
+                    trimmed, tick = True, IDLE_TICK
+                if now - last_look >= SWAPS_EVERY:
+                    last_look = now
+                    seen = set(_linux.swap_areas())
+                    on = was_on if seen == areas else swapped_on(self.mountpoint)  # sysfs on a change
+                    areas = seen
+                    if was_on and not on:
+                        before = self.space.stored_pages
+                        self.space.release_all_but(SWAP_HEADER_BYTES)
+                        log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
+                                 before - self.space.stored_pages)
+                        trimmed = False
+                    was_on = on
+            except Exception:  # never let housekeeping die silently
+                log.exception("housekeeping")
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
-              *, channels: int = 1, threads: int = 2, trim: bool = True) -> None:
+              *, channels: int = 1, trim: bool = True) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
     ``channels``: FUSE channel threads that serve the image's I/O (0: the
-    event loop serves it); ``threads``: worker threads the event loop hands
-    large engine calls to (0: none, all inline); ``trim``: give free heap
-    memory back after frees (see _housekeeping)."""
-    fs = SwapFS(space, threads=threads)
-    stop = threading.Event()
-    watcher = threading.Thread(target=_housekeeping, args=(mountpoint, space, stop, trim),
-                               name="housekeeping", daemon=True)
-    watcher.start()
+    event loop serves it); ``trim``: top memory up while busy and give it
+    back when idle (see Housekeeping; off in reserve mode).  Whatever the
+    event loop serves runs inline: no thread starts after the mount."""
+    stop_log = log_through_thread()
+    fs = SwapFS(space, threads=0)
+    space.replenish(busy=False)  # the first spares, before the first request
+    keeper = Housekeeping(mountpoint, space, fs.requests_seen, trim)
+    keeper.start()
     try:
         async with trio.open_nursery() as nursery:
 
@@ -194,9 +277,10 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
                 os.close(ready_fd)
             nursery.start_soon(_on_signals, mountpoint)
     finally:
-        stop.set()
-        watcher.join()
+        keeper.stop.set()
+        keeper.join()
         s = space.stats()
         log.info("%s: stopped with %d pages stored; releasing memory and backing files",
                  mountpoint, s["stored_pages"])
         space.close()
+        stop_log()

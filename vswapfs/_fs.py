@@ -26,6 +26,7 @@ import trio
 
 from . import _linux
 from ._control import ControlFile, build_control_files
+from ._ratelimit import RateLimited
 from .engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
 from .fuse import (
     DEFER,
@@ -68,8 +69,24 @@ class SwapFS(Operations):
                                    lambda _: self._fuse_stat())]
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
+        self._image_requests = 0  # reads, writes and punches of the image (a lost count is harmless)
+        self._refusals = RateLimited()  # what the log says of refused writes
         self._next_fh = 1
         self._mtime = int(time.time())
+
+    def requests_seen(self) -> int:
+        """Image requests so far: housekeeping watches it to know when the
+        daemon is busy."""
+        return self._image_requests
+
+    def channel_started(self) -> None:
+        """On each channel thread: it serves the kernel, so it asks not to
+        do I/O in its own reclaim (see ``_daemon``)."""
+        from ._daemon import SERVING_THREAD, io_flusher
+
+        _linux.set_thread_name(SERVING_THREAD)
+        _linux.prefault_stack()
+        io_flusher()
 
     # -- inodes ---------------------------------------------------------------
 
@@ -176,10 +193,12 @@ class SwapFS(Operations):
     # -- the image: blocking helpers, called on channel threads or via _run ---
 
     def _read_image(self, offset: int, size: int) -> bytes | bytearray | memoryview:
+        self._image_requests += 1
         size = max(0, min(size, self.space.size - offset))
         return self.space.read(offset, size) if size else b""
 
     def _write_image(self, offset: int, data: memoryview) -> int:
+        self._image_requests += 1
         room = self.space.size - offset
         if room <= 0:
             raise FuseError(errno.ENOSPC, "write past the end of the image")
@@ -187,11 +206,15 @@ class SwapFS(Operations):
         try:
             self.space.write(offset, data)
         except NoSpaceError as e:
-            log.warning("write of %d bytes at %d refused: %s", len(data), offset, e)
+            held = self._refusals()  # the kernel retries refused pages relentlessly
+            if held is not None:
+                log.warning("write of %d bytes at %d refused: %s%s", len(data), offset, e,
+                            f" ({held} more refused since the last message)" if held else "")
             raise
         return len(data)
 
     def _punch(self, offset: int, length: int, mode: int) -> None:
+        self._image_requests += 1
         if mode != PUNCH:
             raise FuseError(errno.EOPNOTSUPP)
         end = min(offset + length, self.space.size)

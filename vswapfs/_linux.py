@@ -17,6 +17,7 @@ MCL_CURRENT: Final = 1
 MCL_FUTURE: Final = 2
 MCL_ONFAULT: Final = 4
 
+PR_SET_NAME: Final = 15
 PR_SET_IO_FLUSHER: Final = 57
 PR_GET_IO_FLUSHER: Final = 58
 
@@ -49,6 +50,23 @@ def swap_areas() -> dict[str, int]:
     """Active swap areas from /proc/swaps: device -> KiB in use."""
     with open("/proc/swaps") as f:
         return {p[0]: int(p[3]) for p in (line.split() for line in f.readlines()[1:])}
+
+
+def meminfo(key: str) -> int:
+    """A /proc/meminfo field in bytes (0 if the kernel has no such field)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def mem_total() -> int:
+    """Bytes of RAM (MemTotal)."""
+    total = meminfo("MemTotal")
+    if not total:
+        raise OSError("no MemTotal in /proc/meminfo")
+    return total
 
 
 def _check(ret: int, what: str) -> int:
@@ -101,6 +119,68 @@ def grow_heap(nbytes: int) -> None:
     _libc.free(p)
 
 
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_POPULATE_WRITE: Final = 23  # Linux 5.14+: fault a range in, writable, now
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    """madvise(2).  Through ctypes, so the GIL is released while the kernel
+    works: a thread that faults memory in here holds up no other thread."""
+    _check(_libc.madvise(addr, length, advice), "madvise")
+
+
+def buffer_address(buf: object) -> int:
+    """The address of a writable buffer (an mmap, a bytearray).  Only valid
+    while ``buf`` is neither closed nor resized."""
+    ref = ctypes.c_char.from_buffer(buf)  # type: ignore[arg-type]
+    try:
+        return ctypes.addressof(ref)
+    finally:
+        del ref
+
+
+def populate(addr: int, length: int) -> None:
+    """Fault ``length`` bytes at ``addr`` in, writable, with the GIL released."""
+    try:
+        madvise(addr, length, MADV_POPULATE_WRITE)
+    except OSError:  # older kernels: touch every page (ctypes.memset releases the GIL too)
+        for off in range(0, length, 4096):
+            ctypes.memset(addr + off, 0, 1)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def heap_free() -> tuple[int, int]:
+    """(free bytes in malloc's heap, of which the top chunk): what the
+    next allocations can have without asking the kernel for memory."""
+    m = _libc.mallinfo2()
+    return m.fordblks, m.keepcost
+
+
+def heap_headroom(nbytes: int) -> None:
+    """Make sure ``nbytes`` of free heap are faulted in: allocate a block
+    that big, fault its pages in (cheap for pages that are in already),
+    free it.  With trimming off it stays in the heap, ready for the next
+    allocations, which then fault nothing in.  Runs with the GIL released."""
+    p = _libc.malloc(nbytes)
+    if not p:
+        return
+    try:
+        start = (p + 4095) & ~4095
+        end = (p + nbytes) & ~4095
+        if end > start:
+            populate(start, end - start)
+    finally:
+        _libc.free(p)
+
+
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
 _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
 M_ARENA_MAX: Final = -8
@@ -114,9 +194,59 @@ def one_malloc_arena() -> None:
     _libc.mallopt(M_ARENA_MAX, 1)
 
 
-def malloc_trim() -> None:
-    """Give the malloc heap's free pages back to the kernel (all arenas)."""
-    _libc.malloc_trim(0)
+def malloc_trim(pad: int = 0) -> None:
+    """Give the malloc heap's free memory back to the kernel, but ``pad``
+    bytes at its top (kept faulted in for the next allocations)."""
+    _libc.malloc_trim(pad)
+
+
+_libc.pthread_self.restype = ctypes.c_ulong
+_libc.pthread_getattr_np.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+_libc.pthread_attr_getstack.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_size_t)]
+_libc.pthread_attr_destroy.argtypes = [ctypes.c_void_p]
+
+
+def prefault_stack() -> int:
+    """Fault the calling thread's whole stack in now (it is locked with the
+    rest), so that calls deeper than any before take no page fault later.
+    Returns the bytes faulted in, 0 if the stack could not be found."""
+    attr = ctypes.create_string_buffer(128)  # pthread_attr_t is 56 bytes on x86-64
+    if _libc.pthread_getattr_np(_libc.pthread_self(), attr):
+        return 0
+    try:
+        addr, size = ctypes.c_void_p(), ctypes.c_size_t()
+        if _libc.pthread_attr_getstack(attr, ctypes.byref(addr), ctypes.byref(size)) or not addr.value:
+            return 0
+        # the lowest page may be the guard: start one page up
+        populate(addr.value + 4096, size.value - 4096)
+        return size.value - 4096
+    except OSError:
+        return 0
+    finally:
+        _libc.pthread_attr_destroy(attr)
+
+
+def set_thread_name(name: str) -> None:
+    """Name the calling thread (its ``comm``, 15 bytes), as ps and
+    /proc/PID/task/TID/stat show it."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
+def thread_faults(pid: int) -> dict[str, int]:
+    """Page faults (minor + major) so far per thread name of process ``pid``."""
+    out: dict[str, int] = {}
+    for task in glob.glob(f"/proc/{pid}/task/*/stat"):
+        try:
+            with open(task) as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0) + int(fields[7]) + int(fields[9])
+    return out
 
 
 def prctl(option: int, arg2: int = 0) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+from ._linux import mem_total
+
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
 
@@ -19,15 +21,6 @@ def parse_size(text: str) -> int:
     if value >= 1 << 63:
         raise ValueError(f"size too large: {text.strip()!r}")
     return int(value)
-
-
-def mem_total() -> int:
-    """Bytes of RAM (MemTotal)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no MemTotal in /proc/meminfo")
 
 
 def parse_limit(text: str) -> int:

@@ -68,6 +68,7 @@ MiB = 1 << 20
 ZRAM = Path("/sys/block/zram0")
 ZSWAP = Path("/sys/module/zswap/parameters")
 REFERENCE = "zram-lzo-rle"
+BENCH_DIR = "/var/lib/vswapfs-bench"  # backing files: a directory only root can write (not /var/tmp)
 
 PYHEAP = """
 import sys, time
@@ -139,6 +140,7 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
         mnt = tempfile.mkdtemp(prefix="vswapfs-bench-")
         backing = [a for a in args if a.startswith("/")]
         for b in backing:
+            os.makedirs(os.path.dirname(b), mode=0o700, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(b)
         st["mnt"] = mnt
@@ -302,7 +304,7 @@ def backends() -> list[Backend]:
     return [
         vswapfs_backend("vswapfs", ["--size", "4G"]),
         vswapfs_backend("vswapfs-backed", ["--size", "4G", "--pool-limit", "32M",
-                                           "--backing", "/var/tmp/vswapfs-bench-backing0"]),
+                                           "--backing", f"{BENCH_DIR}/backing0"]),
         zram_backend("lzo-rle"),
         zram_backend("lz4"),
         swapfile_backend(zswap=True),

@@ -205,6 +205,7 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
         out["daemon_in_cgroup"] = daemon in cg.pids()
         out["daemon_charge_mib"] = round(cg.usage() / MiB, 1)
         before = _faults_and_rss(daemon)
+        serving_before = _serving_faults(daemon)
         t0 = time.monotonic()
         hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(hog_mib), "--mix", "1:2:0",
                         "--pattern", "random", "--rounds", str(rounds)],
@@ -215,9 +216,11 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
                        verified=res["verified"], bad=res["bad"])
             after = _faults_and_rss(daemon)
             out["daemon_faults_while_serving"] = after[0] - before[0]
+            out["serving_thread_faults"] = _serving_faults(daemon) - serving_before
             out["daemon_rss_growth_kib"] = after[1] - before[1]
             out["stats"] = {k: v for k, v in _stats(mnt).items()
-                            if k in ("notify_free", "mem_used_max", "pool_reserve", "failed_writes")}
+                            if k in ("notify_free", "mem_used_max", "pool_reserve", "failed_writes",
+                                     "pool_spare")}
         except subprocess.TimeoutExpired:
             out["hung"] = True
         except (ValueError, IndexError, KeyError) as e:
@@ -230,6 +233,14 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
                  and out.get("verified") == hog_mib * 256 * rounds and bool(out.get("daemon_in_cgroup"))
                  and (not reserve_mib or out.get("daemon_faults_while_serving") == 0))
     return out
+
+
+def _serving_faults(pid: int | None) -> int:
+    """Page faults so far of the daemon's threads that answer the kernel
+    (its channel threads, named SERVING_THREAD)."""
+    from ._daemon import SERVING_THREAD
+
+    return _linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
 
 
 def _faults_and_rss(pid: int | None) -> tuple[int, int]:
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--reserve-mib", type=int, default=64, help="0: the default (lazy) mode")
     sc.add_argument("--no-reserve", dest="reserve_mib", action="store_const", const=0)
     sc.add_argument("--seconds", type=float, default=180)
+    sc.add_argument("--limit-mib", type=int, default=320)
+    sc.add_argument("--hog-mib", type=int, default=384)
     sc.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -280,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     elif a.check == "stress-ng":
         r = stress_ng(a.seconds)
     elif a.check == "same-cgroup":
-        r = same_cgroup(a.reserve_mib, seconds=a.seconds, rounds=a.rounds)
+        r = same_cgroup(a.reserve_mib, limit_mib=a.limit_mib, hog_mib=a.hog_mib, seconds=a.seconds,
+                        rounds=a.rounds)
     else:
         r = churn(a.cycles)
     for k, v in r.items():

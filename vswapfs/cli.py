@@ -50,8 +50,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_size, help="virtual swap size (default: 2x RAM)")
     p.add_argument("--backing", action="append", default=[], metavar="PATH",
                    help="backing file to create (sparse); repeatable")
-    p.add_argument("--pool-limit", type=_limit, default=0, metavar="S|P%",
-                   help="compressed pool limit: bytes (512M) or percent of RAM (20%%); default none")
+    p.add_argument("--pool-limit", type=_limit, default=None, metavar="S|P%",
+                   help=f"compressed pool limit: bytes (512M) or percent of RAM (20%%); 0 for none; "
+                        f"default {DEFAULT_POOL_LIMIT} (zswap's max_pool_percent), or the reserve")
     p.add_argument("--algorithm", choices=CODECS, default=DEFAULT_CODEC,
                    help=f"compressor, as zramctl's --algorithm (default {DEFAULT_CODEC}; lz4 is "
                         "about twice as fast and a quarter less dense on text)")
@@ -65,13 +66,18 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
 
 
 MIN_RESERVE = 64 << 10  # one pool chunk
+# The pool's limit unless one is given: zswap's default max_pool_percent.  A
+# swap backend that can take all RAM leaves the OOM killer only the rest;
+# at 20% the pool holds about half of RAM's worth of pages at zstd's usual
+# 2.5x, more with a backing file, and the rest of RAM stays the workload's.
+DEFAULT_POOL_LIMIT = "20%"
 
 
 def _check_mount_options(a: argparse.Namespace) -> None:
     """What argparse cannot check alone; fails before anything starts."""
     if a.reserve and a.reserve < MIN_RESERVE:
         raise _admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
-    if a.reserve and a.pool_limit > a.reserve:
+    if a.reserve and a.pool_limit and a.pool_limit > a.reserve:
         raise _admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
     if a.level is not None and a.algorithm != "zstd":
         raise _admin.AdminError(f"--level is a zstd setting; --algorithm {a.algorithm} has no levels")
@@ -84,7 +90,7 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--size", str(a.size)]
     for b in a.backing:
         out += ["--backing", os.path.abspath(b)]
-    if a.pool_limit:
+    if a.pool_limit is not None:
         out += ["--pool-limit", str(a.pool_limit)]
     if a.algorithm != DEFAULT_CODEC:
         out += ["--algorithm", a.algorithm]
@@ -145,19 +151,21 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     from . import _daemon
     from .engine import DEFAULT_LEVEL, SwapSpace
 
-    if a.reserve and _daemon.reserve_env_missing():
+    if _daemon.env_missing():
         # malloc's settings are read once, at start: run again with them
         os.execve(sys.executable, [sys.executable, "-m", "vswapfs", *argv],
-                  {**os.environ, **_daemon.RESERVE_ENV})
+                  {**os.environ, **_daemon.DAEMON_ENV})
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
     _daemon.protect(reserve=bool(a.reserve))  # before any thread exists
     size = a.size or mem_total() * 2 // PAGE * PAGE
-    space = SwapSpace(size // PAGE * PAGE, pool_limit=a.pool_limit,
+    limit = a.pool_limit
+    if limit is None:
+        limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
+    space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
-                      reserve=a.reserve, codec=a.algorithm)
-    trio.run(functools.partial(_daemon.run, channels=a.channels, threads=0 if a.reserve else 2,
-                               trim=not a.reserve),
+                      reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm)
+    trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve),
              _admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 
@@ -169,14 +177,15 @@ def _cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps({m: {**s, "algorithm": algorithms[m]} for m, s in rows.items()}, indent=2))
         return 0
-    cols = ("MOUNT", "DEVICE", "DISKSIZE", "ALGORITHM", "DATA", "COMPR", "TOTAL", "ZERO", "POOL", "PHYS",
-            "RATIO")
+    cols = ("MOUNT", "DEVICE", "DISKSIZE", "ALGORITHM", "DATA", "COMPR", "TOTAL", "LIMIT", "ZERO", "POOL",
+            "PHYS", "RATIO")
     lines = [cols]
     for m, s in rows.items():
         ratio = s["orig_data_size"] / max(s["mem_used_total"], 1) if s["stored_pages"] else 0
         lines.append((m, ",".join(_admin.loops_of(m)) or "-", human(s["disksize"]), algorithms[m],
                       human(s["orig_data_size"]), human(s["compr_data_size"]), human(s["mem_used_total"]),
-                      str(s["zero_pages"]), str(s["pool_pages"]), str(s["phys_pages"]), f"{ratio:.2f}"))
+                      human(s["mem_limit"]) if s["mem_limit"] else "-", str(s["zero_pages"]),
+                      str(s["pool_pages"]), str(s["phys_pages"]), f"{ratio:.2f}"))
     widths = [max(len(r[i]) for r in lines) for i in range(len(cols))]
     for r in lines:
         cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))

@@ -19,6 +19,7 @@ with posix_fadvise after each transfer.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -30,6 +31,7 @@ from typing import Final
 import xxhash
 
 from .. import _linux
+from . import _inject
 
 PAGE: Final = 4096
 CLUSTER_SLOTS: Final = 512
@@ -57,34 +59,101 @@ def runs(slots: Sequence[int]) -> Iterator[tuple[int, int, int]]:
         i = j
 
 
+def _unsafe_dir(st: os.stat_result, uid: int) -> str | None:
+    """Why a directory on the way to a backing file is unsafe, or None."""
+    if st.st_uid not in (0, uid):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return "writable by others"
+    return None
+
+
+def open_parent(path: str) -> tuple[int, str]:
+    """Open the directory that is to hold backing file ``path`` and return
+    (its fd, the file's name in it), after checking that no one but root
+    can meddle: every directory on the way is owned by root (or by us) and
+    not writable by others, except sticky ones such as /tmp on the way,
+    and the last one may not be writable by others even if sticky (anyone
+    could take the name first).  Symlinks in the directories are resolved
+    once, here; the fd then pins the directory."""
+    if not os.path.isabs(path) or path.endswith("/"):
+        raise ValueError(f"{path!r}: a backing file needs an absolute path to a file")
+    parent, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise ValueError(f"{path!r}: not a file name")
+    real = os.path.realpath(parent)
+    uid = os.geteuid()
+    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        why = _unsafe_dir(st, uid)
+        if why is None and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            why = "writable by others (sticky or not: anyone could create the name first)"
+        if why:
+            raise PermissionError(errno.EACCES, f"{real}: unsafe directory for a backing file: {why}")
+        up = os.path.dirname(real)
+        while True:
+            why = _unsafe_dir(os.stat(up), uid)
+            if why:
+                raise PermissionError(errno.EACCES, f"{up}: unsafe directory above a backing file: {why}")
+            if up == "/":
+                break
+            up = os.path.dirname(up)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def _create(dir_fd: int, name: str, path: str) -> tuple[int, bool]:
+    """Create the file, 0600, refusing any name that exists already, a
+    symlink included; then O_DIRECT where the file system allows it.
+    Returns (fd, direct)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, f"{path}: exists already (a backing file must be "
+                              "new: vswapfs creates it)", path) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise PermissionError(errno.EACCES, f"{path}: created with owner {st.st_uid} and mode "
+                                  f"{st.st_mode & 0o777:o}, not ours and 0600")
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+            direct = True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            direct = False
+    except BaseException:
+        os.close(fd)
+        os.unlink(name, dir_fd=dir_fd)
+        raise
+    return fd, direct
+
+
 class BackingFile:
     """One backing file; callers serialise every method but :meth:`read`."""
 
     def __init__(self, path: str, index: int) -> None:
         self.path = path
         self.index = index  # the 5-bit file index stored in PHYS entries
-        if os.path.exists(path):
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"{path}: not a regular file")
-            if st.st_size:
-                raise FileExistsError(errno.EEXIST, f"{path}: exists and is not empty", path)
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._dir_fd, self._name = open_parent(path)
         try:
-            self.fd = os.open(path, flags | os.O_DIRECT, 0o600)
-            self.direct = True
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self.fd = os.open(path, flags, 0o600)
-            self.direct = False
-        os.fchmod(self.fd, 0o600)
-        os.ftruncate(self.fd, 0)
+            self.fd, self.direct = _create(self._dir_fd, self._name, path)
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
+        st = os.fstat(self.fd)
+        self._ident = (st.st_dev, st.st_ino)  # what close() deletes, and nothing else
         self.rmap = array("q")  # physical slot -> virtual slot, -1: free
         self.csum = array("Q")  # physical slot -> xxh3-64 of its page
         self.used = array("H")  # cluster -> slots in use
         self.partial: set[int] = set()  # clusters with 0 < used < 512
         self.free_clusters: set[int] = set()  # clusters with used == 0
+        self.unpunched: set[int] = set()  # free clusters whose hole punch failed
         self.cursor = -1  # cluster being filled, -1: none
         self.live = 0  # slots in use
         self._stage: mmap.mmap | None = None  # aligned write buffer, made on first write
@@ -94,8 +163,18 @@ class BackingFile:
 
     def alloc(self, n: int) -> list[int]:
         """Reserve ``n`` slots (contiguous where possible); rmap is set by
-        :meth:`bind`.  Reserved slots hold -2 in the rmap."""
+        :meth:`bind`.  Reserved slots hold -2 in the rmap.  If the file
+        cannot grow, nothing stays reserved and the error is raised."""
         out: list[int] = []
+        try:
+            self._alloc(n, out)
+        except BaseException:
+            for p in out:
+                self.free(p)
+            raise
+        return out
+
+    def _alloc(self, n: int, out: list[int]) -> None:
         rmap = self.rmap
         while len(out) < n:
             c = self.cursor
@@ -108,11 +187,10 @@ class BackingFile:
                     rmap[s] = -2
                     out.append(s)
                     self.used[c] += 1
+                    self.live += 1
                 s += 1
             self.partial.discard(c)
             self.free_clusters.discard(c)
-        self.live += n
-        return out
 
     def _next_cluster(self) -> int:
         old = self.cursor
@@ -125,10 +203,12 @@ class BackingFile:
             self.free_clusters.discard(c)
             return c
         c = len(self.used)
+        if _inject.armed:
+            _inject.point("backing.grow")
+        os.ftruncate(self.fd, (c + 1) * CLUSTER_BYTES)
         self.used.append(0)
         self.rmap.extend(_FREE_RMAP)
         self.csum.extend(_ZERO_CSUM)
-        os.ftruncate(self.fd, (c + 1) * CLUSTER_BYTES)
         return c
 
     def bind(self, pslot: int, vslot: int, csum: int) -> None:
@@ -137,7 +217,9 @@ class BackingFile:
         self.csum[pslot] = csum
 
     def free(self, pslot: int) -> None:
-        """Release a slot; an emptied cluster is punched, a free tail cut."""
+        """Release a slot; an emptied cluster is punched, a free tail cut.
+        Never raises: a file system that cannot punch or truncate keeps
+        the blocks, and the file gives them back at the next chance."""
         self.rmap[pslot] = -1
         self.live -= 1
         c = pslot // CLUSTER_SLOTS
@@ -150,10 +232,24 @@ class BackingFile:
         if c == self.cursor:
             self.cursor = -1
         self.free_clusters.add(c)
+        self._punch(c)
+        self._cut_tail()
+
+    def _punch(self, c: int) -> None:
         try:
+            if _inject.armed:
+                _inject.point("backing.punch")
             _linux.punch_hole(self.fd, c * CLUSTER_BYTES, CLUSTER_BYTES)
+            self.unpunched.discard(c)
         except OSError:
-            pass  # the file system cannot punch: the tail cut below still works
+            self.unpunched.add(c)  # the blocks stay allocated: tidy() tries again
+
+    def tidy(self) -> None:
+        """Give back what a failed punch or truncate kept: punch the free
+        clusters again and cut the free tail.  For idle time."""
+        for c in sorted(self.unpunched & self.free_clusters):
+            self._punch(c)
+        self.unpunched &= self.free_clusters
         self._cut_tail()
 
     def _cut_tail(self) -> None:
@@ -163,10 +259,15 @@ class BackingFile:
             self.free_clusters.discard(n)
         if n == len(self.used):
             return
+        try:
+            if _inject.armed:
+                _inject.point("backing.cut")
+            os.ftruncate(self.fd, n * CLUSTER_BYTES)
+        except OSError:
+            return  # the free clusters stay in free_clusters; the next free tries again
         del self.used[n:]
         del self.rmap[n * CLUSTER_SLOTS:]
         del self.csum[n * CLUSTER_SLOTS:]
-        os.ftruncate(self.fd, n * CLUSTER_BYTES)
 
     def slots_in_use(self) -> Iterator[tuple[int, int]]:
         """(physical slot, virtual slot) for every bound slot."""
@@ -187,6 +288,8 @@ class BackingFile:
             self._pwrite(stage[:n * PAGE], first * PAGE)
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
+        if _inject.armed:
+            _inject.point("backing.write")
         done = os.pwritev(self.fd, [buf], offset)
         if done != len(buf):
             raise OSError(errno.EIO, f"{self.path}: short write at {offset}")
@@ -200,6 +303,8 @@ class BackingFile:
         buf = getattr(self._tls, "buf", None)
         if buf is None:
             buf = self._tls.buf = mmap.mmap(-1, PAGE)
+        if _inject.armed:
+            _inject.point("backing.read")
         got = os.preadv(self.fd, [buf], pslot * PAGE)
         if got != PAGE:
             raise OSError(errno.EIO, f"{self.path}: short read of slot {pslot}")
@@ -228,11 +333,19 @@ class BackingFile:
         return os.fstat(self.fd).st_size
 
     def close(self, unlink: bool = True) -> None:
-        """Close the file; by default remove it (its data is private)."""
-        os.close(self.fd)
-        self.release_buffers()
-        if unlink:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Close the file; by default remove it (its data is private).  It is
+        removed through the directory it was created in, and only if the
+        name there is still this file: a path resolved again now could
+        name something else."""
+        try:
+            if unlink:
+                try:
+                    st = os.stat(self._name, dir_fd=self._dir_fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) == self._ident:
+                        os.unlink(self._name, dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(self.fd)
+            os.close(self._dir_fd)
+            self.release_buffers()

@@ -1,40 +1,59 @@
-"""A zsmalloc-like allocator for compressed pages.
+"""A zsmalloc-like allocator for compressed pages, over one memfd arena.
 
 Objects are packed into size classes 16 bytes apart (16, 32, ... 4096).  Each
-class carves fixed-size slots out of anonymous ``mmap`` chunks of 16-64 KiB
-(sized per class so that little is left over at the tail); a chunk
-is committed by the kernel only as far as it has been written, so the memory
-the pool holds follows the payload closely, whatever the size mix.  There is
-no Python object per stored page: a class keeps its chunks in a dict, a bump
-pointer for the newest chunk and an ``array`` stack of freed slot indices.
+class carves fixed-size slots out of chunks of 16-64 KiB (sized per class so
+that little is left over at the tail).  There is no Python object per stored
+page: a class keeps its chunks in a dict, a bump pointer for the newest chunk
+and an ``array`` stack of freed slot indices.
+
+**One mapping, however much is stored.**  Every chunk lives in a 64 KiB slot
+of a single memfd that is mapped once, for the pool's whole capacity (RAM
+by default: the virtual size costs nothing until written).  A chunk that
+empties is given back by punching a hole in the memfd, which works on
+mlocked memory (``MADV_DONTNEED`` does not) and leaves the one mapping
+whole.  So the daemon's mapping count does not grow with the data, and
+``vm.max_map_count`` never caps the pool.
+
+**The serving path never faults memory in.**  A new chunk is taken from a
+list of *spare* chunks whose memory was faulted in beforehand.  Three modes:
+
+- ``inline`` (a library user, the default): an empty spare list is refilled
+  on the spot, by the thread that stores;
+- ``dynamic`` (the daemon): only :meth:`Pool.refill`, called by a
+  housekeeping thread outside every lock, faults chunks in; a store that
+  finds no spare raises :class:`PoolExhausted` and the caller answers from
+  what it has (a backing file, or ENOSPC).  :meth:`Pool.shed` gives spares
+  back when the daemon is idle;
+- ``reserve`` (``--reserve``): ``reserve`` bytes of chunks are faulted in at
+  start and are the whole pool; emptied chunks go back to the spare list and
+  nothing is ever given back or added.
 
 An object is named by its class (derived from its length) and an index
 ``chunk_no * per_chunk + k``.  Chunk numbers are never reused, so an index
 left in a free stack after its chunk was released is recognised as stale.
 
-With a *reserve* the pool takes all its chunks (64 KiB each) from memory
-committed up front and never gives them back to the kernel: the
-daemon then faults no memory in while it stores pages, which matters when
-it shares a memory cgroup with the processes that swap to it (every new
-page it faulted in could send it into reclaim that waits on its own I/O).
-When the reserve is used up, stores raise :class:`PoolExhausted`.
-
-Memory accounting follows zsmalloc: a chunk counts for what it has committed
-(all of it once filled, the bumped part while it is the newest), freed slots
-inside it keep counting until the chunk empties or is compacted.
+Memory accounting follows zsmalloc: a chunk counts for all of its bytes
+from the moment it is given to a class (its memory is faulted in then),
+freed slots inside it keep counting until the chunk empties or is
+compacted.  Spare chunks are counted apart (``spare_bytes``).
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 from array import array
 from typing import Final
 
+from .. import _linux
+from . import _inject
+
 CLASS_STEP: Final = 16
 N_CLASSES: Final = 4096 // CLASS_STEP
-CHUNK_BYTES: Final = 64 * 1024  # the largest chunk
+CHUNK_BYTES: Final = 64 * 1024  # the largest chunk, and the arena's slot size
 _PAGE: Final = 4096
-_MADV_POPULATE_WRITE: Final = 23  # Linux 5.14+
+SPARE_LOW: Final = 32  # dynamic mode: spare chunks kept while idle (2 MiB)
+SPARE_HIGH: Final = 256  # dynamic mode: spare chunks refilled to while busy (16 MiB)
 
 
 def chunk_bytes_for(size: int) -> int:
@@ -45,16 +64,8 @@ def chunk_bytes_for(size: int) -> int:
 
 
 class PoolExhausted(MemoryError):
-    """A reserved pool has no chunk left for the object."""
-
-
-def _populate(m: mmap.mmap) -> None:
-    """Commit every page of ``m`` now (MADV_POPULATE_WRITE, else touch)."""
-    try:
-        m.madvise(_MADV_POPULATE_WRITE)
-    except OSError:
-        for off in range(0, len(m), _PAGE):
-            m[off] = 0
+    """No chunk is ready for the object: the reserve is used up, the spare
+    list is empty (dynamic mode), or the arena is full."""
 
 
 def size_class(length: int) -> int:
@@ -62,22 +73,24 @@ def size_class(length: int) -> int:
     return (length - 1) // CLASS_STEP
 
 
-def _committed(nbytes: int) -> int:
-    return (nbytes + _PAGE - 1) // _PAGE * _PAGE
+def default_capacity() -> int:
+    """The arena's size when none is given: RAM, in whole chunks."""
+    return max(_linux.mem_total() // CHUNK_BYTES, 1) * CHUNK_BYTES
 
 
 class _SizeClass:
     """Slots of one object size; see the module docstring."""
 
     __slots__ = (
-        "size", "per_chunk", "chunks", "live", "free", "stale", "newest",
+        "size", "per_chunk", "chunk_bytes", "chunks", "live", "free", "stale", "newest",
         "bump", "next_no", "draining",
     )
 
     def __init__(self, size: int, chunk_bytes: int) -> None:
         self.size = size  # bytes per slot
+        self.chunk_bytes = chunk_bytes  # bytes of a chunk of this class
         self.per_chunk = chunk_bytes // size  # slots per chunk
-        self.chunks: dict[int, mmap.mmap] = {}  # chunk number -> memory
+        self.chunks: dict[int, int] = {}  # chunk number -> its byte offset in the arena
         self.live: dict[int, int] = {}  # chunk number -> live objects
         self.free = array("Q")  # freed slot indices, used LIFO
         self.stale = 0  # entries of `free` whose chunk is gone
@@ -86,41 +99,116 @@ class _SizeClass:
         self.next_no = 0  # number the next chunk gets
         self.draining: set[int] = set()  # chunks being emptied by compaction
 
-    def chunk_bytes(self, no: int) -> int:
-        """Committed bytes of chunk ``no``."""
-        used = self.bump if no == self.newest else self.per_chunk
-        return _committed(used * self.size)
-
 
 class Pool:
     """Stores byte strings of 1..4096 bytes and hands back object indices.
 
-    ``reserve`` (bytes, rounded down to whole 64 KiB chunks) commits that
-    much memory now and serves every chunk from it; 0 maps chunks lazily.
-    Not thread-safe: the owner (the swap engine) serialises calls.
+    ``reserve`` (bytes, rounded down to whole 64 KiB chunks) makes it a
+    fixed pool of that much memory, faulted in now; else ``dynamic`` says
+    whether only :meth:`refill` may fault chunks in (see the module
+    docstring).  ``capacity`` is the arena's size (default: RAM).
+    Not thread-safe: the owner (the swap engine) serialises calls, except
+    :meth:`refill`'s faulting, which runs without it (see there).
     """
 
-    def __init__(self, reserve: int = 0) -> None:
-        self.reserve = reserve // CHUNK_BYTES * CHUNK_BYTES  # bytes committed up front
-        self._spare: list[mmap.mmap] = []  # reserved chunks not in use
-        for _ in range(self.reserve // CHUNK_BYTES):
-            m = mmap.mmap(-1, CHUNK_BYTES)
-            _populate(m)
-            self._spare.append(m)
-        self._classes = [self._new_class((i + 1) * CLASS_STEP) for i in range(N_CLASSES)]
-        self.mem_used = 0  # bytes committed by all chunks (zram mem_used_total)
+    def __init__(self, reserve: int = 0, *, dynamic: bool = False, capacity: int = 0) -> None:
+        self.reserve = reserve // CHUNK_BYTES * CHUNK_BYTES  # bytes committed up front, for good
+        self.dynamic = dynamic and not self.reserve
+        if self.reserve:
+            capacity = self.reserve
+        capacity = (capacity or default_capacity()) // CHUNK_BYTES * CHUNK_BYTES
+        self.capacity = capacity  # bytes of the arena
+        self._fd = os.memfd_create("vswapfs-pool", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, capacity)
+        self._map = mmap.mmap(self._fd, capacity)
+        self._base = _linux.buffer_address(self._map)
+        self._slots = capacity // CHUNK_BYTES  # 64 KiB slots in the arena
+        self._next_slot = 0  # slots below this have been used at least once
+        self._free_slots = array("Q")  # offsets of slots below _next_slot not in use (holes)
+        self._spare = array("Q")  # offsets of faulted-in slots not in use
+        self._classes = [_SizeClass((i + 1) * CLASS_STEP, CHUNK_BYTES if self.reserve
+                                    else chunk_bytes_for((i + 1) * CLASS_STEP)) for i in range(N_CLASSES)]
+        self.mem_used = 0  # bytes of chunks given to classes (zram mem_used_total)
         self.payload = 0  # bytes of stored objects (zram compr_data_size)
         self.objects = 0  # objects stored
-        self.chunks = 0  # chunks allocated now
+        self.chunks = 0  # chunks in use now
+        if self.reserve:
+            offs = self._take_slots(self._slots)
+            _linux.populate(self._base, capacity)
+            self._spare.extend(offs)
 
-    def _new_class(self, size: int) -> _SizeClass:
-        return _SizeClass(size, CHUNK_BYTES if self.reserve else chunk_bytes_for(size))
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of faulted-in chunks not in use (the reserve or the dynamic spares)."""
+        return len(self._spare) * CHUNK_BYTES
+
+    # -- the arena's slots ------------------------------------------------
+
+    def _take_slots(self, n: int) -> list[int]:
+        """Up to ``n`` unused slot offsets (holes first), not yet spare."""
+        out: list[int] = []
+        free = self._free_slots
+        while free and len(out) < n:
+            out.append(free.pop())
+        while len(out) < n and self._next_slot < self._slots:
+            out.append(self._next_slot * CHUNK_BYTES)
+            self._next_slot += 1
+        return out
+
+    def _punch(self, off: int, length: int = CHUNK_BYTES) -> None:
+        _linux.punch_hole(self._fd, off, length)
+
+    def refill_wanted(self, mark: int = SPARE_HIGH) -> list[int]:
+        """Slots to fault in so that the spare list reaches ``mark``
+        (dynamic mode; none otherwise).  Call with the owner's lock; fault
+        them in with :meth:`fault_in` without it, then :meth:`add_spare`."""
+        if not self.dynamic or len(self._spare) >= mark * 3 // 4:
+            return []
+        return self._take_slots(mark - len(self._spare))
+
+    def fault_in(self, offs: list[int]) -> None:
+        """Fault the given slots in.  Needs no lock (the slots belong to no
+        one yet); the GIL is released while the kernel works.  Raises
+        PoolExhausted if the kernel has no memory for them."""
+        for off in offs:
+            self._populate(off)
+
+    def _populate(self, off: int) -> None:
+        try:
+            if _inject.armed:
+                _inject.point("pool.chunk")
+            _linux.populate(self._base + off, CHUNK_BYTES)
+        except (OSError, MemoryError) as e:
+            raise PoolExhausted(f"cannot fault a pool chunk in: {e}") from None
+
+    def add_spare(self, offs: list[int]) -> None:
+        """Hand faulted-in slots to the spare list (with the owner's lock)."""
+        self._spare.extend(offs)
+
+    def give_back_slots(self, offs: list[int]) -> None:
+        """Return slots from :meth:`refill_wanted` that could not be faulted in."""
+        for off in offs:
+            self._punch(off)
+            self._free_slots.append(off)
+
+    def shed(self, keep: int = SPARE_LOW) -> int:
+        """Give spare chunks beyond ``keep`` back to the kernel (dynamic
+        mode, when idle); returns the bytes given back."""
+        if not self.dynamic:
+            return 0
+        n = 0
+        while len(self._spare) > keep:
+            off = self._spare.pop()
+            self._punch(off)
+            self._free_slots.append(off)
+            n += CHUNK_BYTES
+        return n
+
+    # -- allocation -----------------------------------------------------
 
     def fits(self, lengths: list[int]) -> bool:
-        """True if objects of these lengths can be stored now.  Always true
-        without a reserve; with one, it checks the spare chunks."""
-        if not self.reserve:
-            return True
+        """True if objects of these lengths can be stored now without
+        faulting memory in (inline mode: if the arena has room)."""
         want: dict[int, int] = {}
         for n in lengths:
             c = size_class(n)
@@ -131,18 +219,20 @@ class Pool:
             room = len(cls.free) - cls.stale + (cls.per_chunk - cls.bump if cls.newest >= 0 else 0)
             if n > room:
                 chunks += -(-(n - room) // cls.per_chunk)
-        return chunks <= len(self._spare)
-
-    # -- allocation -----------------------------------------------------
+        have = len(self._spare)
+        if not self.reserve and not self.dynamic:
+            have += len(self._free_slots) + self._slots - self._next_slot
+        return chunks <= have
 
     def store(self, data: bytes | memoryview) -> int:
-        """Copy ``data`` into the pool; return its object index."""
+        """Copy ``data`` into the pool; return its object index.  Raises
+        PoolExhausted (and stores nothing) if no chunk is ready for it."""
         length = len(data)
         cls = self._classes[size_class(length)]
         obj = self._alloc(cls)
         no, k = divmod(obj, cls.per_chunk)
-        off = k * cls.size
-        cls.chunks[no][off:off + length] = data
+        off = cls.chunks[no] + k * cls.size
+        self._map[off:off + length] = data
         cls.live[no] += 1
         self.payload += length
         self.objects += 1
@@ -158,24 +248,35 @@ class Pool:
         if cls.newest < 0 or cls.bump >= cls.per_chunk:
             self._new_chunk(cls)
         obj = cls.newest * cls.per_chunk + cls.bump
-        before = _committed(cls.bump * cls.size)
         cls.bump += 1
-        self.mem_used += _committed(cls.bump * cls.size) - before
         return obj
 
     def _new_chunk(self, cls: _SizeClass) -> None:
-        if self.reserve and not self._spare:
-            raise PoolExhausted(f"the {self.reserve}-byte pool reserve is used up")
+        if not self._spare:
+            if self.reserve:
+                raise PoolExhausted(f"the {self.reserve}-byte pool reserve is used up")
+            if self.dynamic:
+                raise PoolExhausted("no spare pool chunk is ready (the refill is behind)")
+            offs = self._take_slots(1)
+            if not offs:
+                raise PoolExhausted(f"the {self.capacity}-byte pool arena is full")
+            try:
+                self._populate(offs[0])
+            except PoolExhausted:
+                self.give_back_slots(offs)
+                raise
+            self._spare.extend(offs)
+        off = self._spare.pop()
+        if cls.chunk_bytes < CHUNK_BYTES and not self.reserve:
+            self._punch(off + cls.chunk_bytes, CHUNK_BYTES - cls.chunk_bytes)  # the unused tail
         no = cls.next_no
         cls.next_no += 1
-        if self.reserve:
-            cls.chunks[no] = self._spare.pop()
-        else:
-            cls.chunks[no] = mmap.mmap(-1, cls.per_chunk * cls.size)
+        cls.chunks[no] = off
         cls.live[no] = 0
         cls.newest = no
         cls.bump = 0
         self.chunks += 1
+        self.mem_used += cls.chunk_bytes
 
     # -- access ---------------------------------------------------------
 
@@ -183,8 +284,15 @@ class Pool:
         """A copy of the object's bytes."""
         cls = self._classes[size_class(length)]
         no, k = divmod(obj, cls.per_chunk)
-        off = k * cls.size
-        return cls.chunks[no][off:off + length]
+        off = cls.chunks[no] + k * cls.size
+        return self._map[off:off + length]
+
+    def holds(self, obj: int, length: int) -> bool:
+        """True if ``obj`` names a live slot (for consistency checks: a slot
+        that is on its class's free stack or was never carved is not)."""
+        cls = self._classes[size_class(length)]
+        no, k = divmod(obj, cls.per_chunk)
+        return no in cls.chunks and not (no == cls.newest and k >= cls.bump)
 
     def free(self, obj: int, length: int) -> None:
         """Release an object; a chunk left empty is returned to the kernel."""
@@ -202,12 +310,15 @@ class Pool:
 
     def _drop_chunk(self, cls: _SizeClass, no: int) -> None:
         carved = cls.bump if no == cls.newest else cls.per_chunk
-        self.mem_used -= cls.chunk_bytes(no)
-        m = cls.chunks.pop(no)
+        self.mem_used -= cls.chunk_bytes
+        off = cls.chunks.pop(no)
         if self.reserve:
-            self._spare.append(m)  # stays committed for the next chunk
+            self._spare.append(off)  # stays faulted in for the next chunk
+        elif self.dynamic and cls.chunk_bytes == CHUNK_BYTES and len(self._spare) < SPARE_HIGH:
+            self._spare.append(off)  # whole and faulted in: a spare as it is
         else:
-            m.close()
+            self._punch(off, cls.chunk_bytes)
+            self._free_slots.append(off)
         del cls.live[no]
         self.chunks -= 1
         if no == cls.newest:
@@ -237,18 +348,19 @@ class Pool:
         A chunk is drained only if its live objects fit into the free slots of
         the chunks that stay.  Returns how many chunks were marked.  The owner
         then moves every object for which :meth:`draining` is true with
-        :meth:`move`, and calls :meth:`end_compaction`.
+        :meth:`move`, and calls :meth:`end_compaction` (also when a move
+        failed: see there).
         """
         marked = 0
         for cls in self._classes:
             if len(cls.chunks) < 2:
                 continue
-            holes = sum(cls.per_chunk - n for n in cls.live.values())
+            holes = sum(cls.per_chunk - n for no, n in cls.live.items() if no not in cls.draining)
             if cls.newest >= 0:
                 holes -= cls.per_chunk - cls.bump  # not yet carved: not a hole
             for no, n in sorted(cls.live.items(), key=lambda item: item[1]):
                 own_holes = cls.per_chunk - n
-                if no == cls.newest:
+                if no == cls.newest or no in cls.draining:
                     continue
                 if n <= holes - own_holes:
                     cls.draining.add(no)
@@ -267,25 +379,27 @@ class Pool:
 
     def move(self, obj: int, length: int) -> int:
         """Move an object out of a draining chunk; return its new index."""
+        if _inject.armed:
+            _inject.point("pool.move")
         data = self.load(obj, length)
         new = self.store(data)
         self.free(obj, length)
         return new
 
     def end_compaction(self) -> None:
-        """Forget draining marks (normally none are left: drained chunks are
-        released as their last object moves out)."""
+        """End a compaction.  Normally no draining chunk is left (each is
+        released as its last object moves out).  After a failed move some
+        keep objects: they stay sealed (their free slots are not reused)
+        until they empty by themselves, which wastes their holes for a
+        while but keeps every count right."""
         for cls in self._classes:
-            cls.draining.clear()
+            cls.draining &= cls.chunks.keys()
 
     def close(self) -> None:
-        """Release every chunk."""
-        for cls in self._classes:
-            for m in cls.chunks.values():
-                m.close()
-        for m in self._spare:
-            m.close()
-        self._spare = []
-        self.reserve = 0
-        self._classes = [self._new_class(c.size) for c in self._classes]
+        """Release every chunk and the arena."""
+        self._map.close()
+        os.close(self._fd)
+        self._fd = -1
+        self._spare = array("Q")
+        self._free_slots = array("Q")
         self.mem_used = self.payload = self.objects = self.chunks = 0

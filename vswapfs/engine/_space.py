@@ -17,12 +17,33 @@ Pages are compressed with zstd (level 1 by default) or, for a space made
 with ``codec="lz4"``, with lz4: twice as fast, a quarter less dense on
 text.  The codec is fixed for the space's life (the pool holds its output).
 
-Threading: every method may be called from any thread.  Compression and
-decompression run outside the engine lock (zstandard releases the GIL);
-table and allocator changes run under it.  zstd contexts are shared
-through a small free list rather than kept per thread: a thread that
-compresses once does not keep a context for good, and the first ones are
-made (and their code faulted in) at start, not in the middle of a burst.
+Threading: every method may be called from any thread.  One lock, the
+engine lock (``SwapSpace._lock``), guards the tables, the pool, the
+backing files' allocators and rmaps, and the counters.  What runs outside
+it, and why that is safe:
+
+- compressing written pages and decompressing read ones (zstandard
+  releases the GIL), on data the caller owns or copied under the lock;
+- reading backing pages for a read: the words were looked up under the
+  lock, and while any such read is in flight (``_phys_readers``) no
+  physical slot is freed, only quarantined (``_deferred``), so a slot
+  cannot be reused under a reader and hand it another page;
+- faulting spare pool chunks in (:meth:`SwapSpace.replenish`): the slots
+  belong to nobody until they are handed over, under the lock.
+
+What runs under it, knowingly: the stores of a write (pool copies, and
+backing-file writes when the store policy sends pages there), writeback
+and evacuation (backing-file I/O, decompression), compaction.  They make
+the other threads wait, never the other way round.
+
+zstd contexts are shared through a small free list rather than kept per
+thread: a thread that compresses once does not keep a context for good,
+and the first ones are made (and their code faulted in) at start, not in
+the middle of a burst.
+
+Every failure leaves the tables, the pool and the rmaps as they were
+before the call that failed (:meth:`SwapSpace.check` verifies it); the
+tests inject errors at every allocation and I/O point (``_inject``).
 """
 
 from __future__ import annotations
@@ -39,8 +60,9 @@ from typing import Final
 import zstandard
 
 from . import _entry as E
+from . import _inject
 from ._backing import BackingChecksumError, BackingFile, checksum
-from ._pool import CHUNK_BYTES, CLASS_STEP, Pool, size_class
+from ._pool import CHUNK_BYTES, CLASS_STEP, SPARE_HIGH, SPARE_LOW, Pool, PoolExhausted, size_class
 from ._stats import Counters
 
 PAGE: Final = E.PAGE_SIZE
@@ -55,6 +77,7 @@ DEFAULT_HUGE_THRESHOLD: Final = PAGE * 3 // 4
 DEFAULT_ACCEPT_THRESHOLD: Final = 90
 WRITEBACK_BATCH: Final = 256
 
+QUARANTINED: Final = -3  # rmap value of a freed physical slot a reader may still read
 _ZERO_PAGE: Final = bytes(PAGE)
 _ZERO_WORD: Final = E.same_word(0)
 _EMPTY_TABLE: Final = bytes(8 * CLUSTER_SLOTS)
@@ -108,8 +131,12 @@ class SwapSpace:
 
     ``reserve`` commits that many bytes of pool memory now and stores
     every page in them (see ``_pool``); the pool limit is then at most the
-    reserve.  This is for a daemon that shares a memory cgroup with the
-    processes that swap to it: storing a page faults no memory in.
+    reserve.  ``dynamic``: new pool chunks come only from spares that
+    :meth:`replenish` faulted in beforehand (a housekeeping thread calls
+    it), and :meth:`trim` gives spares back; a store that finds none left
+    goes to a backing file or is refused.  Either way storing a page
+    faults no memory in, which is what a daemon needs whose own faults
+    could wait on reclaim that waits on it.
     """
 
     def __init__(
@@ -123,6 +150,7 @@ class SwapSpace:
         writeback_enabled: bool = True,
         backing: Iterable[str] = (),
         reserve: int = 0,
+        dynamic: bool = False,
         codec: str = DEFAULT_CODEC,
     ) -> None:
         if reserve < 0:
@@ -142,10 +170,13 @@ class SwapSpace:
         self.size = size
         self.nslots = size // PAGE
         self._clusters: dict[int, _Cluster] = {}  # cluster index -> cluster, oldest write first
-        self._pool = Pool(reserve)
+        self._pool = Pool(reserve, dynamic=dynamic)
         self._backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
         self._evacuating: set[int] = set()  # backing-file indices being emptied
         self._lock = threading.Lock()
+        self._phys_readers = 0  # reads of backing pages in flight outside the lock
+        self._deferred: list[tuple[BackingFile, int]] = []  # physical slots freed meanwhile
+        self._retired: list[BackingFile] = []  # removed backing files a reader may still use
         self._cctxs: list[tuple[int, zstandard.ZstdCompressor]] = []  # idle (level, compressor)
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
         self._pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
@@ -209,6 +240,8 @@ class SwapSpace:
     # -- compression (pooled contexts, no lock) ------------------------------
 
     def _compress(self, page: bytes) -> bytes:
+        if _inject.armed:
+            _inject.point("codec.compress")
         if self._lz4:  # stateless: no context to pool
             return self._lz4.compress(page, store_size=False)
         level = self.level
@@ -220,10 +253,16 @@ class SwapSpace:
             c = _compressor(level)
         try:
             return c.compress(page)
+        except zstandard.ZstdError as e:  # zstd fails only when it cannot allocate
+            raise MemoryError(f"zstd: {e}") from None
         finally:
             self._cctxs.append((level, c))
 
     def _decode(self, blob: bytes) -> bytes:
+        """The page a pool object holds.  A corrupt object is an I/O error
+        (EIO), as a bad backing page is."""
+        if _inject.armed:
+            _inject.point("codec.decompress")
         if len(blob) == PAGE:
             return blob
         if self._lz4:
@@ -240,6 +279,8 @@ class SwapSpace:
             d = zstandard.ZstdDecompressor()
         try:
             page = d.decompress(blob, max_output_size=PAGE)
+        except zstandard.ZstdError as e:
+            raise OSError(errno.EIO, f"pool object does not decompress: {e}") from None
         finally:
             self._dctxs.append(d)
         if len(page) != PAGE:
@@ -281,14 +322,30 @@ class SwapSpace:
             self.huge_pages += delta
 
     def _release(self, word: int) -> None:
-        """Free the backend resources of an entry word."""
+        """Free the backend resources of an entry word (never raises).  A
+        physical slot is only quarantined while a reader may be reading it
+        without the lock (see the module docstring)."""
         t = word & E.TAG_MASK
         if t == E.POOL:
             self._pool.free(E.pool_object(word), E.pool_length(word))
         elif t == E.PHYS:
             bf = self._backing[E.phys_file(word)]
             assert bf is not None
-            bf.free(E.phys_slot(word))
+            p = E.phys_slot(word)
+            if self._phys_readers:
+                bf.rmap[p] = QUARANTINED
+                self._deferred.append((bf, p))
+            else:
+                bf.free(p)
+
+    def _readers_done(self) -> None:
+        """The last unlocked reader is done (lock held): free what waited."""
+        for bf, p in self._deferred:
+            bf.free(p)
+        self._deferred = []
+        for bf in self._retired:
+            bf.close()
+        self._retired = []
 
     def _set(self, slot: int, word: int) -> None:
         """Point ``slot`` at ``word``, freeing what it held; creates and
@@ -361,10 +418,13 @@ class SwapSpace:
         return [bf for bf in self._backing if bf is not None]
 
     def _write_phys(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
-        """Write pages for virtual ``slots`` to ``bf``; returns PHYS words.
+        """Write pages for virtual ``slots`` to ``bf``: the one way pages
+        reach a backing file.  Returns their PHYS words; the slots are bound
+        in the rmap, so a caller that then fails must release the words.
         On failure nothing is bound, the error is counted and re-raised."""
-        pslots = bf.alloc(len(pages))
+        pslots: list[int] = []
         try:
+            pslots = bf.alloc(len(pages))
             bf.write(pslots, pages)
         except OSError:
             self.counters.bd_write_errors += 1
@@ -376,11 +436,14 @@ class SwapSpace:
             bf.bind(p, v, checksum(page))
         return [E.phys_word(bf.index, p) for p in pslots]
 
-    def _read_phys(self, word: int, *, final: bool = True) -> bytes:
+    def _read_phys(self, word: int, *, final: bool = True, bf: BackingFile | None = None) -> bytes:
         """Read and verify a backing page.  Errors are counted unless
-        ``final`` is false (the caller will look again and count)."""
-        bf = self._backing[E.phys_file(word)]
-        assert bf is not None
+        ``final`` is false (the caller will look again and count).  ``bf``:
+        the file, as looked up under the lock (a reader without it must not
+        look again: the file may have been removed meanwhile)."""
+        if bf is None:
+            bf = self._backing[E.phys_file(word)]
+            assert bf is not None
         p = E.phys_slot(word)
         try:
             page = bf.read(p, bf.csum[p])
@@ -403,7 +466,8 @@ class SwapSpace:
 
         Partial pages are read, modified and stored whole.  Raises
         ValueError outside the space and NoSpaceError when the pool is full
-        and nothing can take the pages; then nothing stored has changed.
+        (or has no chunk ready) and nothing can take the pages; on any
+        error nothing stored has changed.
         """
         n = len(data)
         self._check(offset, n)
@@ -431,53 +495,81 @@ class SwapSpace:
             encoded = [encode(p) for p in pages]
             with self._lock:
                 self._commit(first, pages, encoded)
+        except MemoryError as e:  # no memory for the work itself: the kernel gets ENOSPC
+            self.counters.failed_writes += 1
+            raise NoSpaceError(f"out of memory: {e}") from None
         except OSError:
             self.counters.failed_writes += 1
             raise
 
     def _commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
+        """Store encoded pages and point their slots at them (lock held).
+        The store policy: same-filled pages in the word; pages that
+        compress poorly to a backing file if there is one (else raw in
+        the pool); the rest in the pool, or, when it is at its limit or
+        has no chunk ready, to a backing file, else NoSpaceError.  All or
+        nothing: whatever was stored before a failure is released."""
         words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
         self.counters.reject_compress_poor += len(poor)
         target = self._target() if self.writeback_enabled else None
-        to_disk = set(poor) if target else set()
-        if to_disk:
-            try:
-                phys = self._write_phys(target, [first + i for i in poor],  # type: ignore[arg-type]
-                                        [pages[i] for i in poor])
-                for i, w in zip(poor, phys, strict=True):
-                    words[i] = w
-            except OSError:
-                to_disk = set()  # the backing file failed: keep them raw in the pool
-        blobs = {i: (b if b is not None else pages[i]) for i, (w, b) in enumerate(encoded)
-                 if not w and i not in to_disk}
-        if blobs and self.pool_limit and not self._room([len(b) for b in blobs.values()]):
-            if target is not None:
+        stored: list[int] = []  # words made here, released again if anything fails
+        try:
+            to_disk: set[int] = set()
+            if poor and target is not None:
+                try:
+                    phys = self._write_phys(target, [first + i for i in poor], [pages[i] for i in poor])
+                    stored += phys
+                    for i, w in zip(poor, phys, strict=True):
+                        words[i] = w
+                    to_disk = set(poor)
+                except OSError:
+                    pass  # the backing file failed: keep them raw in the pool
+            blobs = {i: (b if b is not None else pages[i]) for i, (w, b) in enumerate(encoded)
+                     if not w and i not in to_disk}
+            if blobs and not self._room([len(b) for b in blobs.values()]):
+                if target is None:
+                    raise NoSpaceError(self._why_no_room())
                 try:  # zswap's reject path: straight to the backing file
                     idx = sorted(blobs)
                     phys = self._write_phys(target, [first + i for i in idx], [pages[i] for i in idx])
-                    for i, w in zip(idx, phys, strict=True):
-                        words[i] = w
-                    blobs = {}
                 except OSError:
-                    pass
-            if blobs:
-                for i in to_disk:  # undo: nothing stored may change
-                    self._release(words[i])
-                raise NoSpaceError(f"pool limit {self.pool_limit} bytes reached "
-                                   f"({self._pool.mem_used} in use) and no backing file took the pages")
-        for i, blob in blobs.items():
-            words[i] = self._store_pool(blob)
+                    raise NoSpaceError(self._why_no_room() + "; the backing file failed too") from None
+                stored += phys
+                for i, w in zip(idx, phys, strict=True):
+                    words[i] = w
+                blobs = {}
+            for i, blob in blobs.items():
+                try:
+                    w = self._store_pool(blob)
+                except PoolExhausted as e:
+                    raise NoSpaceError(str(e)) from None
+                stored.append(w)
+                words[i] = w
+        except BaseException:
+            for w in stored:
+                self._release(w)
+            self._note_mem()
+            raise
         for i, w in enumerate(words):
             self._set(first + i, w)
         for ci in range(first // CLUSTER_SLOTS, (first + len(words) - 1) // CLUSTER_SLOTS + 1):
             self._touch(ci)
         self._note_mem()
 
+    def _why_no_room(self) -> str:
+        if self.pool_limit and self._pool_full:
+            return (f"pool limit {self.pool_limit} bytes reached ({self._pool.mem_used} in use) "
+                    "and no backing file took the pages")
+        return "no pool chunk is ready for the pages and no backing file took them"
+
     def _room(self, lengths: list[int]) -> bool:
-        """True if objects of ``lengths`` fit: under the limit (after
-        writeback, see _make_room) and, with a reserve, in its spare chunks."""
-        return self._make_room(sum(_pool_cost(n) for n in lengths)) and self._pool.fits(lengths)
+        """True if objects of ``lengths`` fit now: under the limit (after
+        writeback, see _make_room) and in chunks that need no memory
+        faulted in (a reserve's, or the spares, see ``_pool``)."""
+        if self.pool_limit and not self._make_room(sum(_pool_cost(n) for n in lengths)):
+            return False
+        return self._pool.fits(lengths)
 
     def _make_room(self, need: int) -> bool:
         """True if ``need`` more pool bytes fit under the limit, after writing
@@ -496,8 +588,9 @@ class SwapSpace:
 
     def read(self, offset: int, size: int) -> bytearray | memoryview:
         """Read ``size`` bytes at ``offset``; never-written space reads as
-        zeros.  A backing page that cannot be read or fails its checksum
-        raises OSError(EIO); no other page is affected."""
+        zeros.  A backing page that cannot be read or fails its checksum,
+        or a pool object that does not decompress, raises OSError(EIO);
+        no other page is affected."""
         self._check(offset, size)
         if not size:
             return bytearray()
@@ -505,6 +598,9 @@ class SwapSpace:
         end = (offset + size + PAGE - 1) // PAGE
         try:
             out = self._read_pages(first, end - first)
+        except MemoryError as e:
+            self.counters.failed_reads += 1
+            raise OSError(errno.ENOMEM, f"out of memory: {e}") from None
         except OSError:
             self.counters.failed_reads += 1
             raise
@@ -516,7 +612,7 @@ class SwapSpace:
     def _read_pages(self, first: int, count: int) -> bytearray:
         out = bytearray(count * PAGE)
         blobs: list[tuple[int, bytes]] = []
-        phys: list[tuple[int, int]] = []
+        phys: list[tuple[int, int, BackingFile]] = []
         with self._lock:
             clusters = self._clusters
             for i in range(count):
@@ -532,47 +628,57 @@ class SwapSpace:
                     if word != _ZERO_WORD:
                         out[i * PAGE:(i + 1) * PAGE] = E.same_page(word)
                 elif t == E.PHYS:
-                    phys.append((i, word))
+                    bf = self._backing[E.phys_file(word)]
+                    assert bf is not None
+                    phys.append((i, word, bf))
+            if phys:
+                self._phys_readers += 1  # until we are done, no physical slot is reused
+        try:
+            for i, word, bf in phys:
+                out[i * PAGE:(i + 1) * PAGE] = self._read_phys_stable(first + i, word, bf)
+        finally:
+            if phys:
+                with self._lock:
+                    self._phys_readers -= 1
+                    if not self._phys_readers:
+                        self._readers_done()
         for i, blob in blobs:
             out[i * PAGE:(i + 1) * PAGE] = self._decode(blob)
-        for i, word in phys:
-            out[i * PAGE:(i + 1) * PAGE] = self._read_phys_stable(first + i, word)
         return out
 
-    def _read_phys_stable(self, slot: int, word: int) -> bytes:
-        """Read a backing page without the lock.  If that fails because the
-        page moved meanwhile (writeback, evacuation), read it where it is
-        now; if it did not move, the error is real."""
-        while True:
-            try:
-                return self._read_phys(word, final=False)
-            except OSError as e:
-                with self._lock:
-                    now = self._word(slot)
-                    if now == word:
-                        self._count_read_error(e)
-                        raise
-                if now & E.TAG_MASK != E.PHYS:
-                    return bytes(self._read_pages(slot, 1))
-                word = now
+    def _read_phys_stable(self, slot: int, word: int, bf: BackingFile) -> bytes:
+        """Read a backing page without the lock (a reader is counted in
+        ``_phys_readers``, so the slot cannot be reused meanwhile).  If the
+        read fails because the page moved meanwhile (writeback, evacuation),
+        read it where it is now; if it did not move, the error is real."""
+        try:
+            return self._read_phys(word, final=False, bf=bf)
+        except OSError as e:
+            with self._lock:
+                if self._word(slot) == word:
+                    self._count_read_error(e)
+                    raise
+            return bytes(self._read_pages(slot, 1))
 
     def discard(self, offset: int, length: int) -> None:
         """Free ``length`` bytes at ``offset``, like a punched hole: whole pages
-        are released, the covered parts of partial pages are zeroed."""
+        are released, the covered parts of partial pages are zeroed.  The
+        whole pages are freed first, so a partial page that cannot be
+        stored again (ENOSPC) frees no less."""
         self._check(offset, length)
         if not length:
             return
         end = offset + length
         lo = (offset + PAGE - 1) // PAGE  # first whole page
         hi = end // PAGE  # end of the whole pages
-        partial = [(offset, end)] if lo > hi else [(offset, lo * PAGE), (hi * PAGE, end)]
-        for a, b in partial:
-            if a < b and self._word_unlocked(a // PAGE):
-                self.write(a, bytes(b - a))
         if lo < hi:
             with self._lock:
                 self.counters.notify_free += self._free_pages(lo, hi)
                 self._note_mem()
+        partial = [(offset, end)] if lo > hi else [(offset, lo * PAGE), (hi * PAGE, end)]
+        for a, b in partial:
+            if a < b and self._word_unlocked(a // PAGE):
+                self.write(a, bytes(b - a))
 
     def _free_pages(self, lo: int, hi: int) -> int:
         """Free slots ``lo .. hi-1`` (lock held); returns how many held data."""
@@ -631,6 +737,10 @@ class SwapSpace:
         with self._lock:
             return self._word(slot)
 
+    def entry(self, slot: int) -> int:
+        """The table word of virtual slot ``slot`` now (see ``_entry``)."""
+        return self._word_unlocked(slot)
+
     # -- backend transfer ----------------------------------------------------
 
     def writeback(self, pages: int | None = None) -> int:
@@ -644,6 +754,9 @@ class SwapSpace:
             return moved
 
     def _writeback_locked(self, want: int | None, until_below: int | None = None) -> int:
+        """Write pool pages back, oldest cluster first (lock held).  A batch
+        that cannot be decompressed or written stays in the pool, and the
+        writeback stops there."""
         moved = 0
         for ci in list(self._clusters):
             cl = self._clusters.get(ci)
@@ -662,11 +775,11 @@ class SwapSpace:
                 target = self._target()
                 if target is None:
                     return moved
-                pages = [self._decode(self._pool.load(E.pool_object(w), E.pool_length(w)))
-                         for _, w in batch]
                 try:
+                    pages = [self._decode(self._pool.load(E.pool_object(w), E.pool_length(w)))
+                             for _, w in batch]
                     words = self._write_phys(target, [s for s, _ in batch], pages)
-                except OSError:
+                except (OSError, MemoryError):
                     return moved  # the pages stay in the pool
                 for (slot, _), word in zip(batch, words, strict=True):
                     self._set(slot, word)
@@ -689,50 +802,90 @@ class SwapSpace:
             if bf is None:
                 raise FileNotFoundError(errno.ENOENT, f"{path} is not a backing file", path)
             self._evacuating.add(bf.index)
-            moved = 0
+            before = self.counters.evacuated_pages
             try:
-                for pslot, vslot in list(bf.slots_in_use()):
-                    page = self._read_phys(E.phys_word(bf.index, pslot))
-                    target = self._target() if self.writeback_enabled else None
-                    if target is not None:
-                        word = self._write_phys(target, [vslot], [page])[0]
-                    else:
-                        word, blob = self._encode(page)
-                        if not word:
-                            blob = blob if blob is not None else page
-                            if self.pool_limit and not self._room([len(blob)]):
-                                raise NoSpaceError("no room in the pool to evacuate into")
-                            word = self._store_pool(blob)
-                    self._set(vslot, word)
-                    moved += 1
-                    self.counters.evacuated_pages += 1
+                self._evacuate(bf)
+            except MemoryError as e:
+                raise OSError(errno.ENOMEM, f"out of memory: {e}") from None
             finally:
                 self._evacuating.discard(bf.index)
                 self._note_mem()
+            # quarantined slots may still be read: the file goes when the readers are done
+            moved = self.counters.evacuated_pages - before
+            self._deferred = [(b, p) for b, p in self._deferred if b is not bf]
             self._backing[bf.index] = None
-            bf.close()
+            if self._phys_readers:
+                self._retired.append(bf)
+            else:
+                bf.close()
             return moved
 
+    def _evacuate(self, bf: BackingFile) -> None:
+        """Move every page of ``bf`` elsewhere (lock held), one by one."""
+        for pslot, vslot in list(bf.slots_in_use()):
+            page = self._read_phys(E.phys_word(bf.index, pslot))
+            target = self._target() if self.writeback_enabled else None
+            if target is not None:
+                word = self._write_phys(target, [vslot], [page])[0]
+            else:
+                word, blob = self._encode(page)
+                if not word:
+                    blob = blob if blob is not None else page
+                    if not self._room([len(blob)]):
+                        raise NoSpaceError("no room in the pool to evacuate into")
+                    try:
+                        word = self._store_pool(blob)
+                    except PoolExhausted as e:
+                        raise NoSpaceError(str(e)) from None
+            self._set(vslot, word)
+            self.counters.evacuated_pages += 1
+
     def compact(self) -> int:
-        """Pack sparse pool chunks together; returns 4 KiB pages freed."""
+        """Pack sparse pool chunks together; returns 4 KiB pages freed.  A
+        move that finds no chunk ready ends the compaction early."""
         with self._lock:
             before = self._pool.mem_used
             pool = self._pool
-            if pool.plan_compaction():
-                for cl in self._clusters.values():
-                    if not cl.pool:
-                        continue
-                    table = cl.table
-                    for idx, w in enumerate(table):
-                        if w & E.TAG_MASK == E.POOL:
-                            obj, length = E.pool_object(w), E.pool_length(w)
-                            if pool.draining(obj, length):
-                                table[idx] = E.pool_word(pool.move(obj, length), length)
+            try:
+                if pool.plan_compaction():
+                    for cl in self._clusters.values():
+                        if not cl.pool:
+                            continue
+                        table = cl.table
+                        for idx, w in enumerate(table):
+                            if w & E.TAG_MASK == E.POOL:
+                                obj, length = E.pool_object(w), E.pool_length(w)
+                                if pool.draining(obj, length):
+                                    table[idx] = E.pool_word(pool.move(obj, length), length)
+            except MemoryError:  # PoolExhausted too: what moved stays moved, the rest stays put
+                pass
+            finally:
                 pool.end_compaction()
             freed = max(before - pool.mem_used, 0) // PAGE
             self.counters.pages_compacted += freed
             self._note_mem()
             return freed
+
+    # -- memory kept for the serving path (dynamic mode) ---------------------
+
+    def replenish(self, busy: bool = True) -> int:
+        """Fault spare pool chunks in, up to the pool's high mark (its low
+        mark if not ``busy``), in dynamic mode; nothing otherwise.  Returns
+        the bytes faulted in.  The faulting runs without the engine lock:
+        a thread here that waits on reclaim holds up nobody who serves."""
+        with self._lock:
+            offs = self._pool.refill_wanted(SPARE_HIGH if busy else SPARE_LOW)
+        if not offs:
+            return 0
+        try:
+            self._pool.fault_in(offs)
+        except PoolExhausted:
+            with self._lock:
+                self._pool.give_back_slots(offs)
+            return 0
+        with self._lock:
+            self._pool.add_spare(offs)
+        return len(offs) * CHUNK_BYTES
 
     # -- state ---------------------------------------------------------------
 
@@ -761,6 +914,7 @@ class SwapSpace:
                 "mem_used_total": self._pool.mem_used,
                 "mem_limit": self.pool_limit,
                 "pool_reserve": self._pool.reserve,
+                "pool_spare": self._pool.spare_bytes,
                 "pool_chunks": self._pool.chunks,
                 "clusters": len(self._clusters),
                 "metadata_bytes": len(self._clusters) * _CLUSTER_FOOTPRINT
@@ -773,12 +927,77 @@ class SwapSpace:
             s.update(self.counters.as_dict())
             return s
 
+    def check(self) -> list[str]:
+        """Consistency of everything the engine keeps, for tests and for
+        recovery: every table word's target exists and is used once, every
+        rmap entry points back at its word, the per-cluster and global
+        gauges match a recount, and the pool and file accounting sum.
+        Returns the problems found (none: an empty list)."""
+        bad: list[str] = []
+        with self._lock:
+            tags = [0, 0, 0, 0]
+            huge = 0
+            objs: set[tuple[int, int]] = set()
+            payload = 0
+            phys: dict[tuple[int, int], int] = {}
+            for ci, cl in self._clusters.items():
+                used = sum(1 for w in cl.table if w)
+                pool = sum(1 for w in cl.table if w & E.TAG_MASK == E.POOL)
+                if (used, pool) != (cl.used, cl.pool) or not used:
+                    bad.append(f"cluster {ci}: used/pool {cl.used}/{cl.pool}, recount {used}/{pool}")
+                for idx, w in enumerate(cl.table):
+                    if not w:
+                        continue
+                    slot = ci * CLUSTER_SLOTS + idx
+                    t = w & E.TAG_MASK
+                    tags[t] += 1
+                    if t == E.POOL:
+                        obj, length = E.pool_object(w), E.pool_length(w)
+                        huge += length == PAGE
+                        payload += length
+                        key = (size_class(length), obj)
+                        if key in objs or not self._pool.holds(obj, length):
+                            bad.append(f"slot {slot}: pool object {key} shared or not live")
+                        objs.add(key)
+                    elif t == E.PHYS:
+                        f, p = E.phys_file(w), E.phys_slot(w)
+                        bf = self._backing[f]
+                        if bf is None or p >= len(bf.rmap) or bf.rmap[p] != slot:
+                            bad.append(f"slot {slot}: backing {f} slot {p} does not point back")
+                        phys[(f, p)] = slot
+                    elif t != E.SAME:
+                        bad.append(f"slot {slot}: word {w:#x} has no backend")
+            if tags != self.tag_pages or huge != self.huge_pages:
+                bad.append(f"gauges {self.tag_pages}/{self.huge_pages}, recount {tags}/{huge}")
+            if len(objs) != self._pool.objects or payload != self._pool.payload:
+                bad.append(f"pool holds {self._pool.objects} objects of {self._pool.payload} bytes, "
+                           f"the tables {len(objs)} of {payload}")
+            quarantined = {(bf.index, p) for bf, p in self._deferred}
+            for bf in self.backing_files():
+                live = 0
+                for p, v in enumerate(bf.rmap):
+                    if v == -1:
+                        continue
+                    live += 1
+                    if v >= 0 and phys.get((bf.index, p)) != v:
+                        bad.append(f"backing {bf.index} slot {p}: rmap says {v}, no such word")
+                    elif v == QUARANTINED and (bf.index, p) not in quarantined:
+                        bad.append(f"backing {bf.index} slot {p}: quarantined, not deferred")
+                    elif v < -1 and v != QUARANTINED:
+                        bad.append(f"backing {bf.index} slot {p}: left reserved ({v})")
+                if live != bf.live or sum(bf.used) != live:
+                    bad.append(f"backing {bf.index}: live {bf.live}, used {sum(bf.used)}, rmap {live}")
+        return bad
+
     def trim(self) -> None:
         """Give back memory kept only to make the next burst cheaper: the
-        backing files' write buffers.  For idle time, after frees."""
+        backing files' write buffers and the spare pool chunks beyond the
+        idle mark.  For idle time, after frees."""
         with self._lock:
             for bf in self.backing_files():
                 bf.release_buffers()
+                bf.tidy()
+            self._pool.shed()
 
     def close(self) -> None:
         """Release all memory and delete the backing files."""
@@ -789,5 +1008,9 @@ class SwapSpace:
                 if bf is not None:
                     bf.close()
                     self._backing[i] = None
+            for bf in self._retired:
+                bf.close()
+            self._retired = []
+            self._deferred = []
             self.tag_pages = [0, 0, 0, 0]
             self.huge_pages = 0

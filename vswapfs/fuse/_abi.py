@@ -109,6 +109,11 @@ IN_HEADER: Final = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid g
 OUT_HEADER: Final = struct.Struct("<IiQ")  # len error unique
 INIT_IN: Final = struct.Struct("<IIII")  # major minor max_readahead flags (flags2 follows from 7.36)
 INIT_IN_FLAGS2: Final = struct.Struct("<I")
+# major minor max_readahead flags max_background congestion_threshold max_write
+# time_gran max_pages map_alignment flags2 unused[7]: 18 fields
+INIT_OUT_FIELDS: Final = ("major", "minor", "max_readahead", "flags", "max_background",
+                          "congestion_threshold", "max_write", "time_gran", "max_pages",
+                          "map_alignment", "flags2", *(f"unused{i}" for i in range(7)))
 INIT_OUT: Final = struct.Struct("<IIIIHHIIHHI7I")
 ATTR: Final = struct.Struct("<QQQQQQIIIIIIIIII")
 ENTRY_OUT: Final = struct.Struct("<QQQQII" + ATTR.format[1:])

@@ -27,6 +27,10 @@ class Operations:
     :data:`DEFER` (the default) hands the request to the async method.
     """
 
+    def channel_started(self) -> None:
+        """Called on each channel thread before it reads its first request
+        (to set per-thread state, such as PR_SET_IO_FLUSHER)."""
+
     def read_blocking(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> Any:
         return DEFER
 

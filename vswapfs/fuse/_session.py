@@ -88,6 +88,43 @@ def _data_bytes(opcode: int, result: Any, payload: Any) -> int:
     return 0
 
 
+# read(2) on /dev/fuse: these mean the connection is gone (unmounted, or
+# aborted through /sys/fs/fuse/connections), these that nothing was read
+GONE: Final = frozenset({errno.ENODEV, errno.ECONNABORTED})
+AGAIN: Final = frozenset({errno.EINTR, errno.ENOENT, errno.EAGAIN})
+RETRY_MAX_S: Final = 1.0  # longest wait before reading again after an unexpected error
+
+
+class _ReadErrors:
+    """What to do after read(2) on /dev/fuse failed: GONE ends the channel,
+    AGAIN reads again at once, anything else is logged (at most every few
+    seconds) and retried after a growing pause: a channel never stops
+    serving while its connection lives."""
+
+    def __init__(self) -> None:
+        self.pause = 0.0
+        self.last_log = -1e9
+        self.count = 0  # unexpected errors since the channel started
+
+    def gone(self, e: OSError, where: str) -> bool:
+        """True if the connection is gone; else sleep as needed, then False."""
+        if e.errno in GONE:
+            return True
+        if e.errno in AGAIN:
+            return False
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_log >= 5:
+            self.last_log = now
+            log.error("%s: read from /dev/fuse failed (%s); retrying (%d so far)", where, e, self.count)
+        self.pause = min(max(self.pause * 2, 0.001), RETRY_MAX_S)
+        time.sleep(self.pause)
+        return False
+
+    def ok(self) -> None:
+        self.pause = 0.0
+
+
 class MalformedRequest(Exception):
     """The request is shorter than its header or body says."""
 
@@ -301,6 +338,7 @@ class Session:
         self._free = [self._new_buffer() for _ in range(buffers)]
         self._buffers = trio.Semaphore(buffers)
         self._dirs: dict[int, list[DirEntry]] = {}
+        self._loop_errors = _ReadErrors()
         os.set_blocking(fd, False)
 
     def service_stats(self) -> dict[str, tuple[int, int, int]]:
@@ -332,21 +370,25 @@ class Session:
         try:
             os.writev(self.fd if fd is None else fd, [hdr, payload] if n else [hdr])
         except OSError as e:  # ENOENT: the request was aborted meanwhile
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
+            if e.errno != errno.ENOENT and e.errno not in GONE:
                 log.warning("reply to request %d failed: %s", unique, e)
 
     async def _read_request(self, buf: bytearray) -> int:
         """Read one request into ``buf``; 0 when the file system is gone."""
+        errors = self._loop_errors
         while True:
             try:
-                return os.readv(self.fd, [buf])
+                n = os.readv(self.fd, [buf])
+                errors.ok()
+                return n
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.fd)
             except OSError as e:
-                if e.errno == errno.ENODEV:
+                if e.errno in GONE:
                     return 0
-                if e.errno not in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
-                    raise
+                if e.errno not in AGAIN:
+                    errors.gone(e, "event loop")  # logs; its pause is short, then read again
+                    await trio.sleep(0)
 
     # -- INIT ---------------------------------------------------------------
 
@@ -363,9 +405,9 @@ class Session:
                 continue
             body = memoryview(buf)[A.IN_HEADER.size:n]
             major, minor, max_readahead, flags = A.INIT_IN.unpack_from(body)
-            if major > A.KERNEL_VERSION:  # ask the kernel to speak our major
-                self._reply(unique, 0, A.INIT_OUT.pack(A.KERNEL_VERSION, A.KERNEL_MINOR_VERSION,
-                                                       *([0] * 15)))
+            if major > A.KERNEL_VERSION:  # ask the kernel to speak our major: it sends INIT again
+                self._reply(unique, 0, A.INIT_OUT.pack(
+                    A.KERNEL_VERSION, A.KERNEL_MINOR_VERSION, *([0] * (len(A.INIT_OUT_FIELDS) - 2))))
                 continue
             if major < A.KERNEL_VERSION or minor < 31:
                 self._reply(unique, errno.EPROTO)
@@ -458,20 +500,22 @@ class Session:
 
     def _channel(self, fd: int, buf: bytearray, nursery: trio.Nursery,
                  token: trio.lowlevel.TrioToken) -> None:
-        """One channel thread: read, serve or hand over, until ENODEV."""
+        """One channel thread: read, serve or hand over, until the
+        connection is gone (unmounted or aborted)."""
+        self.ops.channel_started()
         mv = memoryview(buf)
         tally = _Tally()
         self._tallies.append(tally)
+        errors = _ReadErrors()
+        name = threading.current_thread().name
         while True:
             try:
                 n = os.readv(fd, [buf])
+                errors.ok()
             except OSError as e:
-                if e.errno == errno.ENODEV:
+                if errors.gone(e, name):
                     return
-                if e.errno in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
-                    continue
-                log.error("channel read failed: %s", e)
-                return
+                continue
             if not n:
                 return
             if self._serve_blocking(fd, mv[:n], tally):
