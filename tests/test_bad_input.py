@@ -292,3 +292,26 @@ def test_every_request_through_a_channel_thread_gets_exactly_its_answer() -> Non
     assert not server.is_alive() and not reader.is_alive()
     assert sorted(got) == sorted(expected), "requests answered twice or not at all"
     assert len(expected) > 400
+
+
+def test_read_errors_end_a_channel_only_when_the_connection_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    """ENODEV (unmounted) and ECONNABORTED (aborted) end a channel; EINTR,
+    ENOENT and EAGAIN read again at once; anything else is logged, at most
+    every few seconds, and read again after a short pause that grows."""
+    import time
+
+    from vswapfs.fuse._session import _ReadErrors
+
+    errors = _ReadErrors()
+    for err in (errno.ENODEV, errno.ECONNABORTED):
+        assert errors.gone(OSError(err, "x"), "test")
+    for err in (errno.EINTR, errno.ENOENT, errno.EAGAIN):
+        assert not errors.gone(OSError(err, "x"), "test")
+    assert errors.count == 0 and errors.pause == 0
+    t0 = time.monotonic()
+    for _ in range(5):
+        assert not errors.gone(OSError(errno.EIO, "x"), "test")
+    assert errors.count == 5 and 0.01 <= time.monotonic() - t0 < 1
+    assert sum("read from /dev/fuse failed" in r.getMessage() for r in caplog.records) == 1
+    errors.ok()
+    assert errors.pause == 0

@@ -554,3 +554,31 @@ def test_incompressible_pages_without_a_backing_file_count_against_the_limit() -
             s.write(i * PAGE, os.urandom(PAGE))
     st = s.stats()
     assert st["huge_pages"] > 0 and st["mem_used_total"] <= MiB and st["pool_limit_hit"] == 1
+
+
+def test_a_dynamic_space_stores_only_into_spares_and_answers_from_what_it_has(tmp_path: Path) -> None:
+    """Dynamic mode (the daemon's): a store takes a chunk only from the
+    spares faulted in ahead.  With none ready it goes to a backing file,
+    else it is refused (ENOSPC): it never faults memory in itself."""
+    from vswapfs.engine._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW
+
+    s = SwapSpace(64 * MiB, dynamic=True)
+    assert s.stats()["pool_spare"] == 0
+    with pytest.raises(NoSpaceError, match="no pool chunk is ready"):
+        s.write(0, text_page(0))
+    assert s.stats()["stored_pages"] == 0 and s.check() == []
+    assert s.replenish(busy=False) == SPARE_LOW * CHUNK_BYTES
+    s.write(0, text_page(0))
+    assert s.read(0, PAGE) == text_page(0)
+    s.replenish()
+    assert s.stats()["pool_spare"] == SPARE_HIGH * CHUNK_BYTES  # topped up to the high mark
+    s.trim()  # idle: back to the low mark
+    assert s.stats()["pool_spare"] == SPARE_LOW * CHUNK_BYTES
+    s.close()
+
+    s = SwapSpace(64 * MiB, dynamic=True, backing=[str(tmp_path / "b0")])
+    s.write(0, text_page(1) + os.urandom(PAGE))  # no spare: both pages go to the backing file
+    st = s.stats()
+    assert st["phys_pages"] == 2 and st["pool_pages"] == 0 and st["failed_writes"] == 0
+    assert s.read(0, 2 * PAGE)[:PAGE] == text_page(1) and s.check() == []
+    s.close()

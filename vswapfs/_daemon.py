@@ -66,7 +66,7 @@ HEAP_HEADROOM = 16 << 20  # bytes of free heap kept faulted in for the serving t
 THREAD_STACK = 512 << 10  # bytes per thread stack (locked; populated in reserve mode)
 BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
-TRIM_AFTER = 0.5  # seconds without requests before memory is given back
+TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
 SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
 SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm), for ps and the checks
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
@@ -179,14 +179,16 @@ def swapped_on(mountpoint: str) -> set[str]:
 class Housekeeping(threading.Thread):
     """The daemon's chores, on a thread of its own, started at boot.
 
-    Memory for the serving path: while requests come in (``busy()`` says
-    so), every BUSY_TICK it faults spare pool chunks in (``replenish``)
-    and makes sure HEAP_HEADROOM of free heap is faulted in, so the
-    serving threads find what they allocate ready.  Once the daemon has
-    been idle for IDLE_TICK it gives the surplus back: spare chunks above
-    the pool's low mark, backing-file buffers, and malloc's heap above its
-    headroom (``trim``), so the daemon shrinks back after a burst as zram
-    does.  (Not in reserve mode, whose memory is kept on purpose.)
+    Memory for the serving path: while reads and writes come in (``busy()``
+    says so, looked at every IDLE_TICK), every BUSY_TICK it faults spare
+    pool chunks in (``replenish``) and makes sure HEAP_HEADROOM of free heap
+    is faulted in, so the serving threads find what they allocate ready.
+    Once no read or write came for TRIM_AFTER it gives the spares above the
+    pool's low mark and the backing files' buffers back; once frees
+    (discards, swapoff) have stopped for as long, malloc's heap above its
+    headroom too, so the daemon shrinks back after a burst as zram does.
+    Chunks that empty are given back at once.  Not in reserve mode, whose
+    memory is kept on purpose.
 
     Swapoff: free the whole space (but the swap header) when swap goes
     off it.  The kernel clears SWP_WRITEOK before swapoff frees the slots,
@@ -210,28 +212,32 @@ class Housekeeping(threading.Thread):
         _linux.set_thread_name("vswapfs-keeper")
         was_on: set[str] = set()
         areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
-        seen_busy = self.busy()
-        last_look = 0.0
-        idle_since: float | None = None
-        trimmed = True
+        seen_busy, seen_freed = self.busy(), self._freed()
+        last_look = last_busy = last_free = 0.0
+        shed = trimmed = True
         tick = IDLE_TICK
         while not self.stop.wait(tick):
             try:
                 now = time.monotonic()
-                busy = self.busy()
-                if busy != seen_busy:
-                    seen_busy, idle_since, trimmed, tick = busy, None, False, BUSY_TICK
-                    if self.trim:  # dynamic mode: keep the serving path supplied
+                busy, freed = self.busy(), self._freed()
+                if busy != seen_busy:  # reads and writes: keep the serving path supplied
+                    seen_busy, last_busy, shed, trimmed, tick = busy, now, False, False, BUSY_TICK
+                    if self.trim:
                         self.space.replenish()
                         _linux.heap_headroom(HEAP_HEADROOM)
                         self.topups += 1
-                elif idle_since is None:
-                    idle_since = now
-                elif not trimmed and now - idle_since >= TRIM_AFTER:
+                elif not shed and now - last_busy >= TRIM_AFTER:
+                    if self.trim:  # no more reads or writes: spares, buffers and heap go back
+                        self.space.trim()
+                        _linux.malloc_trim(HEAP_HEADROOM)
+                    shed, tick = True, IDLE_TICK
+                if freed != seen_freed:  # discards, swapoff: the heap can shrink after them
+                    seen_freed, last_free, trimmed = freed, now, False
+                elif not trimmed and shed and now - last_free >= TRIM_AFTER:
                     if self.trim:
                         self.space.trim()
                         _linux.malloc_trim(HEAP_HEADROOM)
-                    trimmed, tick = True, IDLE_TICK
+                    trimmed = True
                 if now - last_look >= SWAPS_EVERY:
                     last_look = now
                     seen = set(_linux.swap_areas())
@@ -242,10 +248,13 @@ class Housekeeping(threading.Thread):
                         self.space.release_all_but(SWAP_HEADER_BYTES)
                         log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
                                  before - self.space.stored_pages)
-                        trimmed = False
                     was_on = on
             except Exception:  # never let housekeeping die silently
                 log.exception("housekeeping")
+
+    def _freed(self) -> int:
+        c = self.space.counters
+        return c.notify_free + c.swapoff_freed_pages
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
@@ -270,6 +279,9 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
 
             session = await nursery.start(serving)
             fs.service_stats = session.service_stats
+            if trim:  # the idle footprint, in place before the first request rather than after it
+                _linux.heap_headroom(HEAP_HEADROOM)
+                _linux.malloc_trim(HEAP_HEADROOM)
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))
             if ready_fd is not None:

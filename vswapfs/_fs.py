@@ -69,14 +69,14 @@ class SwapFS(Operations):
                                    lambda _: self._fuse_stat())]
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
-        self._image_requests = 0  # reads, writes and punches of the image (a lost count is harmless)
+        self._image_requests = 0  # reads and writes of the image (a lost count is harmless)
         self._refusals = RateLimited()  # what the log says of refused writes
         self._next_fh = 1
         self._mtime = int(time.time())
 
     def requests_seen(self) -> int:
-        """Image requests so far: housekeeping watches it to know when the
-        daemon is busy."""
+        """Reads and writes of the image so far: housekeeping watches it to
+        know when the daemon is busy (discards only free memory)."""
         return self._image_requests
 
     def channel_started(self) -> None:
@@ -214,7 +214,6 @@ class SwapFS(Operations):
         return len(data)
 
     def _punch(self, offset: int, length: int, mode: int) -> None:
-        self._image_requests += 1
         if mode != PUNCH:
             raise FuseError(errno.EOPNOTSUPP)
         end = min(offset + length, self.space.size)

@@ -63,6 +63,7 @@ from pathlib import Path
 
 from . import _admin, _linux
 from ._cgroup import MemCgroup
+from ._linux import meminfo
 
 MiB = 1 << 20
 ZRAM = Path("/sys/block/zram0")
@@ -79,14 +80,6 @@ heap.sort(key=lambda x: x[1])
 total = sum(x[1] for x in heap)
 print(time.perf_counter() - t)
 """
-
-
-def meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def rss(pid: int) -> int:

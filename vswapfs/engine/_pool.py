@@ -206,19 +206,32 @@ class Pool:
 
     # -- allocation -----------------------------------------------------
 
-    def fits(self, lengths: list[int]) -> bool:
-        """True if objects of these lengths can be stored now without
-        faulting memory in (inline mode: if the arena has room)."""
+    def _new_chunks(self, lengths: list[int]) -> tuple[int, int]:
+        """(chunks, bytes of them) that storing objects of these lengths
+        would add: what does not fit in the classes' free and uncarved slots."""
         want: dict[int, int] = {}
         for n in lengths:
             c = size_class(n)
             want[c] = want.get(c, 0) + 1
-        chunks = 0
+        chunks = nbytes = 0
         for c, n in want.items():
             cls = self._classes[c]
             room = len(cls.free) - cls.stale + (cls.per_chunk - cls.bump if cls.newest >= 0 else 0)
             if n > room:
-                chunks += -(-(n - room) // cls.per_chunk)
+                k = -(-(n - room) // cls.per_chunk)
+                chunks += k
+                nbytes += k * cls.chunk_bytes
+        return chunks, nbytes
+
+    def growth(self, lengths: list[int]) -> int:
+        """Bytes ``mem_used`` would grow by if objects of these lengths
+        were stored now (0 when they fit in chunks already in use)."""
+        return self._new_chunks(lengths)[1]
+
+    def fits(self, lengths: list[int]) -> bool:
+        """True if objects of these lengths can be stored now without
+        faulting memory in (inline mode: if the arena has room)."""
+        chunks = self._new_chunks(lengths)[0]
         have = len(self._spare)
         if not self.reserve and not self.dynamic:
             have += len(self._free_slots) + self._slots - self._next_slot
@@ -314,8 +327,9 @@ class Pool:
         off = cls.chunks.pop(no)
         if self.reserve:
             self._spare.append(off)  # stays faulted in for the next chunk
-        elif self.dynamic and cls.chunk_bytes == CHUNK_BYTES and len(self._spare) < SPARE_HIGH:
-            self._spare.append(off)  # whole and faulted in: a spare as it is
+        elif self.dynamic and cls.chunk_bytes == CHUNK_BYTES and len(self._spare) < SPARE_LOW:
+            self._spare.append(off)  # whole and faulted in: a spare as it is (beyond the low
+            # mark it is given back at once, so memory returns as soon as it is freed)
         else:
             self._punch(off, cls.chunk_bytes)
             self._free_slots.append(off)

@@ -62,7 +62,7 @@ import zstandard
 from . import _entry as E
 from . import _inject
 from ._backing import BackingChecksumError, BackingFile, checksum
-from ._pool import CHUNK_BYTES, CLASS_STEP, SPARE_HIGH, SPARE_LOW, Pool, PoolExhausted, size_class
+from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool, PoolExhausted, size_class
 from ._stats import Counters
 
 PAGE: Final = E.PAGE_SIZE
@@ -113,10 +113,6 @@ class _Cluster:
 # Bytes one live cluster costs: the object, its table and its dict entry.
 _CLUSTER_FOOTPRINT: Final = (sys.getsizeof(_Cluster()) + sys.getsizeof(array("Q", _EMPTY_TABLE))
                              + 3 * 8)
-
-
-def _pool_cost(length: int) -> int:
-    return (size_class(length) + 1) * CLASS_STEP
 
 
 class SwapSpace:
@@ -567,7 +563,7 @@ class SwapSpace:
         """True if objects of ``lengths`` fit now: under the limit (after
         writeback, see _make_room) and in chunks that need no memory
         faulted in (a reserve's, or the spares, see ``_pool``)."""
-        if self.pool_limit and not self._make_room(sum(_pool_cost(n) for n in lengths)):
+        if self.pool_limit and not self._make_room(self._pool.growth(lengths)):
             return False
         return self._pool.fits(lengths)
 

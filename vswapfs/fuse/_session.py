@@ -339,6 +339,7 @@ class Session:
         self._buffers = trio.Semaphore(buffers)
         self._dirs: dict[int, list[DirEntry]] = {}
         self._loop_errors = _ReadErrors()
+        self._channel_fds: list[tuple[int, bytearray]] | None = None  # set by prepare()
         os.set_blocking(fd, False)
 
     def service_stats(self) -> dict[str, tuple[int, int, int]]:
@@ -394,7 +395,7 @@ class Session:
 
     async def handshake(self) -> InitInfo:
         """Answer INIT (the first request) and return what was settled."""
-        buf = bytearray(self._bufsize)
+        buf = self._new_buffer()  # faulted in: once freed, the next big reply reuses it
         while True:
             n = await self._read_request(buf)
             if not n:
@@ -430,16 +431,27 @@ class Session:
 
     # -- the loop -------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Clone the channel fds and fault their buffers in, or the event
+        loop's if the fd cannot be cloned: everything serving needs, so a
+        caller can have it in place before it says the mount is ready."""
+        if self._channel_fds is not None:
+            return
+        self._channel_fds = [(fd, self._new_buffer()) for fd in
+                             (self._clone_channels() if self.channels else [])]
+        if not self._channel_fds and not self._free:  # buffers were left to the channels
+            self._free = [self._new_buffer() for _ in range(FALLBACK_BUFFERS)]
+            self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
+
     async def serve(self) -> None:
         """Serve requests until the file system is unmounted.  If the fd
         cannot be cloned, the event loop serves everything."""
-        fds = self._clone_channels() if self.channels else []
-        if fds:
-            await self._serve_channels(fds)
+        self.prepare()
+        assert self._channel_fds is not None
+        if self._channel_fds:
+            await self._serve_channels([fd for fd, _ in self._channel_fds],
+                                       [buf for _, buf in self._channel_fds])
         else:
-            if not self._free:  # buffers were left to the channels
-                self._free = [self._new_buffer() for _ in range(FALLBACK_BUFFERS)]
-                self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
             await self._serve_loop()
         await self.ops.destroy()
 
@@ -471,7 +483,7 @@ class Session:
                     break
                 nursery.start_soon(self._handle, buf, n)
 
-    async def _serve_channels(self, fds: list[int]) -> None:
+    async def _serve_channels(self, fds: list[int], bufs: list[bytearray] | None = None) -> None:
         """Run a channel thread on each of ``fds`` and what they hand over;
         return when all have seen the file system go away."""
         token = trio.lowlevel.current_trio_token()
@@ -488,8 +500,10 @@ class Session:
                         except trio.RunFinishedError:
                             pass
 
-                threads = [threading.Thread(target=channel, args=(fd, self._new_buffer()), daemon=True,
-                                            name=f"fuse-channel-{i}") for i, fd in enumerate(fds)]
+                bufs = bufs or [self._new_buffer() for _ in fds]
+                threads = [threading.Thread(target=channel, args=(fd, buf), daemon=True,
+                                            name=f"fuse-channel-{i}")
+                           for i, (fd, buf) in enumerate(zip(fds, bufs, strict=True))]
                 for t in threads:
                     t.start()
                 for _ in threads:
@@ -670,6 +684,7 @@ async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = 
     try:
         session = Session(fd, ops, channels=channels, buffers=0 if channels else 16)
         await session.handshake()
+        session.prepare()
         task_status.started(session)
         await session.serve()
     finally:
