@@ -21,7 +21,8 @@ reclaim, by default:
   without trimming on free, so freed memory stays faulted in and is reused;
 - *the housekeeping thread* keeps both topped up, outside every lock and
   with the GIL released while the kernel faults pages in: spare chunks up
-  to the pool's high mark, and HEAP_HEADROOM of free heap faulted in;
+  to the pool's high mark, and HEAP_HEADROOM of free heap (kept by each
+  trim, faulted in again when the serving threads grew the heap past it);
   when the daemon is idle it gives the surplus back (spares above the low
   mark, the heap above its headroom), so memory still returns after a
   burst;
@@ -63,6 +64,8 @@ FSTYPE = "vswapfs"
 SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
 HEAP_RESERVE = 48 << 20  # bytes of malloc heap faulted in at start in reserve mode
 HEAP_HEADROOM = 16 << 20  # bytes of free heap kept faulted in for the serving threads
+# A top-up asks for a block this much smaller than the pad a trim keeps.
+HEAP_SLACK = 2 << 20
 THREAD_STACK = 512 << 10  # bytes per thread stack (locked; populated in reserve mode)
 BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
@@ -181,8 +184,9 @@ class Housekeeping(threading.Thread):
 
     Memory for the serving path: while reads and writes come in (``busy()``
     says so, looked at every IDLE_TICK), every BUSY_TICK it faults spare
-    pool chunks in (``replenish``) and makes sure HEAP_HEADROOM of free heap
-    is faulted in, so the serving threads find what they allocate ready.
+    pool chunks in (``replenish``), and if the heap grew past the headroom
+    its last trim kept, faults HEAP_HEADROOM in again, so the serving
+    threads find what they allocate ready.
     Once no read or write came for TRIM_AFTER it gives the spares above the
     pool's low mark and the backing files' buffers back; once frees
     (discards, swapoff) have stopped for as long, malloc's heap above its
@@ -213,6 +217,7 @@ class Housekeeping(threading.Thread):
         was_on: set[str] = set()
         areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
         seen_busy, seen_freed = self.busy(), self._freed()
+        heap_mark = _linux.heap_end()  # where the heap ended after the last trim or top-up
         last_look = last_busy = last_free = 0.0
         shed = trimmed = True
         tick = IDLE_TICK
@@ -224,12 +229,18 @@ class Housekeeping(threading.Thread):
                     seen_busy, last_busy, shed, trimmed, tick = busy, now, False, False, BUSY_TICK
                     if self.trim:
                         self.space.replenish()
-                        _linux.heap_headroom(HEAP_HEADROOM)
-                        self.topups += 1
+                        # the heap keeps its trimmed pad for the serving threads; only
+                        # once they grew it past that is the headroom faulted in again
+                        # (a top-up on every tick grew the heap by a block that stayed)
+                        if _linux.heap_end() != heap_mark:
+                            _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
+                            heap_mark = _linux.heap_end()
+                            self.topups += 1
                 elif not shed and now - last_busy >= TRIM_AFTER:
                     if self.trim:  # no more reads or writes: spares, buffers and heap go back
                         self.space.trim()
                         _linux.malloc_trim(HEAP_HEADROOM)
+                        heap_mark = _linux.heap_end()
                     shed, tick = True, IDLE_TICK
                 if freed != seen_freed:  # discards, swapoff: the heap can shrink after them
                     seen_freed, last_free, trimmed = freed, now, False
@@ -237,6 +248,7 @@ class Housekeeping(threading.Thread):
                     if self.trim:
                         self.space.trim()
                         _linux.malloc_trim(HEAP_HEADROOM)
+                        heap_mark = _linux.heap_end()
                     trimmed = True
                 if now - last_look >= SWAPS_EVERY:
                     last_look = now
@@ -280,7 +292,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
             session = await nursery.start(serving)
             fs.service_stats = session.service_stats
             if trim:  # the idle footprint, in place before the first request rather than after it
-                _linux.heap_headroom(HEAP_HEADROOM)
+                _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
                 _linux.malloc_trim(HEAP_HEADROOM)
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))

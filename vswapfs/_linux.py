@@ -181,6 +181,16 @@ def heap_headroom(nbytes: int) -> None:
         _libc.free(p)
 
 
+_libc.sbrk.argtypes = [ctypes.c_long]
+_libc.sbrk.restype = ctypes.c_void_p
+
+
+def heap_end() -> int:
+    """The end of malloc's main heap (``sbrk(0)``: libc's cached break, no
+    system call): it moves only when the heap grows or is trimmed."""
+    return _libc.sbrk(0) or 0
+
+
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
 _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
 M_ARENA_MAX: Final = -8
