@@ -7,10 +7,10 @@
 Reads and writes of the image go to the engine; a punch-hole fallocate
 (what loop makes of a discard) frees the range.  Served with channel
 threads (the default), these run on the thread that read the request (the
-``*_blocking`` methods) and never touch the event loop.  Served on the
-event loop alone, engine calls of more than a few pages go to worker
-threads (compression releases the GIL) and small ones run inline, where a
-thread hop would cost more than the work.
+``*_blocking`` methods) and never touch the event loop.  What the event
+loop serves runs inline in the daemon (``threads=0``: no thread may start
+after the mount, see ``_daemon``); given ``threads``, engine calls of more
+than a few pages go to that many worker threads instead.
 """
 
 from __future__ import annotations
