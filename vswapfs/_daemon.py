@@ -210,7 +210,6 @@ class Housekeeping(threading.Thread):
         super().__init__(name="housekeeping", daemon=True)
         self.mountpoint, self.space, self.busy, self.trim = mountpoint, space, busy, trim
         self.stop = threading.Event()
-        self.topups = 0  # ticks that topped memory up
 
     def run(self) -> None:
         _linux.set_thread_name("vswapfs-keeper")
@@ -235,7 +234,6 @@ class Housekeeping(threading.Thread):
                         if _linux.heap_end() != heap_mark:
                             _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
                             heap_mark = _linux.heap_end()
-                            self.topups += 1
                 elif not shed and now - last_busy >= TRIM_AFTER:
                     if self.trim:  # no more reads or writes: spares, buffers and heap go back
                         self.space.trim()
