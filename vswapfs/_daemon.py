@@ -71,7 +71,6 @@ BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
 TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
 SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
-SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm), for ps and the checks
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
 # The environment every daemon runs in: every Python object from glibc
 # malloc, one arena, no mmap'd blocks and no trimming on free, so memory
@@ -115,7 +114,7 @@ def protect(reserve: bool = False) -> dict[str, bool]:
             got["oom_score_adj"] = f.read().strip() == "-1000"
     except OSError:
         got["oom_score_adj"] = False
-    got["io_flusher"] = io_flusher()
+    got["io_flusher"] = _linux.io_flusher()
     missing = [k for k in ("oom_score_adj", "io_flusher") if not got[k]]
     if missing:
         log.warning("could not set %s (needs CAP_SYS_RESOURCE): the daemon relies on its "
@@ -123,16 +122,6 @@ def protect(reserve: bool = False) -> dict[str, bool]:
                     "" if got["oom_score_adj"] else ", and can be OOM-killed")
     log.info("protection: %s", ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in got.items()))
     return got
-
-
-def io_flusher() -> bool:
-    """PR_SET_IO_FLUSHER for the calling thread (each serving thread asks);
-    True if it took."""
-    try:
-        _linux.prctl(_linux.PR_SET_IO_FLUSHER, 1)
-        return _linux.prctl(_linux.PR_GET_IO_FLUSHER) == 1
-    except OSError:
-        return False
 
 
 def log_through_thread() -> Callable[[], None]:

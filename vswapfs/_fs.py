@@ -52,6 +52,7 @@ FIRST_CONTROL_FILE_INO = 16
 INLINE_BYTES = 16 * 1024  # requests up to this size skip the thread hop
 CLUSTER_BYTES = CLUSTER_SLOTS * PAGE
 PUNCH = _linux.FALLOC_FL_PUNCH_HOLE | _linux.FALLOC_FL_KEEP_SIZE
+SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm)
 
 
 class SwapFS(Operations):
@@ -80,13 +81,12 @@ class SwapFS(Operations):
         return self._image_requests
 
     def channel_started(self) -> None:
-        """On each channel thread: it serves the kernel, so it asks not to
-        do I/O in its own reclaim (see ``_daemon``)."""
-        from ._daemon import SERVING_THREAD, io_flusher
-
+        """On each channel thread: it serves the kernel, so it faults its
+        stack in now and asks not to do I/O in its own reclaim (see
+        ``_daemon``); named SERVING_THREAD for ps and the checks."""
         _linux.set_thread_name(SERVING_THREAD)
         _linux.prefault_stack()
-        io_flusher()
+        _linux.io_flusher()
 
     # -- inodes ---------------------------------------------------------------
 

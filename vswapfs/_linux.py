@@ -237,6 +237,16 @@ def prefault_stack() -> int:
         _libc.pthread_attr_destroy(attr)
 
 
+def io_flusher() -> bool:
+    """PR_SET_IO_FLUSHER for the calling thread (its reclaim then does no
+    I/O; needs CAP_SYS_RESOURCE); True if it took."""
+    try:
+        prctl(PR_SET_IO_FLUSHER, 1)
+        return prctl(PR_GET_IO_FLUSHER) == 1
+    except OSError:
+        return False
+
+
 def set_thread_name(name: str) -> None:
     """Name the calling thread (its ``comm``, 15 bytes), as ps and
     /proc/PID/task/TID/stat show it."""

@@ -238,7 +238,7 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
 def _serving_faults(pid: int | None) -> int:
     """Page faults so far of the daemon's threads that answer the kernel
     (its channel threads, named SERVING_THREAD)."""
-    from ._daemon import SERVING_THREAD
+    from ._fs import SERVING_THREAD
 
     return _linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
 

@@ -206,7 +206,7 @@ class Pool:
 
     # -- allocation -----------------------------------------------------
 
-    def _new_chunks(self, lengths: list[int]) -> tuple[int, int]:
+    def new_chunks(self, lengths: list[int]) -> tuple[int, int]:
         """(chunks, bytes of them) that storing objects of these lengths
         would add: what does not fit in the classes' free and uncarved slots."""
         want: dict[int, int] = {}
@@ -223,15 +223,12 @@ class Pool:
                 nbytes += k * cls.chunk_bytes
         return chunks, nbytes
 
-    def growth(self, lengths: list[int]) -> int:
-        """Bytes ``mem_used`` would grow by if objects of these lengths
-        were stored now (0 when they fit in chunks already in use)."""
-        return self._new_chunks(lengths)[1]
-
-    def fits(self, lengths: list[int]) -> bool:
-        """True if objects of these lengths can be stored now without
-        faulting memory in (inline mode: if the arena has room)."""
-        chunks = self._new_chunks(lengths)[0]
+    def fits(self, lengths: list[int], chunks: int | None = None) -> bool:
+        """True if objects of these lengths (needing ``chunks`` new chunks,
+        see :meth:`new_chunks`) can be stored now without faulting memory
+        in (inline mode: if the arena has room)."""
+        if chunks is None:
+            chunks = self.new_chunks(lengths)[0]
         have = len(self._spare)
         if not self.reserve and not self.dynamic:
             have += len(self._free_slots) + self._slots - self._next_slot

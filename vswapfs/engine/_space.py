@@ -563,9 +563,10 @@ class SwapSpace:
         """True if objects of ``lengths`` fit now: under the limit (after
         writeback, see _make_room) and in chunks that need no memory
         faulted in (a reserve's, or the spares, see ``_pool``)."""
-        if self.pool_limit and not self._make_room(self._pool.growth(lengths)):
+        chunks, nbytes = self._pool.new_chunks(lengths)
+        if self.pool_limit and not self._make_room(nbytes):
             return False
-        return self._pool.fits(lengths)
+        return self._pool.fits(lengths, chunks)
 
     def _make_room(self, need: int) -> bool:
         """True if ``need`` more pool bytes fit under the limit, after writing

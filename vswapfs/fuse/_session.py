@@ -106,8 +106,9 @@ class _ReadErrors:
         self.last_log = -1e9
         self.count = 0  # unexpected errors since the channel started
 
-    def gone(self, e: OSError, where: str) -> bool:
-        """True if the connection is gone; else sleep as needed, then False."""
+    def gone(self, e: OSError, where: str, sleep: bool = True) -> bool:
+        """True if the connection is gone; else wait ``self.pause`` (unless
+        ``sleep`` is false: the event loop awaits it instead), then False."""
         if e.errno in GONE:
             return True
         if e.errno in AGAIN:
@@ -118,7 +119,8 @@ class _ReadErrors:
             self.last_log = now
             log.error("%s: read from /dev/fuse failed (%s); retrying (%d so far)", where, e, self.count)
         self.pause = min(max(self.pause * 2, 0.001), RETRY_MAX_S)
-        time.sleep(self.pause)
+        if sleep:
+            time.sleep(self.pause)
         return False
 
     def ok(self) -> None:
@@ -388,8 +390,8 @@ class Session:
                 if e.errno in GONE:
                     return 0
                 if e.errno not in AGAIN:
-                    errors.gone(e, "event loop")  # logs; its pause is short, then read again
-                    await trio.sleep(0)
+                    errors.gone(e, "event loop", sleep=False)  # logs, then read again after a pause
+                    await trio.sleep(errors.pause)
 
     # -- INIT ---------------------------------------------------------------
 
