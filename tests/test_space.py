@@ -126,11 +126,11 @@ def test_writeback_moves_lru_pages_without_changing_slots(tmp_path: Path) -> Non
     pages = {i * 3: text_page(i) for i in range(2000)}
     for slot, page in pages.items():
         s.write(slot * PAGE, page)
-    first_cluster = [s._word(slot) for slot in range(0, 600, 3)]
+    first_cluster = [s.entry(slot) for slot in range(0, 600, 3)]
     assert all(E.tag(w) == E.POOL for w in first_cluster)
     assert s.writeback(100) == 100
     # the oldest-written cluster went first
-    assert all(E.tag(s._word(slot)) == E.PHYS for slot in range(0, 300, 3))
+    assert all(E.tag(s.entry(slot)) == E.PHYS for slot in range(0, 300, 3))
     assert s.writeback() == 1900
     st = s.stats()
     assert st["pool_pages"] == 0 and st["phys_pages"] == 2000 and st["mem_used_total"] == 0
@@ -169,10 +169,10 @@ def test_evacuation_moves_pages_to_another_file_then_to_the_pool(tmp_path: Path)
         s.write(i * PAGE, page)
     s.writeback()
     s.add_backing(b)
-    words = [s._word(i) for i in data]
+    words = [s.entry(i) for i in data]
     assert s.remove_backing(a) == 1500
     assert not os.path.exists(a)
-    assert all(E.phys_file(s._word(i)) == 1 for i in data) and words != [s._word(i) for i in data]
+    assert all(E.phys_file(s.entry(i)) == 1 for i in data) and words != [s.entry(i) for i in data]
     assert s.remove_backing(b) == 1500
     st = s.stats()
     assert st["phys_pages"] == 0 and st["evacuated_pages"] == 3000 and st["backing_files"] == 0
@@ -201,7 +201,7 @@ def test_checksum_mismatch_is_an_error_for_that_page_only(tmp_path: Path) -> Non
     pages = [os.urandom(PAGE) for _ in range(4)]
     for i, p in enumerate(pages):
         s.write(i * PAGE, p)
-    bad = E.phys_slot(s._word(2))
+    bad = E.phys_slot(s.entry(2))
     with open(path, "r+b") as f:
         f.seek(bad * PAGE + 100)
         f.write(b"bitrot")
@@ -221,7 +221,7 @@ def test_short_read_from_backing_is_an_error_for_that_page_only(tmp_path: Path) 
     for i, p in enumerate(pages):
         s.write(i * PAGE, p)
     with open(path, "r+b") as f:  # someone truncates the file under us
-        f.truncate(E.phys_slot(s._word(3)) * PAGE)
+        f.truncate(E.phys_slot(s.entry(3)) * PAGE)
     with pytest.raises(OSError):
         s.read(3 * PAGE, PAGE)
     assert [s.read(i * PAGE, PAGE) for i in range(3)] == pages[:3]
@@ -256,7 +256,7 @@ def test_reserve_caps_the_pool_and_refuses_cleanly_when_used_up() -> None:
     # four size classes take the four reserved chunks (all of each counts: it
     # is faulted in) with a page or so each; a fifth class finds no chunk left
     pages = [os.urandom(n) + bytes(PAGE - n) for n in (512, 1024, 1536, 2048, 2560)]
-    blobs = [s._encode(p)[1] for p in pages]
+    blobs = [s._codec.encode(p)[1] for p in pages]
     assert len({(len(b) - 1) // 16 for b in blobs if b}) == 5
     for i, p in enumerate(pages[:4]):
         s.write(i * PAGE, p)
@@ -323,7 +323,7 @@ def test_an_object_of_exactly_a_page_is_kept_raw(codec: str) -> None:
     page = bytes(22) + tail[22:]
     s = SwapSpace(MiB, codec=codec, huge_threshold=PAGE)
     if codec == "lz4":
-        assert len(s._compress(page)) == PAGE  # the case this test is about
+        assert len(s._codec.compress(page)) == PAGE  # the case this test is about
     s.write(0, page)
     assert s.read(0, PAGE) == page
     assert s.stats()["huge_pages"] == 1
@@ -439,7 +439,7 @@ def test_check_finds_a_word_that_points_nowhere(tmp_path: Path) -> None:
     s = SwapSpace(MiB, backing=[str(tmp_path / "b0")])
     s.write(0, text_page(0) + os.urandom(PAGE))
     assert s.check() == []
-    cl = s._clusters[0]
+    cl = s._table.clusters[0]
     cl.table[1] = E.phys_word(0, 77)  # a PHYS word whose slot holds nothing
     assert any("does not point back" in p for p in s.check())
     cl.table[0] = E.pool_word(999, 100)

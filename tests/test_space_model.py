@@ -191,12 +191,12 @@ class SpaceModel(RuleBasedStateMachine):
         assert s["compr_data_size"] <= s["mem_used_total"] <= s["mem_used_max"]
         assert s["phys_pages"] == sum(bf.live for bf in self.space.backing_files())
         # the gauges are kept incrementally: recount them from the tables
-        words = [w for cl in self.space._clusters.values() for w in cl.table if w]
+        words = [w for cl in self.space._table.clusters.values() for w in cl.table if w]
         tags = [w & E.TAG_MASK for w in words]
         assert s["same_pages"] == tags.count(E.SAME) and s["pool_pages"] == tags.count(E.POOL)
         raw = [t == E.POOL and E.pool_length(w) == PAGE for t, w in zip(tags, words, strict=True)]
         assert s["huge_pages"] == sum(raw)
-        assert s["clusters"] == sum(1 for cl in self.space._clusters.values() if cl.used)
+        assert s["clusters"] == sum(1 for cl in self.space._table.clusters.values() if cl.used)
 
 
 SpaceModel.TestCase.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)

@@ -31,11 +31,9 @@ from typing import Final
 import xxhash
 
 from .. import _linux
+from .._consts import CLUSTER_BYTES, CLUSTER_SLOTS, PAGE
 from . import _inject
 
-PAGE: Final = 4096
-CLUSTER_SLOTS: Final = 512
-CLUSTER_BYTES: Final = PAGE * CLUSTER_SLOTS
 _STAGE_PAGES: Final = 256
 _FREE_RMAP: Final = array("q", [-1] * CLUSTER_SLOTS)
 _ZERO_CSUM: Final = array("Q", bytes(8 * CLUSTER_SLOTS))

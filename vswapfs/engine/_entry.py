@@ -37,6 +37,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from .._consts import PAGE
+
 TAG_BITS: Final = 3
 TAG_MASK: Final = (1 << TAG_BITS) - 1
 
@@ -45,8 +47,6 @@ SAME: Final = 1
 POOL: Final = 2
 PHYS: Final = 3
 TAG_NAMES: Final = ("none", "same", "pool", "phys")
-
-PAGE_SIZE: Final = 4096
 
 _LEN_SHIFT: Final = 3
 _LEN_BITS: Final = 12
@@ -100,7 +100,7 @@ _Q: Final = struct.Struct("<Q")
 
 def same_page(word: int) -> bytes:
     """The 4 KiB page a SAME entry stands for."""
-    return _Q.pack(same_value(word)) * (PAGE_SIZE // 8)
+    return _Q.pack(same_value(word)) * (PAGE // 8)
 
 
 # --- POOL -----------------------------------------------------------------

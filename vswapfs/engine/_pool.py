@@ -46,12 +46,12 @@ from array import array
 from typing import Final
 
 from .. import _linux
+from .._consts import PAGE as _PAGE
 from . import _inject
 
 CLASS_STEP: Final = 16
 N_CLASSES: Final = 4096 // CLASS_STEP
 CHUNK_BYTES: Final = 64 * 1024  # the largest chunk, and the arena's slot size
-_PAGE: Final = 4096
 SPARE_LOW: Final = 32  # dynamic mode: spare chunks kept while idle (2 MiB)
 SPARE_HIGH: Final = 256  # dynamic mode: spare chunks refilled to while busy (16 MiB)
 

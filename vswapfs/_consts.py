@@ -1,0 +1,15 @@
+"""The numbers every layer agrees on, defined once.
+
+Kept free of imports so that the lightest command (``vswapfs status``)
+can use them without loading the engine or the transport.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PAGE: Final = 4096  # bytes in a page, a virtual slot and a physical slot
+CLUSTER_SLOTS: Final = 512  # slots per cluster, as the kernel's swap allocator
+CLUSTER_BYTES: Final = PAGE * CLUSTER_SLOTS  # 2 MiB: the unit the kernel discards
+FSTYPE: Final = "vswapfs"  # mounts are fuse.vswapfs; tools find them by it
+MiB: Final = 1 << 20

@@ -1,0 +1,414 @@
+"""Placement: where a page is stored, and how it moves between backends.
+
+The store policy (:meth:`Placement.commit`): same-filled pages live in
+their table word; pages that compress poorly go to a backing file if
+there is one (else raw in the pool); the rest go to the pool, or, when it
+is at its limit or has no chunk ready, to a backing file, else
+NoSpaceError.  Writeback, evacuation and compaction move pages by
+rewriting their table words only; the virtual slot never changes.
+
+:meth:`Placement.to_backing` is the one way pages reach a backing file.
+
+Every method here runs with the engine lock held (the facade,
+``_space``, takes it), except :meth:`read_phys`, which a reader may call
+without it.  That is safe because a reader counts itself in
+``phys_readers`` under the lock first: while any is counted, a freed
+physical slot is only quarantined (its rmap entry ``QUARANTINED``, the
+slot in ``deferred``), never reused, and a removed backing file is only
+retired; :meth:`readers_done` frees them when the last reader leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Final
+
+from .._consts import PAGE
+from . import _entry as E
+from ._backing import BackingChecksumError, BackingFile, checksum
+from ._codec import Codec
+from ._pool import Pool, PoolExhausted, size_class
+from ._stats import Counters
+from ._table import CLUSTER_FOOTPRINT, Table
+
+DEFAULT_ACCEPT_THRESHOLD: Final = 90
+WRITEBACK_BATCH: Final = 256
+QUARANTINED: Final = -3  # rmap value of a freed physical slot a reader may still read
+
+
+class NoSpaceError(OSError):
+    """The pool is at its limit and no backing file can take the page."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(errno.ENOSPC, msg)
+
+
+class Placement:
+    """The pool, the backing files and the policy between them."""
+
+    def __init__(self, pool: Pool, codec: Codec, counters: Counters, *,
+                 writeback_enabled: bool = True) -> None:
+        self.pool = pool
+        self.codec = codec
+        self.counters = counters
+        self.table = Table(self.release, counters)
+        self.backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
+        self.evacuating: set[int] = set()  # backing-file indices being emptied
+        self.phys_readers = 0  # reads of backing pages in flight outside the lock
+        self.deferred: list[tuple[BackingFile, int]] = []  # physical slots freed meanwhile
+        self.retired: list[BackingFile] = []  # removed backing files a reader may still use
+        self.pool_limit = 0  # bytes, 0: none
+        self.accept_threshold = DEFAULT_ACCEPT_THRESHOLD  # percent of the limit
+        self.writeback_enabled = writeback_enabled
+        self.pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
+
+    # -- freeing -------------------------------------------------------------
+
+    def release(self, word: int) -> None:
+        """Free the backend resources of an entry word (never raises).  A
+        physical slot is only quarantined while a reader may read it."""
+        t = word & E.TAG_MASK
+        if t == E.POOL:
+            self.pool.free(E.pool_object(word), E.pool_length(word))
+        elif t == E.PHYS:
+            bf = self.backing[E.phys_file(word)]
+            assert bf is not None
+            p = E.phys_slot(word)
+            if self.phys_readers:
+                bf.rmap[p] = QUARANTINED
+                self.deferred.append((bf, p))
+            else:
+                bf.free(p)
+
+    def readers_done(self) -> None:
+        """The last unlocked reader is done: free what waited for it."""
+        for bf, p in self.deferred:
+            bf.free(p)
+        self.deferred = []
+        for bf in self.retired:
+            bf.close()
+        self.retired = []
+
+    # -- backing files ---------------------------------------------------------
+
+    def target(self) -> BackingFile | None:
+        """The backing file new physical pages go to, if any."""
+        for bf in self.backing:
+            if bf is not None and bf.index not in self.evacuating:
+                return bf
+        return None
+
+    def to_backing(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
+        """Write pages for virtual ``slots`` to ``bf``.  Returns their PHYS
+        words; the slots are bound in the rmap, so a caller that then fails
+        must release the words.  On failure nothing is bound, the error is
+        counted and re-raised."""
+        pslots: list[int] = []
+        try:
+            pslots = bf.alloc(len(pages))
+            bf.write(pslots, pages)
+        except OSError:
+            self.counters.bd_write_errors += 1
+            for p in pslots:
+                bf.free(p)
+            raise
+        self.counters.bd_writes += len(pages)
+        for p, v, page in zip(pslots, slots, pages, strict=True):
+            bf.bind(p, v, checksum(page))
+        return [E.phys_word(bf.index, p) for p in pslots]
+
+    def read_phys(self, word: int, bf: BackingFile, *, final: bool = True) -> bytes:
+        """Read and verify a backing page of ``bf`` (looked up under the
+        lock: a reader without it must not look again, the file may have
+        been removed meanwhile).  Errors are counted unless ``final`` is
+        false (the caller will look again and count)."""
+        p = E.phys_slot(word)
+        try:
+            page = bf.read(p, bf.csum[p])
+        except OSError as e:
+            if final:
+                self.count_read_error(e)
+            raise
+        self.counters.bd_reads += 1
+        return page
+
+    def count_read_error(self, e: OSError) -> None:
+        self.counters.bd_read_errors += 1
+        if isinstance(e, BackingChecksumError):
+            self.counters.checksum_failures += 1
+
+    # -- the store policy ------------------------------------------------------
+
+    def commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
+        """Store encoded pages and point their slots at them (see the module
+        docstring for the policy).  All or nothing: whatever was stored
+        before a failure is released."""
+        words = [w for w, _ in encoded]
+        poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
+        self.counters.reject_compress_poor += len(poor)
+        target = self.target() if self.writeback_enabled else None
+        stored: list[int] = []  # words made here, released again if anything fails
+
+        def to_disk(idx: list[int]) -> None:
+            assert target is not None
+            phys = self.to_backing(target, [first + i for i in idx], [pages[i] for i in idx])
+            stored.extend(phys)
+            for i, w in zip(idx, phys, strict=True):
+                words[i] = w
+
+        try:
+            on_disk: set[int] = set()
+            if poor and target is not None:
+                try:
+                    to_disk(poor)
+                    on_disk = set(poor)
+                except OSError:
+                    pass  # the backing file failed: keep them raw in the pool
+            blobs = {i: (b if b is not None else pages[i]) for i, (w, b) in enumerate(encoded)
+                     if not w and i not in on_disk}
+            if blobs and not self.room([len(b) for b in blobs.values()]):
+                if target is None:
+                    raise NoSpaceError(self.why_no_room())
+                try:  # zswap's reject path: straight to the backing file
+                    to_disk(sorted(blobs))
+                except OSError:
+                    raise NoSpaceError(self.why_no_room() + "; the backing file failed too") from None
+                blobs = {}
+            for i, blob in blobs.items():
+                w = self.store_pool(blob)
+                stored.append(w)
+                words[i] = w
+        except BaseException:
+            for w in stored:
+                self.release(w)
+            self.note_mem()
+            raise
+        for i, w in enumerate(words):
+            self.table.set(first + i, w)
+        self.table.touch(first, len(words))
+        self.note_mem()
+
+    def store_pool(self, blob: bytes) -> int:
+        """Copy ``blob`` into the pool; its POOL word."""
+        try:
+            word = E.pool_word(self.pool.store(blob), len(blob))
+        except PoolExhausted as e:
+            raise NoSpaceError(str(e)) from None
+        if len(blob) == PAGE:
+            self.counters.huge_pages_since += 1
+        return word
+
+    def why_no_room(self) -> str:
+        if self.pool_limit and self.pool_full:
+            return (f"pool limit {self.pool_limit} bytes reached ({self.pool.mem_used} in use) "
+                    "and no backing file took the pages")
+        return "no pool chunk is ready for the pages and no backing file took them"
+
+    def room(self, lengths: list[int]) -> bool:
+        """True if objects of ``lengths`` fit now: under the limit (after
+        writeback, see make_room) and in chunks that need no memory
+        faulted in (a reserve's, or the spares, see ``_pool``)."""
+        chunks, nbytes = self.pool.new_chunks(lengths)
+        if self.pool_limit and not self.make_room(nbytes):
+            return False
+        return self.pool.fits(lengths, chunks)
+
+    def make_room(self, need: int) -> bool:
+        """True if ``need`` more pool bytes fit under the limit, after writing
+        back least-recently-written pages if there is a backing file."""
+        limit = self.pool_limit
+        if not self.pool_full and self.pool.mem_used + need <= limit:
+            return True
+        if not self.pool_full:
+            self.pool_full = True
+            self.counters.pool_limit_hit += 1
+        if self.writeback_enabled and self.target() is not None:
+            goal = limit * self.accept_threshold // 100 - need
+            self.writeback(None, until_below=max(goal, 0))
+        self.note_mem()
+        return not self.pool_full and self.pool.mem_used + need <= limit
+
+    def note_mem(self) -> None:
+        """Track the pool's peak, and leave the full state below the threshold."""
+        used = self.pool.mem_used
+        if used > self.counters.mem_used_max:
+            self.counters.mem_used_max = used
+        if self.pool_full and used < self.pool_limit * self.accept_threshold // 100:
+            self.pool_full = False
+
+    # -- backend transfer ----------------------------------------------------
+
+    def writeback(self, want: int | None, until_below: int | None = None) -> int:
+        """Write up to ``want`` (None: all) pool pages back, oldest cluster
+        first, or until the pool uses at most ``until_below`` bytes.  A
+        batch that cannot be decompressed or written stays in the pool, and
+        the writeback stops there.  Returns the pages moved."""
+        moved = 0
+        for todo in self.table.pool_words():
+            for k in range(0, len(todo), WRITEBACK_BATCH):
+                if want is not None and moved >= want:
+                    return moved
+                if until_below is not None and self.pool.mem_used <= until_below:
+                    return moved
+                batch = todo[k:k + WRITEBACK_BATCH]
+                if want is not None:
+                    batch = batch[:want - moved]
+                target = self.target()
+                if target is None:
+                    return moved
+                try:
+                    pages = [self.codec.decode(self.pool.load(E.pool_object(w), E.pool_length(w)))
+                             for _, w in batch]
+                    words = self.to_backing(target, [s for s, _ in batch], pages)
+                except (OSError, MemoryError):
+                    return moved  # the pages stay in the pool
+                for (slot, _), word in zip(batch, words, strict=True):
+                    self.table.set(slot, word)
+                moved += len(batch)
+                self.counters.written_back_pages += len(batch)
+        return moved
+
+    def evacuate(self, bf: BackingFile) -> None:
+        """Move every page of ``bf`` elsewhere, one by one: to another
+        backing file, or into the pool when there is none."""
+        for pslot, vslot in list(bf.slots_in_use()):
+            page = self.read_phys(E.phys_word(bf.index, pslot), bf)
+            target = self.target() if self.writeback_enabled else None
+            if target is not None:
+                word = self.to_backing(target, [vslot], [page])[0]
+            else:
+                word, blob = self.codec.encode(page)
+                if not word:
+                    blob = blob if blob is not None else page
+                    if not self.room([len(blob)]):
+                        raise NoSpaceError("no room in the pool to evacuate into")
+                    word = self.store_pool(blob)
+            self.table.set(vslot, word)
+            self.counters.evacuated_pages += 1
+
+    def compact(self) -> int:
+        """Pack sparse pool chunks together; returns the bytes freed.  A move
+        that finds no chunk ready ends the compaction early."""
+        pool = self.pool
+        before = pool.mem_used
+        try:
+            if pool.plan_compaction():
+                for cl in self.table.clusters.values():
+                    if not cl.pool:
+                        continue
+                    table = cl.table
+                    for idx, w in enumerate(table):
+                        if w & E.TAG_MASK == E.POOL:
+                            obj, length = E.pool_object(w), E.pool_length(w)
+                            if pool.draining(obj, length):
+                                table[idx] = E.pool_word(pool.move(obj, length), length)
+        except MemoryError:  # PoolExhausted too: what moved stays moved, the rest stays put
+            pass
+        finally:
+            pool.end_compaction()
+        self.note_mem()
+        return max(before - pool.mem_used, 0)
+
+    def remove(self, path: str) -> int:
+        """Evacuate the backing file at ``path`` and drop it (see
+        ``SwapSpace.remove_backing``); returns the pages moved."""
+        bf = next((b for b in self.backing if b is not None and b.path == path), None)
+        if bf is None:
+            raise FileNotFoundError(errno.ENOENT, f"{path} is not a backing file", path)
+        self.evacuating.add(bf.index)
+        before = self.counters.evacuated_pages
+        try:
+            self.evacuate(bf)
+        except MemoryError as e:
+            raise OSError(errno.ENOMEM, f"out of memory: {e}") from None
+        finally:
+            self.evacuating.discard(bf.index)
+            self.note_mem()
+        # quarantined slots may still be read: the file goes when the readers are done
+        self.deferred = [(b, p) for b, p in self.deferred if b is not bf]
+        self.backing[bf.index] = None
+        if self.phys_readers:
+            self.retired.append(bf)
+        else:
+            bf.close()
+        return self.counters.evacuated_pages - before
+
+    # -- state -----------------------------------------------------------------
+
+    def gauges(self) -> dict[str, int]:
+        """The gauges of ``_stats`` that placement knows (all but disksize)."""
+        tp = self.table.tag_pages
+        stored = tp[E.SAME] + tp[E.POOL] + tp[E.PHYS]
+        backing = [bf for bf in self.backing if bf is not None]
+        pool = self.pool
+        return {
+            "stored_pages": stored,
+            "zero_pages": tp[E.SAME],
+            "same_pages": tp[E.SAME],
+            "pool_pages": tp[E.POOL],
+            "phys_pages": tp[E.PHYS],
+            "huge_pages": self.table.huge_pages,
+            "orig_data_size": stored * PAGE,
+            "compr_data_size": pool.payload,
+            "mem_used_total": pool.mem_used,
+            "mem_limit": self.pool_limit,
+            "pool_reserve": pool.reserve,
+            "pool_spare": pool.spare_bytes,
+            "pool_chunks": pool.chunks,
+            "clusters": len(self.table.clusters),
+            "metadata_bytes": len(self.table.clusters) * CLUSTER_FOOTPRINT
+            + sum(16 * len(bf.rmap) for bf in backing),
+            "bd_count": tp[E.PHYS],
+            "backing_files": len(backing),
+            "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
+            "pool_full": int(self.pool_full),
+        }
+
+    # -- consistency -----------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Every table word's target exists and is used once, every rmap
+        entry points back at its word, and the pool and file accounting
+        sum.  Returns the problems found."""
+        bad = self.table.check()
+        objs: set[tuple[int, int]] = set()
+        payload = 0
+        phys: dict[tuple[int, int], int] = {}
+        for slot, w in self.table.words():
+            t = w & E.TAG_MASK
+            if t == E.POOL:
+                obj, length = E.pool_object(w), E.pool_length(w)
+                payload += length
+                key = (size_class(length), obj)
+                if key in objs or not self.pool.holds(obj, length):
+                    bad.append(f"slot {slot}: pool object {key} shared or not live")
+                objs.add(key)
+            elif t == E.PHYS:
+                f, p = E.phys_file(w), E.phys_slot(w)
+                bf = self.backing[f]
+                if bf is None or p >= len(bf.rmap) or bf.rmap[p] != slot:
+                    bad.append(f"slot {slot}: backing {f} slot {p} does not point back")
+                phys[(f, p)] = slot
+            elif t != E.SAME:
+                bad.append(f"slot {slot}: word {w:#x} has no backend")
+        if len(objs) != self.pool.objects or payload != self.pool.payload:
+            bad.append(f"pool holds {self.pool.objects} objects of {self.pool.payload} bytes, "
+                       f"the tables {len(objs)} of {payload}")
+        quarantined = {(bf.index, p) for bf, p in self.deferred}
+        for bf in self.backing:
+            if bf is None:
+                continue
+            live = 0
+            for p, v in enumerate(bf.rmap):
+                if v == -1:
+                    continue
+                live += 1
+                if v >= 0 and phys.get((bf.index, p)) != v:
+                    bad.append(f"backing {bf.index} slot {p}: rmap says {v}, no such word")
+                elif v == QUARANTINED and (bf.index, p) not in quarantined:
+                    bad.append(f"backing {bf.index} slot {p}: quarantined, not deferred")
+                elif v < -1 and v != QUARANTINED:
+                    bad.append(f"backing {bf.index} slot {p}: left reserved ({v})")
+            if live != bf.live or sum(bf.used) != live:
+                bad.append(f"backing {bf.index}: live {bf.live}, used {sum(bf.used)}, rmap {live}")
+        return bad
