@@ -300,9 +300,9 @@ def test_read_errors_end_a_channel_only_when_the_connection_is_gone(caplog: pyte
     every few seconds, and read again after a short pause that grows."""
     import time
 
-    from vswapfs.fuse._session import _ReadErrors
+    from vswapfs.fuse._channel import ReadErrors
 
-    errors = _ReadErrors()
+    errors = ReadErrors()
     for err in (errno.ENODEV, errno.ECONNABORTED):
         assert errors.gone(OSError(err, "x"), "test")
     for err in (errno.EINTR, errno.ENOENT, errno.EAGAIN):

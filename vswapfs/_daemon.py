@@ -276,8 +276,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
                             task_status=task_status)
                 nursery.cancel_scope.cancel()  # unmounted: stop watching signals
 
-            session = await nursery.start(serving)
-            fs.service_stats = session.service_stats
+            await nursery.start(serving)
             if trim:  # the idle footprint, in place before the first request rather than after it
                 _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
                 _linux.malloc_trim(HEAP_HEADROOM)

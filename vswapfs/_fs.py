@@ -25,9 +25,10 @@ from collections.abc import Callable
 import trio
 
 from . import _linux
+from ._consts import CLUSTER_BYTES, PAGE
 from ._control import ControlFile, build_control_files
 from ._ratelimit import RateLimited
-from .engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
+from .engine import NoSpaceError, SwapSpace
 from .fuse import (
     DEFER,
     FOPEN_DIRECT_IO,
@@ -38,6 +39,7 @@ from .fuse import (
     DirEntry,
     Entry,
     FuseError,
+    InitInfo,
     Opened,
     Operations,
     SetattrRequest,
@@ -50,7 +52,6 @@ SWAP_INO = 2
 CONTROL_INO = 3
 FIRST_CONTROL_FILE_INO = 16
 INLINE_BYTES = 16 * 1024  # requests up to this size skip the thread hop
-CLUSTER_BYTES = CLUSTER_SLOTS * PAGE
 PUNCH = _linux.FALLOC_FL_PUNCH_HOLE | _linux.FALLOC_FL_KEEP_SIZE
 SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm)
 
@@ -62,8 +63,8 @@ class SwapFS(Operations):
         self.space = space
         self._limiter = trio.CapacityLimiter(max(threads, 1))
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
-        # the transport's per-opcode (requests, bytes, ns) once serving (Session.service_stats)
-        self.service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
+        # the transport's per-opcode (requests, bytes, ns), handed over by init()
+        self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
         self._files = [*build_control_files(space, self._fuse_metrics).values(),
                        ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes "
                                    "written or read, busy µs (parse to reply, summed), mean µs",
@@ -80,6 +81,10 @@ class SwapFS(Operations):
         know when the daemon is busy (discards only free memory)."""
         return self._image_requests
 
+    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        """INIT is done: keep the transport's counts for ``fuse_stat``."""
+        self._service_stats = service_stats
+
     def channel_started(self) -> None:
         """On each channel thread: it serves the kernel, so it faults its
         stack in now and asks not to do I/O in its own reclaim (see
@@ -92,11 +97,11 @@ class SwapFS(Operations):
 
     def _fuse_stat(self) -> str:
         return "".join(f"{name} {n} {data} {ns // 1000} {ns / n / 1000:.1f}\n"
-                       for name, (n, data, ns) in self.service_stats().items())
+                       for name, (n, data, ns) in self._service_stats().items())
 
     def _fuse_metrics(self) -> str:
         """fuse_stat in the Prometheus text format, one series per opcode."""
-        stats = self.service_stats()
+        stats = self._service_stats()
         out = []
         for metric, what, field in (
                 ("requests_total", "FUSE requests answered", 0),

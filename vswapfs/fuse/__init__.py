@@ -12,8 +12,10 @@ from ._abi import (
     ROOT_ID,
     Opcode,
 )
+from ._channel import MAX_WRITE
+from ._mount import open_and_mount, unmount
 from ._ops import DEFER, Operations
-from ._session import MAX_WRITE, Session, open_and_mount, serve, unmount
+from ._session import Session, serve
 from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
 __all__ = [

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from typing import Any, Final
 
-from ._types import Attr, Context, DirEntry, Entry, FuseError, Opened, SetattrRequest, StatFs
+from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
 DEFER: Final[Any] = type("Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Returned by a ``*_blocking`` method: serve this request with the async
@@ -26,6 +27,12 @@ class Operations:
     arguments.  They may block and must be thread-safe; returning
     :data:`DEFER` (the default) hands the request to the async method.
     """
+
+    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        """Called once INIT is answered, before any other request: what was
+        settled with the kernel, and a function that returns the
+        transport's counts per opcode (requests, bytes of file data, ns
+        spent), for the file system to show."""
 
     def channel_started(self) -> None:
         """Called on each channel thread before it reads its first request

@@ -1,21 +1,20 @@
-"""Mounting, INIT, and the request loop over /dev/fuse on trio.
-
-One table maps each opcode we serve to the parser of its body, the
-Operations method, and the builder of its reply.  Requests are parsed
-defensively: a short or malformed one is answered EIO and logged; an
-unknown opcode gets ENOSYS.
+"""A FUSE session: INIT, then one request path, on trio.
 
 Two ways to serve.  With ``channels=0`` the event loop reads /dev/fuse and
 runs every request as its own task, so slow ones (I/O in threads) never
 hold up the others.  With ``channels=N`` the data path skips the event
-loop: N threads each read their own clone of the fd
-(FUSE_DEV_IOC_CLONE), serve READ, WRITE and FALLOCATE through the file
-system's ``*_blocking`` methods and reply on the fd that read the request,
-as the kernel requires; anything else, or what a ``*_blocking`` method
-DEFERs, is handed to the event loop as a task.  A trip through the event
-loop (epoll, a task, a thread hop for the work) costs more than serving a
-4 KiB page, and the channel threads block in read(2) and in compression
-with the GIL released.
+loop: N threads each read their own clone of the fd (see ``_channel``)
+and serve the opcodes the table (``_opcodes``) marks ``thread`` through
+the file system's ``*_blocking`` methods; anything else, or what a
+``*_blocking`` method DEFERs, is handed to the event loop as a task.  A
+trip through the event loop (epoll, a task, a thread hop for the work)
+costs more than serving a 4 KiB page, and the channel threads block in
+read(2) and in compression with the GIL released.
+
+Either way a request takes the same path: :meth:`Session._open` checks
+the header, looks the opcode up and parses the body; the method is called
+(awaited on the loop, called on a thread); :meth:`Session._answer` builds
+and writes the reply, or the errno, and counts it.
 
 Request buffers come from a fixed set, faulted in at start: one per
 channel thread, or, when the event loop reads, a pool for it; when all of
@@ -30,34 +29,33 @@ what the kernel's side of the crossing costs.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
-import stat
-import struct
 import threading
 import time
 from array import array
-from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import trio
 
-from .. import _linux
 from . import _abi as A
+from . import _channel as C
+from ._mount import open_and_mount
+from ._opcodes import OPS, Op, data_bytes
 from ._ops import DEFER, Operations
-from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
+from ._reader import MalformedHeader, MalformedRequest, header
+from ._replies import errno_of
+from ._types import Context, InitInfo
 
 log = logging.getLogger("vswapfs.fuse")
 
-MAX_WRITE = 1 << 20
-MAX_PAGES = MAX_WRITE // 4096
-MAX_BACKGROUND = 64
-FALLBACK_BUFFERS = 16  # event-loop buffers when channels were asked for but cannot be had
-WANTED_FLAGS = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
-
-
-OPCODES_TALLIED = 64  # opcodes below this are counted (fuse.h here ends at 51; CUSE_INIT is 4096)
+MAX_WRITE: Final = C.MAX_WRITE
+MAX_PAGES: Final = MAX_WRITE // 4096
+MAX_BACKGROUND: Final = 64
+FALLBACK_BUFFERS: Final = 16  # event-loop buffers when channels were asked for but cannot be had
+WANTED_FLAGS: Final = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
+OPCODES_TALLIED: Final = 64  # opcodes below this are counted (fuse.h ends at 51; CUSE_INIT is 4096)
+HAND_OVER: Final[Any] = object()  # _open's answer on a channel thread: the event loop serves it
 
 
 class _Tally:
@@ -79,242 +77,17 @@ class _Tally:
             self.ns[opcode] += time.perf_counter_ns() - t0
 
 
-def _data_bytes(opcode: int, result: Any, payload: Any) -> int:
-    """Bytes of file data a successful request moved: written or read."""
-    if opcode == A.Opcode.WRITE:
-        return int(result)
-    if opcode == A.Opcode.READ:
-        return len(payload)
-    return 0
+class _Request(NamedTuple):
+    """A request that parsed: what the method needs and where to answer."""
 
-
-# read(2) on /dev/fuse: these mean the connection is gone (unmounted, or
-# aborted through /sys/fs/fuse/connections), these that nothing was read
-GONE: Final = frozenset({errno.ENODEV, errno.ECONNABORTED})
-AGAIN: Final = frozenset({errno.EINTR, errno.ENOENT, errno.EAGAIN})
-RETRY_MAX_S: Final = 1.0  # longest wait before reading again after an unexpected error
-
-
-class _ReadErrors:
-    """What to do after read(2) on /dev/fuse failed: GONE ends the channel,
-    AGAIN reads again at once, anything else is logged (at most every few
-    seconds) and retried after a growing pause: a channel never stops
-    serving while its connection lives."""
-
-    def __init__(self) -> None:
-        self.pause = 0.0
-        self.last_log = -1e9
-        self.count = 0  # unexpected errors since the channel started
-
-    def gone(self, e: OSError, where: str, sleep: bool = True) -> bool:
-        """True if the connection is gone; else wait ``self.pause`` (unless
-        ``sleep`` is false: the event loop awaits it instead), then False."""
-        if e.errno in GONE:
-            return True
-        if e.errno in AGAIN:
-            return False
-        self.count += 1
-        now = time.monotonic()
-        if now - self.last_log >= 5:
-            self.last_log = now
-            log.error("%s: read from /dev/fuse failed (%s); retrying (%d so far)", where, e, self.count)
-        self.pause = min(max(self.pause * 2, 0.001), RETRY_MAX_S)
-        if sleep:
-            time.sleep(self.pause)
-        return False
-
-    def ok(self) -> None:
-        self.pause = 0.0
-
-
-class MalformedRequest(Exception):
-    """The request is shorter than its header or body says."""
-
-
-# -- body parsers: memoryview of the body -> positional arguments -----------
-
-def _need(body: memoryview, n: int) -> None:
-    if len(body) < n:
-        raise MalformedRequest(f"body of {len(body)} bytes, need {n}")
-
-
-def _p_name(body: memoryview) -> tuple[bytes]:
-    raw = bytes(body)
-    end = raw.find(b"\0")
-    if end <= 0:
-        raise MalformedRequest("name is empty or not NUL-terminated")
-    return (raw[:end],)
-
-
-def _p_getattr(body: memoryview) -> tuple[int | None]:
-    _need(body, A.GETATTR_IN.size)
-    flags, _, fh = A.GETATTR_IN.unpack_from(body)
-    return (fh if flags & A.GETATTR_FH else None,)
-
-
-def _p_setattr(body: memoryview) -> tuple[SetattrRequest]:
-    _need(body, A.SETATTR_IN.size)
-    (valid, _, fh, size, _, _, _, _, _, _, _, mode, _, uid, gid, _) = A.SETATTR_IN.unpack_from(body)
-    return (SetattrRequest(
-        mode=mode if valid & A.FATTR_MODE else None,
-        uid=uid if valid & A.FATTR_UID else None,
-        gid=gid if valid & A.FATTR_GID else None,
-        size=size if valid & A.FATTR_SIZE else None,
-        fh=fh if valid & A.FATTR_FH else None,
-        times=bool(valid & (A.FATTR_ATIME | A.FATTR_MTIME)),
-    ),)
-
-
-def _p_open(body: memoryview) -> tuple[int]:
-    _need(body, A.OPEN_IN.size)
-    return (A.OPEN_IN.unpack_from(body)[0],)
-
-
-def _p_create(body: memoryview) -> tuple[bytes, int, int]:
-    _need(body, A.CREATE_IN.size)
-    flags, mode, umask, _ = A.CREATE_IN.unpack_from(body)
-    return _p_name(body[A.CREATE_IN.size:])[0], mode & ~umask, flags
-
-
-def _p_fh(body: memoryview) -> tuple[int]:
-    _need(body, 8)
-    return (A.FORGET_IN.unpack_from(body)[0],)
-
-
-def _p_read(body: memoryview) -> tuple[int, int, int]:
-    _need(body, A.READ_IN.size)
-    fh, offset, size, _ = A.READ_IN.unpack_from(body)
-    return fh, offset, size
-
-
-def _p_write(body: memoryview) -> tuple[int, int, memoryview]:
-    _need(body, A.WRITE_IN.size)
-    fh, offset, size, _ = A.WRITE_IN.unpack_from(body)
-    data = body[A.WRITE_IN_SIZE:A.WRITE_IN_SIZE + size]
-    if len(data) != size:
-        raise MalformedRequest(f"WRITE of {size} bytes carries {len(data)}")
-    return fh, offset, data
-
-
-def _p_fsync(body: memoryview) -> tuple[int, bool]:
-    _need(body, A.FSYNC_IN.size)
-    fh, flags, _ = A.FSYNC_IN.unpack_from(body)
-    return fh, bool(flags & 1)
-
-
-def _p_fallocate(body: memoryview) -> tuple[int, int, int, int]:
-    _need(body, A.FALLOCATE_IN.size)
-    fh, offset, length, mode, _ = A.FALLOCATE_IN.unpack_from(body)
-    return fh, offset, length, mode
-
-
-def _p_none(body: memoryview) -> tuple[()]:
-    return ()
-
-
-# -- reply builders: result -> payload ---------------------------------------
-
-def _attr_fields(a: Attr) -> tuple[int, ...]:
-    return (a.ino, a.size, a.blocks, a.mtime, a.mtime, a.mtime, 0, 0, 0,
-            a.mode, a.nlink, a.uid, a.gid, 0, a.blksize, 0)
-
-
-def _split(t: float) -> tuple[int, int]:
-    return int(t), int((t - int(t)) * 1e9)
-
-
-def _r_entry(e: Entry) -> bytes:
-    es, ens = _split(e.entry_timeout)
-    as_, ans = _split(e.attr_timeout)
-    return A.ENTRY_OUT.pack(e.attr.ino, 0, es, as_, ens, ans, *_attr_fields(e.attr))
-
-
-def _r_attr(a: Attr) -> bytes:
-    return A.ATTR_OUT.pack(1, 0, 0, *_attr_fields(a))
-
-
-def _r_open(o: Opened) -> bytes:
-    return A.OPEN_OUT.pack(o.fh, o.flags, 0)
-
-
-def _r_create(result: tuple[Entry, Opened]) -> bytes:
-    return _r_entry(result[0]) + _r_open(result[1])
-
-
-def _r_write(n: int) -> bytes:
-    return A.WRITE_OUT.pack(n, 0)
-
-
-def _r_statfs(s: StatFs) -> bytes:
-    return A.STATFS_OUT.pack(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen,
-                             s.frsize, 0)
-
-
-def _r_empty(_: object) -> bytes:
-    return b""
-
-
-def _r_data(data: Any) -> Any:
-    return data
-
-
-def pack_dirents(entries: list[DirEntry], start: int, size: int) -> bytes:
-    """Pack entries numbered from ``start`` into at most ``size`` bytes."""
-    out = bytearray()
-    for k, e in enumerate(entries):
-        rec = A.DIRENT.pack(e.ino, start + k + 1, len(e.name), stat.S_IFMT(e.mode) >> 12) + e.name
-        rec += b"\0" * (-len(rec) % 8)
-        if len(out) + len(rec) > size:
-            break
-        out += rec
-    return bytes(out)
-
-
-# opcode -> (Operations method name, body parser, reply builder); the
-# opcodes in BLOCKING also have a ``<name>_blocking`` method (see Operations)
-TABLE: dict[int, tuple[str, Callable[[memoryview], tuple[Any, ...]], Callable[[Any], Any]]] = {
-    A.Opcode.LOOKUP: ("lookup", _p_name, _r_entry),
-    A.Opcode.GETATTR: ("getattr", _p_getattr, _r_attr),
-    A.Opcode.SETATTR: ("setattr", _p_setattr, _r_attr),
-    A.Opcode.OPEN: ("open", _p_open, _r_open),
-    A.Opcode.CREATE: ("create", _p_create, _r_create),
-    A.Opcode.UNLINK: ("unlink", _p_name, _r_empty),
-    A.Opcode.READ: ("read", _p_read, _r_data),
-    A.Opcode.WRITE: ("write", _p_write, _r_write),
-    A.Opcode.STATFS: ("statfs", _p_none, _r_statfs),
-    A.Opcode.RELEASE: ("release", _p_fh, _r_empty),
-    A.Opcode.FSYNC: ("fsync", _p_fsync, _r_empty),
-    A.Opcode.FLUSH: ("flush", _p_fh, _r_empty),
-    A.Opcode.OPENDIR: ("opendir", _p_open, _r_open),
-    A.Opcode.RELEASEDIR: ("releasedir", _p_fh, _r_empty),
-    A.Opcode.FALLOCATE: ("fallocate", _p_fallocate, _r_empty),
-}
-BLOCKING: Final = frozenset({A.Opcode.READ, A.Opcode.WRITE, A.Opcode.FALLOCATE})
-
-
-def _errno_of(e: BaseException, unique: int, opcode: int) -> int:
-    """The errno a failed request is answered with; logs what is not the
-    file system's own answer."""
-    if isinstance(e, MalformedRequest):
-        log.error("request %d (opcode %d) is malformed: %s: EIO", unique, opcode, e)
-        return errno.EIO
-    if isinstance(e, FuseError):
-        return e.errno
-    if isinstance(e, OSError):
-        return e.errno or errno.EIO
-    log.error("request %d (opcode %d) failed: EIO", unique, opcode, exc_info=e)
-    return errno.EIO
-
-
-def clone_fd(fd: int) -> int:
-    """A new /dev/fuse fd attached to the same connection as ``fd``."""
-    new = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(new, A.DEV_IOC_CLONE, struct.pack("I", fd))
-    except BaseException:
-        os.close(new)
-        raise
-    return new
+    opcode: int
+    unique: int
+    nodeid: int
+    ctx: Context
+    op: Op
+    args: tuple[Any, ...]
+    fd: int
+    t0: int
 
 
 class Session:
@@ -326,21 +99,19 @@ class Session:
         self.ops = ops
         self.channels = channels
         self.max_background = max_background
-        # opcode -> (the ops' *_blocking method, parser, builder), looked up once
-        self._blocking = {op: (getattr(ops, TABLE[op][0] + "_blocking"), *TABLE[op][1:])
-                          for op in BLOCKING}
+        # opcode -> the ops' *_blocking method, looked up once
+        self._blocking = {code: getattr(ops, op.method + "_blocking") for code, op in OPS.items()
+                          if op.thread}
         self.init = InitInfo()
         self.requests = 0  # requests served
-        self.malformed = 0  # requests answered EIO because they did not parse
+        self.malformed = 0  # requests answered EIO (or dropped) because they did not parse
         self._loop_tally = _Tally()  # what the event loop answered
         self._tallies = [self._loop_tally]  # and one per channel thread
-        self._bufsize = MAX_WRITE + 4096
         # The I/O path's reserve: allocated and faulted in now (and mlocked, if
         # the process is), so serving a request never waits on reclaim for it.
-        self._free = [self._new_buffer() for _ in range(buffers)]
+        self._free = [C.new_buffer() for _ in range(buffers)]
         self._buffers = trio.Semaphore(buffers)
-        self._dirs: dict[int, list[DirEntry]] = {}
-        self._loop_errors = _ReadErrors()
+        self._loop_errors = C.ReadErrors()
         self._channel_fds: list[tuple[int, bytearray]] | None = None  # set by prepare()
         os.set_blocking(fd, False)
 
@@ -360,64 +131,32 @@ class Session:
                              sum(t.ns[op] for t in self._tallies))
         return out
 
-    def _new_buffer(self) -> bytearray:
-        buf = bytearray(self._bufsize)
-        buf[::4096] = bytes(len(range(0, self._bufsize, 4096)))  # fault it in
-        return buf
-
-    # -- wire ---------------------------------------------------------------
-
-    def _reply(self, unique: int, error: int = 0, payload: Any = b"", fd: int | None = None) -> None:
-        n = len(payload)
-        hdr = A.OUT_HEADER.pack(A.OUT_HEADER.size + n, -error, unique)
-        try:
-            os.writev(self.fd if fd is None else fd, [hdr, payload] if n else [hdr])
-        except OSError as e:  # ENOENT: the request was aborted meanwhile
-            if e.errno != errno.ENOENT and e.errno not in GONE:
-                log.warning("reply to request %d failed: %s", unique, e)
-
-    async def _read_request(self, buf: bytearray) -> int:
-        """Read one request into ``buf``; 0 when the file system is gone."""
-        errors = self._loop_errors
-        while True:
-            try:
-                n = os.readv(self.fd, [buf])
-                errors.ok()
-                return n
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self.fd)
-            except OSError as e:
-                if e.errno in GONE:
-                    return 0
-                if e.errno not in AGAIN:
-                    errors.gone(e, "event loop", sleep=False)  # logs, then read again after a pause
-                    await trio.sleep(errors.pause)
-
     # -- INIT ---------------------------------------------------------------
 
     async def handshake(self) -> InitInfo:
-        """Answer INIT (the first request) and return what was settled."""
-        buf = self._new_buffer()  # faulted in: once freed, the next big reply reuses it
+        """Answer INIT (the first request), return what was settled, and
+        hand it to the file system (``Operations.init``)."""
+        buf = C.new_buffer()  # faulted in: once freed, the next big reply reuses it
         while True:
-            n = await self._read_request(buf)
+            n = await C.read_request(self.fd, buf, self._loop_errors)
             if not n:
                 raise OSError(errno.ENODEV, "unmounted before INIT")
             _, opcode, unique, *_ = A.IN_HEADER.unpack_from(buf)
             if opcode != A.Opcode.INIT:
-                self._reply(unique, errno.EIO)
+                C.write_reply(self.fd, unique, errno.EIO)
                 continue
             body = memoryview(buf)[A.IN_HEADER.size:n]
             major, minor, max_readahead, flags = A.INIT_IN.unpack_from(body)
             if major > A.KERNEL_VERSION:  # ask the kernel to speak our major: it sends INIT again
-                self._reply(unique, 0, A.INIT_OUT.pack(
+                C.write_reply(self.fd, unique, 0, A.INIT_OUT.pack(
                     A.KERNEL_VERSION, A.KERNEL_MINOR_VERSION, *([0] * (len(A.INIT_OUT_FIELDS) - 2))))
                 continue
             if major < A.KERNEL_VERSION or minor < 31:
-                self._reply(unique, errno.EPROTO)
+                C.write_reply(self.fd, unique, errno.EPROTO)
                 raise OSError(errno.EPROTO, f"kernel FUSE {major}.{minor} is too old")
             granted = flags & WANTED_FLAGS
             our_minor = min(minor, A.KERNEL_MINOR_VERSION)
-            self._reply(unique, 0, A.INIT_OUT.pack(
+            C.write_reply(self.fd, unique, 0, A.INIT_OUT.pack(
                 A.KERNEL_VERSION, our_minor, max_readahead, granted,
                 self.max_background, self.max_background * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0,
                 *([0] * 7)))
@@ -429,9 +168,102 @@ class Session:
                      "|".join(names) or "nothing", MAX_WRITE, MAX_PAGES, self.max_background,
                      "|".join(n for b, n in A.INIT_FLAG_NAMES.items()
                               if WANTED_FLAGS & b and not granted & b) or "nothing")
+            self.ops.init(self.init, self.service_stats)
             return self.init
 
-    # -- the loop -------------------------------------------------------------
+    # -- the one request path ---------------------------------------------------
+
+    def _open(self, req: memoryview, fd: int, tally: _Tally, *, thread: bool = False) -> Any:
+        """Check the header, look the opcode up and parse the body.  Returns
+        the :class:`_Request`; None if it was answered (EIO, ENOSYS) or
+        dropped here; or, on a channel thread (``thread``), HAND_OVER for
+        what only the event loop serves."""
+        t0 = time.perf_counter_ns()
+        try:
+            h = header(req)
+        except MalformedHeader as e:
+            op = OPS.get(e.header.opcode)
+            if thread and (op is None or not op.thread):
+                return HAND_OVER
+            self._fail(e, e.header.unique, e.header.opcode, fd, tally, t0, reply=op is None or bool(op.reply))
+            return None
+        except MalformedRequest as e:  # too short to answer: no unique
+            self.malformed += 1
+            log.error("%s: dropped", e)
+            return None
+        op = OPS.get(h.opcode)
+        if thread and (op is None or not op.thread):
+            return HAND_OVER
+        if op is None:
+            C.write_reply(fd, h.unique, errno.ENOSYS)
+            return None
+        try:
+            args = op.parse(req[A.IN_HEADER.size:h.body_end])
+        except MalformedRequest as e:
+            self._fail(e, h.unique, h.opcode, fd, tally, t0, reply=op.reply is not None)
+            return None
+        return _Request(h.opcode, h.unique, h.nodeid, h.ctx, op, args, fd, t0)
+
+    def _answer(self, r: _Request, result: Any, tally: _Tally) -> None:
+        """Build and write the reply to a method that returned ``result``."""
+        if r.op.reply is None:
+            return
+        try:
+            payload = r.op.reply(result, r.args)
+        except Exception as e:
+            self._fail(e, r.unique, r.opcode, r.fd, tally, r.t0)
+            return
+        C.write_reply(r.fd, r.unique, 0, payload)
+        tally.add(r.opcode, r.t0, data_bytes(r.opcode, result, payload))
+
+    def _fail(self, e: BaseException, unique: int, opcode: int, fd: int, tally: _Tally, t0: int,
+              *, reply: bool = True) -> None:
+        """Answer a request that failed with ``e`` with its errno (unless the
+        kernel wants no reply to its opcode: then it is only logged)."""
+        if isinstance(e, MalformedRequest):
+            self.malformed += 1
+        if reply:
+            C.write_reply(fd, unique, errno_of(e, unique, opcode))
+            tally.add(opcode, t0)
+        else:
+            log.error("opcode %d (no reply) failed: %s", opcode, e)
+
+    async def dispatch(self, req: memoryview | bytes, fd: int | None = None) -> None:
+        """Serve one request on the event loop and answer it on ``fd``
+        (default: the session's); public for tests and fuzzing."""
+        tally = self._loop_tally
+        self.requests += 1
+        r = self._open(memoryview(req), self.fd if fd is None else fd, tally)
+        if r is None:
+            return
+        try:
+            if r.op.call is not None:
+                result = await r.op.call(self.ops, r.ctx, r.nodeid, r.args)
+            else:
+                result = await getattr(self.ops, r.op.method)(r.ctx, r.nodeid, *r.args)
+        except Exception as e:
+            self._fail(e, r.unique, r.opcode, r.fd, tally, r.t0, reply=r.op.reply is not None)
+        else:
+            self._answer(r, result, tally)
+
+    def _serve_here(self, fd: int, req: memoryview, tally: _Tally) -> bool:
+        """Serve a request on this channel thread; False to hand it over."""
+        r = self._open(req, fd, tally, thread=True)
+        if r is HAND_OVER:
+            return False
+        if r is not None:
+            try:
+                result = self._blocking[r.opcode](r.ctx, r.nodeid, *r.args)
+            except Exception as e:
+                self._fail(e, r.unique, r.opcode, fd, tally, r.t0)
+            else:
+                if result is DEFER:
+                    return False
+                self._answer(r, result, tally)
+        self.requests += 1
+        return True
+
+    # -- serving --------------------------------------------------------------
 
     def prepare(self) -> None:
         """Clone the channel fds and fault their buffers in, or the event
@@ -439,10 +271,10 @@ class Session:
         caller can have it in place before it says the mount is ready."""
         if self._channel_fds is not None:
             return
-        self._channel_fds = [(fd, self._new_buffer()) for fd in
+        self._channel_fds = [(fd, C.new_buffer()) for fd in
                              (self._clone_channels() if self.channels else [])]
         if not self._channel_fds and not self._free:  # buffers were left to the channels
-            self._free = [self._new_buffer() for _ in range(FALLBACK_BUFFERS)]
+            self._free = [C.new_buffer() for _ in range(FALLBACK_BUFFERS)]
             self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
 
     async def serve(self) -> None:
@@ -461,7 +293,7 @@ class Session:
         fds: list[int] = []
         try:
             for _ in range(self.channels):
-                fds.append(clone_fd(self.fd))
+                fds.append(C.clone_fd(self.fd))
         except OSError as e:
             for fd in fds:
                 os.close(fd)
@@ -476,7 +308,7 @@ class Session:
                 await self._buffers.acquire()
                 buf = self._free.pop()
                 try:
-                    n = await self._read_request(buf)
+                    n = await C.read_request(self.fd, buf, self._loop_errors)
                 except BaseException:
                     self._give_back(buf)
                     raise
@@ -484,92 +316,6 @@ class Session:
                     self._give_back(buf)
                     break
                 nursery.start_soon(self._handle, buf, n)
-
-    async def _serve_channels(self, fds: list[int], bufs: list[bytearray] | None = None) -> None:
-        """Run a channel thread on each of ``fds`` and what they hand over;
-        return when all have seen the file system go away."""
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Semaphore(0)
-        try:
-            async with trio.open_nursery() as nursery:
-
-                def channel(fd: int, buf: bytearray) -> None:
-                    try:
-                        self._channel(fd, buf, nursery, token)
-                    finally:
-                        try:
-                            trio.from_thread.run_sync(done.release, trio_token=token)
-                        except trio.RunFinishedError:
-                            pass
-
-                bufs = bufs or [self._new_buffer() for _ in fds]
-                threads = [threading.Thread(target=channel, args=(fd, buf), daemon=True,
-                                            name=f"fuse-channel-{i}")
-                           for i, (fd, buf) in enumerate(zip(fds, bufs, strict=True))]
-                for t in threads:
-                    t.start()
-                for _ in threads:
-                    await done.acquire()
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _channel(self, fd: int, buf: bytearray, nursery: trio.Nursery,
-                 token: trio.lowlevel.TrioToken) -> None:
-        """One channel thread: read, serve or hand over, until the
-        connection is gone (unmounted or aborted)."""
-        self.ops.channel_started()
-        mv = memoryview(buf)
-        tally = _Tally()
-        self._tallies.append(tally)
-        errors = _ReadErrors()
-        name = threading.current_thread().name
-        while True:
-            try:
-                n = os.readv(fd, [buf])
-                errors.ok()
-            except OSError as e:
-                if errors.gone(e, name):
-                    return
-                continue
-            if not n:
-                return
-            if self._serve_blocking(fd, mv[:n], tally):
-                continue
-            copy = bytes(mv[:n])  # the buffer is reused at once
-            try:
-                trio.from_thread.run_sync(nursery.start_soon, self.dispatch, copy, fd, trio_token=token)
-            except trio.RunFinishedError:
-                return
-
-    def _serve_blocking(self, fd: int, req: memoryview, tally: _Tally) -> bool:
-        """Serve a data request on this thread; False to hand it over."""
-        t0 = time.perf_counter_ns()
-        if len(req) < A.IN_HEADER.size:
-            return False
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
-        if opcode not in BLOCKING or length != len(req) or extlen:
-            return False
-        method, parse, build = self._blocking[opcode]
-        try:
-            result = method(Context(uid, gid, pid), nodeid, *parse(req[A.IN_HEADER.size:]))
-            if result is DEFER:
-                return False
-            payload = build(result)
-        except Exception as e:
-            self._fail(e, unique, opcode, fd)
-            tally.add(opcode, t0)
-        else:
-            self._reply(unique, 0, payload, fd=fd)
-            tally.add(opcode, t0, _data_bytes(opcode, result, payload))
-        self.requests += 1
-        return True
-
-    def _fail(self, e: BaseException, unique: int, opcode: int, fd: int | None) -> None:
-        """Answer a request that failed with ``e`` with its errno."""
-        if isinstance(e, MalformedRequest):
-            self.malformed += 1
-        self._reply(unique, _errno_of(e, unique, opcode), fd=fd)
 
     def _give_back(self, buf: bytearray) -> None:
         self._free.append(buf)
@@ -581,96 +327,46 @@ class Session:
         finally:
             self._give_back(buf)
 
-    async def dispatch(self, req: memoryview | bytes, fd: int | None = None) -> None:
-        """Parse one request and answer it on ``fd`` (default: the session's);
-        public for tests and fuzzing."""
-        t0 = time.perf_counter_ns()
-        req = memoryview(req)
-        self.requests += 1
-        if len(req) < A.IN_HEADER.size:
-            self.malformed += 1
-            log.error("request of %d bytes is shorter than its header: dropped", len(req))
-            return
-        length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
-        if opcode in (A.Opcode.FORGET, A.Opcode.BATCH_FORGET, A.Opcode.INTERRUPT):
-            self._no_reply(opcode, nodeid, req[A.IN_HEADER.size:])
-            return
-        if length != len(req) or length < A.IN_HEADER.size + extlen * 8:
-            self.malformed += 1
-            log.error("request %d (opcode %d): header says %d bytes, got %d: EIO",
-                      unique, opcode, length, len(req))
-            self._reply(unique, errno.EIO, fd=fd)
-            return
-        body = req[A.IN_HEADER.size:length - extlen * 8]
-        ctx = Context(uid, gid, pid)
-        result: Any = None
+    async def _serve_channels(self, fds: list[int], bufs: list[bytearray] | None = None) -> None:
+        """Run a channel thread on each of ``fds`` and what they hand over;
+        return when all have seen the file system go away."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Semaphore(0)
         try:
-            if opcode == A.Opcode.DESTROY:
-                await self.ops.destroy()
-                self._reply(unique, fd=fd)
-                return
-            if opcode == A.Opcode.READDIR:
-                payload: Any = await self._readdir(ctx, nodeid, body)
-            else:
-                entry = TABLE.get(opcode)
-                if entry is None:
-                    self._reply(unique, errno.ENOSYS, fd=fd)
-                    return
-                name, parse, build = entry
-                args = parse(body)
-                result = await getattr(self.ops, name)(ctx, nodeid, *args)
-                payload = build(result)
-        except Exception as e:
-            self._fail(e, unique, opcode, fd)
-            self._loop_tally.add(opcode, t0)
-        else:
-            self._reply(unique, 0, payload, fd=fd)
-            self._loop_tally.add(opcode, t0, _data_bytes(opcode, result, payload))
+            async with trio.open_nursery() as nursery:
 
-    def _no_reply(self, opcode: int, nodeid: int, body: memoryview) -> None:
-        try:
-            if opcode == A.Opcode.FORGET:
-                _need(body, 8)
-                self.ops.forget(nodeid, A.FORGET_IN.unpack_from(body)[0])
-            elif opcode == A.Opcode.BATCH_FORGET:
-                _need(body, A.BATCH_FORGET_IN.size)
-                count, _ = A.BATCH_FORGET_IN.unpack_from(body)
-                _need(body, A.BATCH_FORGET_IN.size + count * A.FORGET_ONE.size)
-                for i in range(count):
-                    ino, nl = A.FORGET_ONE.unpack_from(body, A.BATCH_FORGET_IN.size + i * A.FORGET_ONE.size)
-                    self.ops.forget(ino, nl)
-            # INTERRUPT: swap I/O is never interrupted and our requests are short.
-        except MalformedRequest as e:
-            self.malformed += 1
-            log.error("malformed opcode %d (no reply): %s", opcode, e)
+                def hand_over(req: bytes, fd: int) -> bool:
+                    try:
+                        trio.from_thread.run_sync(nursery.start_soon, self.dispatch, req, fd,
+                                                  trio_token=token)
+                        return True
+                    except trio.RunFinishedError:
+                        return False
 
-    async def _readdir(self, ctx: Context, nodeid: int, body: memoryview) -> bytes:
-        fh, offset, size = _p_read(body)
-        entries = await self.ops.readdir(ctx, nodeid, fh, offset)
-        return pack_dirents(entries, offset, size)
+                def channel(fd: int, buf: bytearray) -> None:
+                    try:
+                        self.ops.channel_started()
+                        tally = _Tally()
+                        self._tallies.append(tally)
+                        C.serve_thread(fd, buf, threading.current_thread().name,
+                                       lambda fd, req: self._serve_here(fd, req, tally), hand_over)
+                    finally:
+                        try:
+                            trio.from_thread.run_sync(done.release, trio_token=token)
+                        except trio.RunFinishedError:
+                            pass
 
-
-# -- mounting -------------------------------------------------------------------
-
-def open_and_mount(mountpoint: str, fstype: str, *, source: str = "none",
-                   allow_other: bool = True) -> int:
-    """Open /dev/fuse and mount it on ``mountpoint`` as ``fuse.<fstype>``;
-    returns the fd.  Needs root (mount(2))."""
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions"
-    if allow_other:
-        opts += ",allow_other"
-    try:
-        _linux.mount(source, mountpoint, f"fuse.{fstype}", _linux.MS_NOSUID | _linux.MS_NODEV, opts)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def unmount(mountpoint: str) -> None:
-    """umount(2); raises OSError(EBUSY) while the mount is in use."""
-    _linux.umount(mountpoint)
+                bufs = bufs or [C.new_buffer() for _ in fds]
+                threads = [threading.Thread(target=channel, args=(fd, buf), daemon=True,
+                                            name=f"fuse-channel-{i}")
+                           for i, (fd, buf) in enumerate(zip(fds, bufs, strict=True))]
+                for t in threads:
+                    t.start()
+                for _ in threads:
+                    await done.acquire()
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = "none",

@@ -1,0 +1,136 @@
+"""A channel: one /dev/fuse fd, the buffer requests are read into, and
+what to do when read(2) fails.
+
+The session's fd is one channel, read by the event loop; clones of it
+(FUSE_DEV_IOC_CLONE) are more, each read by its own thread.  The kernel
+wants a reply written to the fd its request was read from.
+
+Buffers are allocated and faulted in when a channel is made (and mlocked,
+if the process is), so serving a request never waits on reclaim for one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import time
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from . import _abi as A
+
+log = logging.getLogger("vswapfs.fuse")
+
+MAX_WRITE: Final = 1 << 20  # the largest WRITE we accept, and so the largest request
+BUFFER_BYTES: Final = MAX_WRITE + 4096  # a request: the header, the write's header and its data
+
+
+def new_buffer() -> bytearray:
+    """A request buffer, faulted in."""
+    buf = bytearray(BUFFER_BYTES)
+    buf[::4096] = bytes(len(range(0, BUFFER_BYTES, 4096)))
+    return buf
+
+
+def clone_fd(fd: int) -> int:
+    """A new /dev/fuse fd attached to the same connection as ``fd``."""
+    new = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(new, A.DEV_IOC_CLONE, struct.pack("I", fd))
+    except BaseException:
+        os.close(new)
+        raise
+    return new
+
+
+# read(2) on /dev/fuse: these mean the connection is gone (unmounted, or
+# aborted through /sys/fs/fuse/connections), these that nothing was read
+GONE: Final = frozenset({errno.ENODEV, errno.ECONNABORTED})
+AGAIN: Final = frozenset({errno.EINTR, errno.ENOENT, errno.EAGAIN})
+RETRY_MAX_S: Final = 1.0  # longest wait before reading again after an unexpected error
+
+
+class ReadErrors:
+    """What to do after read(2) on /dev/fuse failed: GONE ends the channel,
+    AGAIN reads again at once, anything else is logged (at most every few
+    seconds) and retried after a growing pause: a channel never stops
+    serving while its connection lives."""
+
+    def __init__(self) -> None:
+        self.pause = 0.0
+        self.last_log = -1e9
+        self.count = 0  # unexpected errors since the channel started
+
+    def gone(self, e: OSError, where: str, sleep: bool = True) -> bool:
+        """True if the connection is gone; else wait ``self.pause`` (unless
+        ``sleep`` is false: the event loop awaits it instead), then False."""
+        if e.errno in GONE:
+            return True
+        if e.errno in AGAIN:
+            return False
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_log >= 5:
+            self.last_log = now
+            log.error("%s: read from /dev/fuse failed (%s); retrying (%d so far)", where, e, self.count)
+        self.pause = min(max(self.pause * 2, 0.001), RETRY_MAX_S)
+        if sleep:
+            time.sleep(self.pause)
+        return False
+
+    def ok(self) -> None:
+        self.pause = 0.0
+
+
+
+def write_reply(fd: int, unique: int, error: int = 0, payload: bytes | bytearray | memoryview = b"") -> None:
+    """Write the reply to request ``unique``: ``-error``, or the payload."""
+    n = len(payload)
+    hdr = A.OUT_HEADER.pack(A.OUT_HEADER.size + n, -error, unique)
+    try:
+        os.writev(fd, [hdr, payload] if n else [hdr])
+    except OSError as e:  # ENOENT: the request was aborted meanwhile
+        if e.errno != errno.ENOENT and e.errno not in GONE:
+            log.warning("reply to request %d failed: %s", unique, e)
+
+
+async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
+    """Read one request into ``buf`` on the event loop (``fd`` is
+    non-blocking); 0 when the connection is gone."""
+    while True:
+        try:
+            n = os.readv(fd, [buf])
+            errors.ok()
+            return n
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(fd)
+        except OSError as e:
+            if errors.gone(e, "event loop", sleep=False):
+                return 0
+            await trio.sleep(errors.pause)
+
+
+def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memoryview], bool],
+                 hand_over: Callable[[bytes, int], bool]) -> None:
+    """A channel thread's loop: read a request, ``serve`` it here, or, when
+    that returns False, ``hand_over`` a copy (the buffer is reused at
+    once); until the connection is gone or ``hand_over`` returns False."""
+    mv = memoryview(buf)
+    errors = ReadErrors()
+    while True:
+        try:
+            n = os.readv(fd, [buf])
+            errors.ok()
+        except OSError as e:
+            if errors.gone(e, name):
+                return
+            continue
+        if not n:
+            return
+        if not serve(fd, mv[:n]) and not hand_over(bytes(mv[:n]), fd):
+            return
