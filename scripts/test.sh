@@ -13,5 +13,6 @@ if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-python3 -m ruff check vswapfs tests scripts
+python3 -m ruff check vswapfs vswapfs_lab tests
+python3 -m mypy  # strict on the engine and the transport (pyproject.toml)
 python3 -m pytest "$@"

@@ -51,18 +51,18 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fu
 
 
 def _mount(args: list[str]) -> Iterator[Path]:
-    from vswapfs import _admin
+    from vswapfs import admin
 
     mnt = Path(tempfile.mkdtemp(prefix="vswapfs-mnt-"))
-    _admin.start_daemon(str(mnt), args)
+    admin.start_daemon(str(mnt), args)
     try:
         yield mnt
     finally:
-        if _admin.mount_type(str(mnt)) is not None:
+        if admin.mount_type(str(mnt)) is not None:
             try:
-                _admin.down(str(mnt))
-            except _admin.AdminError:
-                _admin.down(str(mnt), force=True)
+                admin.down(str(mnt))
+            except admin.AdminError:
+                admin.down(str(mnt), force=True)
         mnt.rmdir()
 
 
@@ -82,21 +82,21 @@ def swap_on(args: list[str]) -> Iterator[tuple[Path, str]]:
     """``vswapfs up`` on a temporary mount point for a fixture: yields (mount,
     loop device); afterwards no swap area, loop device or mount is left,
     also when the test failed."""
-    from vswapfs import _admin
+    from vswapfs import admin
 
     mnt = Path(tempfile.mkdtemp(prefix="vswapfs-swap-"))
     try:
-        with _admin.swap_up(str(mnt), args) as dev:
+        with admin.swap_up(str(mnt), args) as dev:
             yield mnt, dev
-        assert dev not in _admin.swaps() and _admin.loops_of(str(mnt)) == []
+        assert dev not in admin.swaps() and admin.loops_of(str(mnt)) == []
     finally:
-        assert _admin.mount_type(str(mnt)) is None
+        assert admin.mount_type(str(mnt)) is None
         mnt.rmdir()
 
 
 @pytest.fixture
 def faultfs(tmp_path: Path) -> Iterator[Path]:
-    """A real fault-injecting FUSE file system (vswapfs.faultfs) mounted at a
+    """A real fault-injecting FUSE file system (vswapfs_lab.faultfs) mounted at a
     temporary directory; arm faults by writing to ``<mnt>/.faults``."""
     import subprocess
     import sys
@@ -104,7 +104,7 @@ def faultfs(tmp_path: Path) -> Iterator[Path]:
     mnt, store = tmp_path / "faultfs", tmp_path / "store"
     mnt.mkdir()
     store.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "vswapfs.faultfs", str(mnt), str(store)],
+    proc = subprocess.Popen([sys.executable, "-m", "vswapfs_lab.faultfs", str(mnt), str(store)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline() != b"ready\n":

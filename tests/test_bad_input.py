@@ -16,14 +16,11 @@ from conftest import needs_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vswapfs import _admin
+from vswapfs import MiB, admin
 from vswapfs._fs import SwapFS
 from vswapfs.engine import SwapSpace
 from vswapfs.fuse import Session
 from vswapfs.fuse._abi import IN_HEADER, OUT_HEADER, Opcode
-
-MiB = 1 << 20
-
 
 AS_NOBODY = """
 import os, sys
@@ -52,7 +49,7 @@ def one_clear_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
 def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
     r = cli("mount", str(tmp_path), f"--size={size}")
     assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
-    assert _admin.mount_type(str(tmp_path)) is None
+    assert admin.mount_type(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
@@ -62,7 +59,7 @@ def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
 def test_cli_bad_channels_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
     r = cli("mount", str(tmp_path), opt)
     assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
-    assert _admin.mount_type(str(tmp_path)) is None
+    assert admin.mount_type(str(tmp_path)) is None
 
 
 @needs_root
@@ -70,7 +67,7 @@ def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Pat
     one_clear_line(cli("mount", str(tmp_path), "--reserve=1M", "--pool-limit=2M"), "larger than --reserve")
     one_clear_line(cli("up", str(tmp_path), "--reserve=8K"), "less than one 64 KiB pool chunk")
     one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--level=3"), "lz4 has no levels")
-    assert _admin.mount_type(str(tmp_path)) is None
+    assert admin.mount_type(str(tmp_path)) is None
 
 
 @needs_root

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from vswapfs import _admin, bench
+from vswapfs import admin
+from vswapfs_lab import bench
 
 
 def rows(**medians: float) -> list[dict[str, float]]:
@@ -94,14 +95,14 @@ def test_give_back_time_is_when_99_percent_of_the_peak_was_back() -> None:
 def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     b = next(b for b in bench.backends() if b.name == name)
     assert b.available() is None, f"{name} missing on this machine: {b.available()}"
-    before = set(_admin.swaps())
+    before = set(admin.swaps())
     with bench.brought_up(b):
-        assert len(set(_admin.swaps()) - before) == 1
+        assert len(set(admin.swaps()) - before) == 1
         assert b.memory() >= 0 and b.held() >= 0
         if name.startswith("vswapfs"):  # swapon read the header: the daemon counted it
             assert b.served is not None and b.served()["READ"][0] >= 1
-    assert set(_admin.swaps()) == before
-    assert _admin.mounts() == []
+    assert set(admin.swaps()) == before
+    assert admin.mounts() == []
 
 
 def test_fuse_stat_deltas_become_the_daemon_rows() -> None:

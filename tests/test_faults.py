@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import _mount, needs_root, stats, swap_on
 
-from vswapfs import _admin
-from vswapfs._cgroup import MemCgroup
+from vswapfs import PAGE, MiB, admin
+from vswapfs.cgroup import MemCgroup
 
 pytestmark = needs_root
-MiB = 1 << 20
-PAGE = 4096
 
 
 
@@ -139,7 +137,7 @@ def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Pat
         assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-500:]
     assert s["pool_limit_hit"] >= 1 and s["failed_writes"] >= 1
     assert s["mem_used_max"] <= 8 * MiB
-    assert _admin.daemon_pid_alive(str(mnt)) is not None
+    assert admin.daemon_pid_alive(str(mnt)) is not None
     # and swap still works once there is room again
     r = run_in_cgroup(32, "--mib", "40", "--mix", "1:1:0")
     assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0
@@ -149,8 +147,8 @@ def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
     mnt = Path(tempfile.mkdtemp(prefix="vswapfs-kill-"))
     cg = None
     try:
-        dev = _admin.up(str(mnt), ["--size", "1G"])
-        pid = _admin.daemon_pid(str(mnt))
+        dev = admin.up(str(mnt), ["--size", "1G"])
+        pid = admin.daemon_pid(str(mnt))
         assert pid
         cg = MemCgroup(f"vswapfs-kill-{os.getpid()}", 32 * MiB)
         proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "96", "--hold"],
@@ -159,7 +157,7 @@ def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
         assert proc.stdout.readline() == b"filled\n"
         assert stats(mnt)["stored_pages"] > 8 * MiB // PAGE
         os.kill(pid, signal.SIGKILL)
-        assert _admin.wait_gone(pid, 10)
+        assert admin.wait_gone(pid, 10)
         t0 = time.monotonic()
         try:  # it may already be dead: its own interpreter pages were swapped out too
             proc.stdin.write(b"go\n")
@@ -168,17 +166,17 @@ def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
             pass
         proc.wait(60)  # it touches swapped-out pages nobody can serve: it must die, not hang
         assert proc.returncode != 0 and time.monotonic() - t0 < 60
-        with pytest.raises(_admin.AdminError):
-            _admin.status(str(mnt))
-        done = _admin.down(str(mnt), force=True)
+        with pytest.raises(admin.AdminError):
+            admin.status(str(mnt))
+        done = admin.down(str(mnt), force=True)
         assert any("umount" in d for d in done)
-        assert dev not in _admin.swaps() and _admin.loops_of(str(mnt)) == []
-        assert _admin.mount_type(str(mnt)) is None
+        assert dev not in admin.swaps() and admin.loops_of(str(mnt)) == []
+        assert admin.mount_type(str(mnt)) is None
     finally:
         if cg is not None:
             cg.close()
-        if _admin.mount_type(str(mnt)):
-            _admin.down(str(mnt), force=True)
+        if admin.mount_type(str(mnt)):
+            admin.down(str(mnt), force=True)
         mnt.rmdir()
 
 
@@ -187,14 +185,14 @@ def test_daemon_sharing_a_memory_cgroup_with_its_hog_faults_nothing_and_never_ha
     hog swaps through the daemon and verifies every page, the daemon takes
     no page fault while serving, and nothing hangs (a hang is aborted and
     fails the check, see checks.same_cgroup)."""
-    from vswapfs import checks
+    from vswapfs_lab import checks
 
     r = checks.same_cgroup(reserve_mib=64, limit_mib=320, hog_mib=384, seconds=240, rounds=2)
     assert r["ok"], r
     assert not r["hung"] and r["daemon_in_cgroup"] and r["bad"] == 0
     assert r["daemon_faults_while_serving"] == 0 and r["daemon_rss_growth_kib"] <= 0
     assert r["stats"]["notify_free"] > 50_000  # type: ignore[index]  # ~200 MiB really went through swap
-    assert _admin.mounts() == []
+    assert admin.mounts() == []
 
 
 def test_default_daemon_in_its_hogs_cgroup_ten_runs_in_a_row_never_hangs() -> None:
@@ -202,7 +200,7 @@ def test_default_daemon_in_its_hogs_cgroup_ten_runs_in_a_row_never_hangs() -> No
     same memory cgroup as a verifying hog that swaps several times the
     limit through it.  Ten runs in a row must finish with every page
     right; a hang would be aborted after 240 s and fail the run."""
-    from vswapfs import checks
+    from vswapfs_lab import checks
 
     results = []
     for _ in range(10):
@@ -211,7 +209,7 @@ def test_default_daemon_in_its_hogs_cgroup_ten_runs_in_a_row_never_hangs() -> No
         assert r["ok"] and not r["hung"] and r["bad"] == 0, r
         assert r["daemon_in_cgroup"] and r["verified"] == 2 * 512 * 256
         assert r["stats"]["notify_free"] > 100_000  # type: ignore[index]  # it really swapped
-    assert _admin.mounts() == []
+    assert admin.mounts() == []
     print("serving-thread faults per run:", [r["serving_thread_faults"] for r in results],
           "daemon faults:", [r["daemon_faults_while_serving"] for r in results],
           "seconds:", [r["seconds"] for r in results])
@@ -221,7 +219,7 @@ def test_refused_writes_are_logged_a_few_times_not_each_time(tmp_path: Path) -> 
     """At the pool limit the kernel retries refused pages relentlessly; the
     log (on tmpfs, in RAM) says so a few times per interval, with a count."""
     for mnt in _mount(["--size", "64M", "--pool-limit", "128K"]):
-        log = _admin.log_path(str(mnt))
+        log = admin.log_path(str(mnt))
         before = log.read_text().count("refused")
         fd = os.open(mnt / "swap", os.O_RDWR)
         try:
@@ -246,24 +244,24 @@ def test_an_aborted_connection_ends_the_daemon_cleanly(tmp_path: Path) -> None:
     thread and leaves the daemon half alive."""
     mnt = tmp_path / "m"
     mnt.mkdir()
-    pid = _admin.start_daemon(str(mnt), ["--size", "16M", "--channels", "2"])
+    pid = admin.start_daemon(str(mnt), ["--size", "16M", "--channels", "2"])
     try:
-        log = _admin.log_path(str(mnt))
+        log = admin.log_path(str(mnt))
         start = len(log.read_text())
-        assert _admin.abort_connection(str(mnt))
-        assert _admin.wait_gone(pid, 20), "the daemon did not end after the abort"
+        assert admin.abort_connection(str(mnt))
+        assert admin.wait_gone(pid, 20), "the daemon did not end after the abort"
         text = log.read_text()[start:]
         assert "read from /dev/fuse failed" not in text and "Traceback" not in text, text
     finally:
-        if _admin.mount_type(str(mnt)):
-            _admin.down(str(mnt), force=True)
+        if admin.mount_type(str(mnt)):
+            admin.down(str(mnt), force=True)
 
 
 def test_mapping_count_does_not_grow_with_gigabytes_written(tmp_path: Path) -> None:
     """Three GiB written through the image: the pool lives in one mapping,
     so the daemon's mappings (vm.max_map_count caps them) stay put."""
     for mnt in _mount(["--size", "4G"]):
-        pid = _admin.daemon_pid(str(mnt))
+        pid = admin.daemon_pid(str(mnt))
         maps = Path(f"/proc/{pid}/maps")
         before = maps.read_text().count("\n")
         block = b"".join((b"%08d mapping count " % i * 200)[:PAGE] for i in range(256))  # 1 MiB

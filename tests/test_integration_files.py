@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from vswapfs import _admin
+from vswapfs import admin
 from vswapfs._fstab import helper_main, install_helpers, options_to_args
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +53,11 @@ def test_mount_t_fuse_vswapfs_uses_the_helper(tmp_path: Path) -> None:
         r = subprocess.run(["mount", "-t", "fuse.vswapfs", "vswapfs", str(mnt), "-o", "size=32M,noauto"],
                            capture_output=True, text=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         assert r.returncode == 0, r.stderr
-        assert _admin.mount_type(str(mnt)) == "fuse.vswapfs"
+        assert admin.mount_type(str(mnt)) == "fuse.vswapfs"
         assert os.stat(mnt / "swap").st_size == 32 << 20
     finally:
-        if _admin.mount_type(str(mnt)):
-            _admin.down(str(mnt))
+        if admin.mount_type(str(mnt)):
+            admin.down(str(mnt))
         if saved is None:
             helper.unlink()
         else:
@@ -81,12 +81,12 @@ def test_systemd_unit_commands_bring_swap_up_and_down(tmp_path: Path) -> None:
         for key in ("ExecStartPre", "ExecStart"):
             r = subprocess.run(command(key), capture_output=True, text=True, cwd="/")
             assert r.returncode == 0, r.stderr
-        dev = _admin.loops_of(str(mnt))[0]
+        dev = admin.loops_of(str(mnt))[0]
         with open("/proc/swaps") as f:
             assert any(line.split()[0] == dev and line.split()[-1] == "7" for line in f)
         r = subprocess.run(command("ExecStop"), capture_output=True, text=True, cwd="/")
         assert r.returncode == 0, r.stderr
-        assert _admin.mount_type(str(mnt)) is None and dev not in _admin.swaps()
+        assert admin.mount_type(str(mnt)) is None and dev not in admin.swaps()
     finally:
-        if _admin.mount_type(str(mnt)):
-            _admin.down(str(mnt), force=True)
+        if admin.mount_type(str(mnt)):
+            admin.down(str(mnt), force=True)

@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats
 
-from vswapfs import _admin, _linux
+from vswapfs import PAGE, MiB, admin, linux
 
 pytestmark = needs_root
-MiB = 1 << 20
-PAGE = 4096
 
 
 
@@ -23,7 +21,7 @@ def test_layout_and_private_image(mnt: Path) -> None:
     assert sorted(os.listdir(mnt)) == ["control", "swap"]
     st = os.stat(mnt / "swap")
     assert st.st_size == 64 * MiB and st.st_mode & 0o777 == 0o600 and st.st_blocks == 0
-    assert _admin.mount_type(str(mnt)) == "fuse.vswapfs"
+    assert admin.mount_type(str(mnt)) == "fuse.vswapfs"
     vfs = os.statvfs(mnt)
     assert vfs.f_bsize == PAGE and vfs.f_blocks == 64 * MiB // PAGE
 
@@ -70,17 +68,17 @@ def test_punch_hole_frees_pages_and_reads_zero(any_mnt: Path) -> None:
         data = b"".join((b"page %d " % i * 600)[:PAGE] for i in range(1024))
         os.pwrite(fd, data, 0)
         assert stats(mnt)["stored_pages"] == 1024
-        _linux.punch_hole(fd, 100 * PAGE + 10, 200 * PAGE)
+        linux.punch_hole(fd, 100 * PAGE + 10, 200 * PAGE)
         expect = bytearray(data)
         expect[100 * PAGE + 10:300 * PAGE + 10] = bytes(200 * PAGE)
         assert os.pread(fd, len(data), 0) == expect
         s = stats(mnt)
         assert s["notify_free"] == 199 and s["stored_pages"] == 1024 - 199
-        _linux.punch_hole(fd, 0, 64 * MiB)
+        linux.punch_hole(fd, 0, 64 * MiB)
         s = stats(mnt)
         assert s["stored_pages"] == 0 and s["clusters"] == 0 and s["mem_used_total"] == 0
         with pytest.raises(OSError) as err:
-            _linux.fallocate(fd, 0, 0, PAGE)  # preallocation: not supported
+            linux.fallocate(fd, 0, 0, PAGE)  # preallocation: not supported
         assert err.value.errno == errno.EOPNOTSUPP
     finally:
         os.close(fd)
@@ -228,10 +226,10 @@ def test_unprivileged_user_cannot_read_image_or_write_knobs(mnt: Path) -> None:
 def test_unmount_ends_the_daemon(tmp_path: Path) -> None:
     mnt = tmp_path / "m"
     mnt.mkdir()
-    pid = _admin.start_daemon(str(mnt), ["--size", "16M"])
-    assert _admin.daemon_pid(str(mnt)) == pid
-    assert _admin.down(str(mnt)) == [f"umount {mnt}"]
-    assert _admin.mount_type(str(mnt)) is None
+    pid = admin.start_daemon(str(mnt), ["--size", "16M"])
+    assert admin.daemon_pid(str(mnt)) == pid
+    assert admin.down(str(mnt)) == [f"umount {mnt}"]
+    assert admin.mount_type(str(mnt)) is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
 

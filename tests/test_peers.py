@@ -1,5 +1,5 @@
 """The checks trusted block and swap code passes, against a vswapfs device
-(``python -m vswapfs.checks``): fio verify and trim, stress-ng's verifying
+(``python -m vswapfs_lab.checks``): fio verify and trim, stress-ng's verifying
 memory stressors under a memory cgroup, swapon/swapoff churn."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from __future__ import annotations
 import pytest
 from conftest import needs_root
 
-from vswapfs import _admin, checks
+from vswapfs import admin
+from vswapfs_lab import checks
 
 pytestmark = needs_root
 
 
 def no_leftovers() -> None:
-    assert _admin.mounts() == []
+    assert admin.mounts() == []
 
 
 def test_fio_random_writes_verify_and_trim_reads_zero() -> None:

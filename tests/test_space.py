@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from vswapfs import MiB
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
 from vswapfs.engine import entry as E
 from vswapfs.engine._inject import armed
-
-MiB = 1 << 20
 
 
 def text_page(seed: int) -> bytes:

@@ -14,8 +14,6 @@ from conftest import needs_root, swap_on
 
 from vswapfs import workload
 
-MiB = 1 << 20
-
 
 def test_workload_verify_catches_wrong_slot_old_generation_and_corruption() -> None:
     n = 300

@@ -19,11 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats, swap_on
 
-from vswapfs import _admin
-from vswapfs._cgroup import MemCgroup
+from vswapfs import MiB, admin
+from vswapfs.cgroup import MemCgroup
 
 pytestmark = needs_root
-MiB = 1 << 20
 LIMIT_MIB = 64
 
 
@@ -63,10 +62,10 @@ def run_workload(mib: int, limit_mib: int, *extra: str) -> dict[str, object]:
 
 def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> None:
     mnt, dev = swap_mnt
-    assert dev in _admin.swaps()
-    assert _admin.loop_attrs(dev)[0] == "1" and int(_admin.loop_attrs(dev)[1]) > 0
-    with pytest.raises(_admin.AdminError, match="already up"):
-        _admin.up(str(mnt))
+    assert dev in admin.swaps()
+    assert admin.loop_attrs(dev)[0] == "1" and int(admin.loop_attrs(dev)[1]) > 0
+    with pytest.raises(admin.AdminError, match="already up"):
+        admin.up(str(mnt))
 
 
 def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(

@@ -13,3 +13,6 @@ CLUSTER_SLOTS: Final = 512  # slots per cluster, as the kernel's swap allocator
 CLUSTER_BYTES: Final = PAGE * CLUSTER_SLOTS  # 2 MiB: the unit the kernel discards
 FSTYPE: Final = "vswapfs"  # mounts are fuse.vswapfs; tools find them by it
 MiB: Final = 1 << 20
+SERVING_THREAD: Final = "vswapfs-serve"  # the daemon's channel threads' name (comm), for ps and the checks
+CODECS: Final = ("zstd", "lz4")  # zstd for the ratio, lz4 for speed (zram's comp_algorithm)
+DEFAULT_CODEC: Final = "zstd"

@@ -54,13 +54,13 @@ from collections.abc import Callable
 
 import trio
 
-from . import _linux
+from . import linux
+from ._consts import FSTYPE
 from ._fs import SwapFS
 from .engine import SwapSpace
 from .fuse import Session, serve, unmount
 
 log = logging.getLogger("vswapfs")
-FSTYPE = "vswapfs"
 SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
 HEAP_RESERVE = 48 << 20  # bytes of malloc heap faulted in at start in reserve mode
 HEAP_HEADROOM = 16 << 20  # bytes of free heap kept faulted in for the serving threads
@@ -97,12 +97,12 @@ def protect(reserve: bool = False) -> dict[str, bool]:
     threading.stack_size(THREAD_STACK)
     try:
         if reserve:
-            _linux.mlockall(_linux.MCL_CURRENT | _linux.MCL_FUTURE)
-            _linux.grow_heap(HEAP_RESERVE)
+            linux.mlockall(linux.MCL_CURRENT | linux.MCL_FUTURE)
+            linux.grow_heap(HEAP_RESERVE)
         else:
-            _linux.mlockall()
-            _linux.one_malloc_arena()
-            _linux.grow_heap(HEAP_HEADROOM)
+            linux.mlockall()
+            linux.one_malloc_arena()
+            linux.grow_heap(HEAP_HEADROOM)
         got["mlockall"] = True
     except OSError as e:
         log.warning("mlockall failed (%s): the daemon's memory can be swapped out", e)
@@ -114,7 +114,7 @@ def protect(reserve: bool = False) -> dict[str, bool]:
             got["oom_score_adj"] = f.read().strip() == "-1000"
     except OSError:
         got["oom_score_adj"] = False
-    got["io_flusher"] = _linux.io_flusher()
+    got["io_flusher"] = linux.io_flusher()
     missing = [k for k in ("oom_score_adj", "io_flusher") if not got[k]]
     if missing:
         log.warning("could not set %s (needs CAP_SYS_RESOURCE): the daemon relies on its "
@@ -165,7 +165,7 @@ async def _on_signals(mountpoint: str) -> None:
 
 def swapped_on(mountpoint: str) -> set[str]:
     """Loop devices on files of ``mountpoint`` that swap is on now."""
-    return set(_linux.loop_devices(mountpoint)) & set(_linux.swap_areas())
+    return set(linux.loop_devices(mountpoint)) & set(linux.swap_areas())
 
 
 class Housekeeping(threading.Thread):
@@ -201,11 +201,11 @@ class Housekeeping(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        _linux.set_thread_name("vswapfs-keeper")
+        linux.set_thread_name("vswapfs-keeper")
         was_on: set[str] = set()
         areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
         seen_busy, seen_freed = self.busy(), self._freed()
-        heap_mark = _linux.heap_end()  # where the heap ended after the last trim or top-up
+        heap_mark = linux.heap_end()  # where the heap ended after the last trim or top-up
         last_look = last_busy = last_free = 0.0
         shed = trimmed = True
         tick = IDLE_TICK
@@ -220,26 +220,26 @@ class Housekeeping(threading.Thread):
                         # the heap keeps its trimmed pad for the serving threads; only
                         # once they grew it past that is the headroom faulted in again
                         # (a top-up on every tick grew the heap by a block that stayed)
-                        if _linux.heap_end() != heap_mark:
-                            _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
-                            heap_mark = _linux.heap_end()
+                        if linux.heap_end() != heap_mark:
+                            linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
+                            heap_mark = linux.heap_end()
                 elif not shed and now - last_busy >= TRIM_AFTER:
                     if self.trim:  # no more reads or writes: spares, buffers and heap go back
                         self.space.trim()
-                        _linux.malloc_trim(HEAP_HEADROOM)
-                        heap_mark = _linux.heap_end()
+                        linux.malloc_trim(HEAP_HEADROOM)
+                        heap_mark = linux.heap_end()
                     shed, tick = True, IDLE_TICK
                 if freed != seen_freed:  # discards, swapoff: the heap can shrink after them
                     seen_freed, last_free, trimmed = freed, now, False
                 elif not trimmed and shed and now - last_free >= TRIM_AFTER:
                     if self.trim:
                         self.space.trim()
-                        _linux.malloc_trim(HEAP_HEADROOM)
-                        heap_mark = _linux.heap_end()
+                        linux.malloc_trim(HEAP_HEADROOM)
+                        heap_mark = linux.heap_end()
                     trimmed = True
                 if now - last_look >= SWAPS_EVERY:
                     last_look = now
-                    seen = set(_linux.swap_areas())
+                    seen = set(linux.swap_areas())
                     on = was_on if seen == areas else swapped_on(self.mountpoint)  # sysfs on a change
                     areas = seen
                     if was_on and not on:
@@ -278,8 +278,8 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
 
             await nursery.start(serving)
             if trim:  # the idle footprint, in place before the first request rather than after it
-                _linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
-                _linux.malloc_trim(HEAP_HEADROOM)
+                linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
+                linux.malloc_trim(HEAP_HEADROOM)
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))
             if ready_fd is not None:

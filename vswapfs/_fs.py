@@ -21,11 +21,12 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
-from . import _linux
-from ._consts import CLUSTER_BYTES, PAGE
+from . import linux
+from ._consts import CLUSTER_BYTES, PAGE, SERVING_THREAD
 from ._control import ControlFile, build_control_files
 from ._ratelimit import RateLimited
 from .engine import NoSpaceError, SwapSpace
@@ -52,8 +53,9 @@ SWAP_INO = 2
 CONTROL_INO = 3
 FIRST_CONTROL_FILE_INO = 16
 INLINE_BYTES = 16 * 1024  # requests up to this size skip the thread hop
-PUNCH = _linux.FALLOC_FL_PUNCH_HOLE | _linux.FALLOC_FL_KEEP_SIZE
-SERVING_THREAD = "vswapfs-serve"  # the channel threads' name (comm)
+PUNCH = linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE
+
+_T = TypeVar("_T")
 
 
 class SwapFS(Operations):
@@ -89,9 +91,9 @@ class SwapFS(Operations):
         """On each channel thread: it serves the kernel, so it faults its
         stack in now and asks not to do I/O in its own reclaim (see
         ``_daemon``); named SERVING_THREAD for ps and the checks."""
-        _linux.set_thread_name(SERVING_THREAD)
-        _linux.prefault_stack()
-        _linux.io_flusher()
+        linux.set_thread_name(SERVING_THREAD)
+        linux.prefault_stack()
+        linux.io_flusher()
 
     # -- inodes ---------------------------------------------------------------
 
@@ -190,7 +192,9 @@ class SwapFS(Operations):
     async def release(self, ctx: Context, ino: int, fh: int) -> None:
         self._snapshots.pop(fh, None)
 
-    async def _run(self, fn, *args, size: int = INLINE_BYTES + 1):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[..., _T], *args: Any, size: int = INLINE_BYTES + 1) -> _T:
+        """``fn(*args)`` inline when it is small (or every call, with threads=0),
+        else on a worker thread."""
         if size <= INLINE_BYTES or self._inline_all:
             return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)

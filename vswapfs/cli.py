@@ -10,9 +10,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import _admin
-from ._units import human, mem_total, parse_limit, parse_size
-from .engine import CODECS, DEFAULT_CODEC, PAGE
+from . import admin
+from ._consts import CODECS, DEFAULT_CODEC, PAGE
+from ._units import human, parse_limit, parse_size
+from .linux import mem_total
 
 
 def _size(text: str) -> int:
@@ -76,11 +77,11 @@ DEFAULT_POOL_LIMIT = "20%"
 def _check_mount_options(a: argparse.Namespace) -> None:
     """What argparse cannot check alone; fails before anything starts."""
     if a.reserve and a.reserve < MIN_RESERVE:
-        raise _admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
+        raise admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
     if a.reserve and a.pool_limit and a.pool_limit > a.reserve:
-        raise _admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
+        raise admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
     if a.level is not None and a.algorithm != "zstd":
-        raise _admin.AdminError(f"--level is a zstd setting; --algorithm {a.algorithm} has no levels")
+        raise admin.AdminError(f"--level is a zstd setting; --algorithm {a.algorithm} has no levels")
 
 
 def _mount_args(a: argparse.Namespace) -> list[str]:
@@ -139,13 +140,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     if not a.foreground:
-        pid = _admin.start_daemon(a.mountpoint, _mount_args(a))
-        print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {_admin.log_path(a.mountpoint)})")
+        pid = admin.start_daemon(a.mountpoint, _mount_args(a))
+        print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {admin.log_path(a.mountpoint)})")
         return 0
     _check_mount_options(a)
-    _admin.check_root()
+    admin.check_root()
     if a.ready_fd is None:
-        _admin.check_mountpoint(a.mountpoint)
+        admin.check_mountpoint(a.mountpoint)
     import trio
 
     from . import _daemon
@@ -166,14 +167,14 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm)
     trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve),
-             _admin.canonical(a.mountpoint), space, a.ready_fd)
+             admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
-    mnts = [a.mountpoint] if a.mountpoint else _admin.mounts()
-    rows = {m: _admin.status(m) for m in mnts}
-    algorithms = {m: _admin.algorithm(m) for m in mnts}
+    mnts = [a.mountpoint] if a.mountpoint else admin.mounts()
+    rows = {m: admin.status(m) for m in mnts}
+    algorithms = {m: admin.algorithm(m) for m in mnts}
     if a.json:
         print(json.dumps({m: {**s, "algorithm": algorithms[m]} for m, s in rows.items()}, indent=2))
         return 0
@@ -182,7 +183,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
     lines = [cols]
     for m, s in rows.items():
         ratio = s["orig_data_size"] / max(s["mem_used_total"], 1) if s["stored_pages"] else 0
-        lines.append((m, ",".join(_admin.loops_of(m)) or "-", human(s["disksize"]), algorithms[m],
+        lines.append((m, ",".join(admin.loops_of(m)) or "-", human(s["disksize"]), algorithms[m],
                       human(s["orig_data_size"]), human(s["compr_data_size"]), human(s["mem_used_total"]),
                       human(s["mem_limit"]) if s["mem_limit"] else "-", str(s["zero_pages"]),
                       str(s["pool_pages"]), str(s["phys_pages"]), f"{ratio:.2f}"))
@@ -200,12 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "mount":
             return _cmd_mount(a, argv)
         if a.cmd == "up":
-            print(_admin.up(a.mountpoint, _mount_args(a), a.priority))
+            print(admin.up(a.mountpoint, _mount_args(a), a.priority))
             return 0
         if a.cmd == "stress":
             from .stress import print_report, stress
 
-            _admin.check_root()
+            admin.check_root()
             r = stress(a.mountpoint, workers=a.workers, limit=a.limit, multiple=a.multiple,
                        pattern=a.pattern, duration=a.duration, rounds=a.rounds, mix=a.mix)
             print_report(r)
@@ -217,11 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(path)
             return 0
         if a.cmd == "down":
-            for step in _admin.down(a.mountpoint, force=a.force):
+            for step in admin.down(a.mountpoint, force=a.force):
                 print(step)
             return 0
         return _cmd_status(a)
-    except _admin.AdminError as e:
+    except admin.AdminError as e:
         print(f"vswapfs: {e}", file=sys.stderr)
         return 1
     except OSError as e:

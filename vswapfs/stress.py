@@ -17,12 +17,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from . import _admin
-from ._cgroup import MemCgroup
+from . import admin
+from ._consts import MiB
 from ._units import human
-
-MiB = 1 << 20
+from .cgroup import MemCgroup
 
 
 def vmstat() -> dict[str, int]:
@@ -34,7 +34,7 @@ def vmstat() -> dict[str, int]:
 class Worker:
     proc: subprocess.Popen[bytes]
     last: dict[str, int] = field(default_factory=dict)
-    final: dict[str, object] | None = None
+    final: dict[str, Any] | None = None
     buf: bytes = b""
 
 
@@ -42,9 +42,9 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
            pattern: str = "mix", duration: float = 60.0, rounds: int = 0, mix: str = "1:1:1",
            quiet: bool = False) -> dict[str, object]:
     """Run the stress load against the swapped-on vswapfs at ``mnt``."""
-    devs = [d for d in _admin.loops_of(mnt) if d in _admin.swaps()]
+    devs = [d for d in admin.loops_of(mnt) if d in admin.swaps()]
     if not devs:
-        raise _admin.AdminError(f"{mnt}: no swap is on this vswapfs (run 'vswapfs up {mnt}' first)")
+        raise admin.AdminError(f"{mnt}: no swap is on this vswapfs (run 'vswapfs up {mnt}' first)")
     share = max(1, int(limit * multiple / workers / MiB))
     cmd = [sys.executable, "-m", "vswapfs.workload", "--mib", str(share), "--pattern", pattern,
            "--mix", mix, "--report"]
@@ -76,7 +76,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
                         w.last = msg
                     else:
                         w.final = msg
-            s = _admin.status(mnt)
+            s = admin.status(mnt)
             peak_mem = max(peak_mem, s["mem_used_total"])
             peak_stored = max(peak_stored, s["stored_pages"])
             if time.monotonic() >= next_line and not quiet:
@@ -95,10 +95,10 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
     v = vmstat()
     # memory vswapfs gives back once the workers are gone (discards after exit)
     deadline = time.monotonic() + 5
-    while (s := _admin.status(mnt))["stored_pages"] > 1 and time.monotonic() < deadline:
+    while (s := admin.status(mnt))["stored_pages"] > 1 and time.monotonic() < deadline:
         time.sleep(0.1)
     results = [w.final or w.last for w in pool]
-    report: dict[str, object] = {
+    report: dict[str, Any] = {
         "workers": workers, "limit_mib": limit // MiB, "working_set_mib": share * workers,
         "pattern": pattern, "seconds": round(elapsed, 1),
         "pages_written": sum(int(r.get("written", 0)) for r in results),
@@ -114,7 +114,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
     return report
 
 
-def print_report(r: dict[str, object]) -> None:
+def print_report(r: dict[str, Any]) -> None:
     print(f"\n{'PASS' if r['ok'] else 'FAIL'}: {r['pages_written']} pages written, "
           f"{r['pages_verified']} verified, {r['pages_bad']} bad, in {r['seconds']}s "
           f"({r['workers']} workers, {r['working_set_mib']} MiB in a {r['limit_mib']} MiB cgroup, "
@@ -123,6 +123,6 @@ def print_report(r: dict[str, object]) -> None:
     print(f"vswapfs peak {r['vswapfs_peak_stored_pages']} pages in {human(int(r['vswapfs_peak_mem']))}; "
           f"after exit {r['vswapfs_stored_after']} pages in {human(int(r['vswapfs_mem_after']))} "
           f"({r['returned_pct']}% returned)")
-    for e in r["errors"]:  # type: ignore[attr-defined]
+    for e in r["errors"]:
         print(f"error: {e}")
     print(json.dumps(r))

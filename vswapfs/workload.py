@@ -28,7 +28,8 @@ import struct
 import sys
 import time
 
-PAGE = 4096
+from ._consts import PAGE
+
 KINDS = ("zero", "text", "random")
 _HDR = struct.Struct("<QQ")
 _RND = random.Random(0x5EED).randbytes(PAGE * 65)
@@ -231,7 +232,7 @@ def main() -> None:
         use_file_corpus()
     if a.fill:
         use_fill()
-    result = run(a.mib, a.pattern, a.rounds, mix, a.seed, a.hold, a.duration, a.report,  # type: ignore[arg-type]
+    result = run(a.mib, a.pattern, a.rounds, mix, a.seed, a.hold, a.duration, a.report,
                  a.latency)
     print(json.dumps(result), flush=True)
     sys.exit(1 if result["bad"] else 0)

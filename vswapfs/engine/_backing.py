@@ -30,7 +30,7 @@ from typing import Final
 
 import xxhash
 
-from .. import _linux
+from .. import linux
 from .._consts import CLUSTER_BYTES, CLUSTER_SLOTS, PAGE
 from . import _inject
 
@@ -237,7 +237,7 @@ class BackingFile:
         try:
             if _inject.armed:
                 _inject.point("backing.punch")
-            _linux.punch_hole(self.fd, c * CLUSTER_BYTES, CLUSTER_BYTES)
+            linux.punch_hole(self.fd, c * CLUSTER_BYTES, CLUSTER_BYTES)
             self.unpunched.discard(c)
         except OSError:
             self.unpunched.add(c)  # the blocks stay allocated: tidy() tries again

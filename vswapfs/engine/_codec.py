@@ -21,12 +21,10 @@ from typing import Final
 
 import zstandard
 
-from .._consts import PAGE
+from .._consts import CODECS, DEFAULT_CODEC, PAGE
 from . import _entry as E
 from . import _inject
 
-CODECS: Final = ("zstd", "lz4")  # zstd for the ratio, lz4 for speed (zram's comp_algorithm)
-DEFAULT_CODEC: Final = "zstd"
 DEFAULT_LEVEL: Final = 1
 MIN_LEVEL: Final = -100  # zstd's fast levels (negative) trade ratio for speed
 MAX_LEVEL: Final = zstandard.MAX_COMPRESSION_LEVEL

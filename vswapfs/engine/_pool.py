@@ -45,7 +45,7 @@ import os
 from array import array
 from typing import Final
 
-from .. import _linux
+from .. import linux
 from .._consts import PAGE as _PAGE
 from . import _inject
 
@@ -75,7 +75,7 @@ def size_class(length: int) -> int:
 
 def default_capacity() -> int:
     """The arena's size when none is given: RAM, in whole chunks."""
-    return max(_linux.mem_total() // CHUNK_BYTES, 1) * CHUNK_BYTES
+    return max(linux.mem_total() // CHUNK_BYTES, 1) * CHUNK_BYTES
 
 
 class _SizeClass:
@@ -121,7 +121,7 @@ class Pool:
         self._fd = os.memfd_create("vswapfs-pool", os.MFD_CLOEXEC)
         os.ftruncate(self._fd, capacity)
         self._map = mmap.mmap(self._fd, capacity)
-        self._base = _linux.buffer_address(self._map)
+        self._base = linux.buffer_address(self._map)
         self._slots = capacity // CHUNK_BYTES  # 64 KiB slots in the arena
         self._next_slot = 0  # slots below this have been used at least once
         self._free_slots = array("Q")  # offsets of slots below _next_slot not in use (holes)
@@ -134,7 +134,7 @@ class Pool:
         self.chunks = 0  # chunks in use now
         if self.reserve:
             offs = self._take_slots(self._slots)
-            _linux.populate(self._base, capacity)
+            linux.populate(self._base, capacity)
             self._spare.extend(offs)
 
     @property
@@ -156,7 +156,7 @@ class Pool:
         return out
 
     def _punch(self, off: int, length: int = CHUNK_BYTES) -> None:
-        _linux.punch_hole(self._fd, off, length)
+        linux.punch_hole(self._fd, off, length)
 
     def refill_wanted(self, mark: int = SPARE_HIGH) -> list[int]:
         """Slots to fault in so that the spare list reaches ``mark``
@@ -177,7 +177,7 @@ class Pool:
         try:
             if _inject.armed:
                 _inject.point("pool.chunk")
-            _linux.populate(self._base + off, CHUNK_BYTES)
+            linux.populate(self._base + off, CHUNK_BYTES)
         except (OSError, MemoryError) as e:
             raise PoolExhausted(f"cannot fault a pool chunk in: {e}") from None
 

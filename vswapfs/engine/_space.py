@@ -48,11 +48,10 @@ import os
 import threading
 from collections.abc import Iterable
 
-from .._consts import CLUSTER_SLOTS, PAGE
+from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, PAGE
 from . import _entry as E
 from ._backing import BackingFile
 from ._codec import (
-    DEFAULT_CODEC,
     DEFAULT_HUGE_THRESHOLD,
     DEFAULT_LEVEL,
     ZERO_WORD,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .. import _linux
+from .. import linux
 
 
 def open_and_mount(mountpoint: str, fstype: str, *, source: str = "none",
@@ -16,7 +16,7 @@ def open_and_mount(mountpoint: str, fstype: str, *, source: str = "none",
     if allow_other:
         opts += ",allow_other"
     try:
-        _linux.mount(source, mountpoint, f"fuse.{fstype}", _linux.MS_NOSUID | _linux.MS_NODEV, opts)
+        linux.mount(source, mountpoint, f"fuse.{fstype}", linux.MS_NOSUID | linux.MS_NODEV, opts)
     except BaseException:
         os.close(fd)
         raise
@@ -25,4 +25,4 @@ def open_and_mount(mountpoint: str, fstype: str, *, source: str = "none",
 
 def unmount(mountpoint: str) -> None:
     """umount(2); raises OSError(EBUSY) while the mount is in use."""
-    _linux.umount(mountpoint)
+    linux.umount(mountpoint)

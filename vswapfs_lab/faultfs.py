@@ -12,7 +12,7 @@ real system calls instead of mocks.  Arm faults by writing lines to
 
 Reading ``.faults`` lists the armed faults and how often each fired.
 
-    python -m vswapfs.faultfs MNT STORE_DIR
+    python -m vswapfs_lab.faultfs MNT STORE_DIR
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import sys
 
 import trio
 
-from . import _linux
-from .fuse import (
+from vswapfs import linux
+from vswapfs.fuse import (
     FOPEN_DIRECT_IO,
     ROOT_ID,
     Attr,
@@ -166,7 +166,7 @@ class FaultFS(Operations):
         return os.pwrite(fh, data, offset)
 
     async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
-        _linux.fallocate(fh, mode, offset, length)
+        linux.fallocate(fh, mode, offset, length)
 
     async def statfs(self, ctx: Context, ino: int) -> StatFs:
         st = os.statvfs(self.store)

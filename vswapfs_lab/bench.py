@@ -24,7 +24,7 @@ WRITE and READ requests the daemon answered and the time it was busy with
 them: its own share of the time, apart from the kernel's side.
 
 One more backend is a yardstick, not a contender: ``fuse-floor-c``
-(``scripts/fuse_floor.c``, built with cc), a minimal C FUSE server that
+(``vswapfs_lab/fuse_floor.c``, built with cc), a minimal C FUSE server that
 stores pages raw and does nothing else, attached like vswapfs.  It is the
 loop+FUSE path's own cost in this run; the verdicts on time and latency
 also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
@@ -40,8 +40,8 @@ third here).  Results: a Markdown table, a JSON file and, with matplotlib,
 a PNG chart; ``--render`` writes them again from a saved JSON file, as this
 version summarizes its rounds, without measuring anything.
 
-    python3 scripts/bench.py [--rounds 3] [--limit 64] [--out bench-results] [--only a,b]
-    python3 scripts/bench.py --render bench-results/bench.json [--out DIR]
+    python3 -m vswapfs_lab.bench [--rounds 3] [--limit 64] [--out bench-results] [--only a,b]
+    python3 -m vswapfs_lab.bench --render bench-results/bench.json [--out DIR]
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import _admin, _linux
-from ._cgroup import MemCgroup
-from ._linux import meminfo
+from vswapfs import MiB, admin, linux
+from vswapfs.cgroup import MemCgroup
+from vswapfs.linux import meminfo
 
-MiB = 1 << 20
 ZRAM = Path("/sys/block/zram0")
 ZSWAP = Path("/sys/module/zswap/parameters")
 REFERENCE = "zram-lzo-rle"
@@ -127,7 +127,7 @@ def _swapon(dev: str) -> None:
 
 
 def vswapfs_backend(name: str, args: list[str]) -> Backend:
-    st: dict[str, object] = {}
+    st: dict[str, Any] = {}
 
     def up() -> None:
         mnt = tempfile.mkdtemp(prefix="vswapfs-bench-")
@@ -137,12 +137,12 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(b)
         st["mnt"] = mnt
-        _admin.up(mnt, args, priority=PRIORITY)
-        st["pid"] = _admin.daemon_pid(mnt)
+        admin.up(mnt, args, priority=PRIORITY)
+        st["pid"] = admin.daemon_pid(mnt)
 
     def down() -> None:
         mnt = str(st.pop("mnt"))
-        _admin.down(mnt)
+        admin.down(mnt)
         os.rmdir(mnt)
 
     def held() -> int:
@@ -151,7 +151,7 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
     def served() -> dict[str, tuple[int, int, int]]:
         return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
 
-    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st,  # type: ignore[arg-type]
+    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st,
                    served=served)
 
 
@@ -205,24 +205,24 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
         os.unlink(path)
 
     def held() -> int:
-        return meminfo("Zswapped") if zswap else _linux.swap_areas().get(path, 0) * 1024
+        return meminfo("Zswapped") if zswap else linux.swap_areas().get(path, 0) * 1024
 
     memory = (lambda: meminfo("Zswap")) if zswap else (lambda: 0)
     return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, held, available)
 
 
-FLOOR_SOURCE = Path(__file__).resolve().parents[1] / "scripts" / "fuse_floor.c"
+FLOOR_SOURCE = Path(__file__).resolve().parent / "fuse_floor.c"  # shipped with the package
 FLOOR = "fuse-floor-c"
 ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 
 
 def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
-    """The yardstick: ``scripts/fuse_floor.c``, a minimal C server on raw
+    """The yardstick: ``vswapfs_lab/fuse_floor.c``, a minimal C server on raw
     /dev/fuse that stores pages raw and does nothing else, attached exactly
     as vswapfs is.  What it measures is the kernel's loop+FUSE path alone:
     no daemon, in any language, does less per request.  ``uring``: the same
     over FUSE-over-io_uring (``enable_uring`` is turned on while it runs)."""
-    st: dict[str, object] = {}
+    st: dict[str, Any] = {}
 
     def available() -> str | None:
         if not FLOOR_SOURCE.exists():
@@ -230,7 +230,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
         if uring and not ENABLE_URING.exists():
             return "this kernel has no FUSE-over-io_uring (no fuse enable_uring parameter)"
         cc = shutil.which("cc") or shutil.which("gcc")
-        return None if cc else "no C compiler (cc) to build scripts/fuse_floor.c"
+        return None if cc else "no C compiler (cc) to build vswapfs_lab/fuse_floor.c"
 
     def up() -> None:
         work = tempfile.mkdtemp(prefix="vswapfs-floor-")
@@ -246,12 +246,12 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
         st["proc"], st["mnt"] = proc, mnt
         try:
             deadline = time.monotonic() + 10
-            while _admin.mount_type(mnt) != "fuse.vswapfloor":
+            while admin.mount_type(mnt) != "fuse.vswapfloor":
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"fuse_floor did not mount: {proc.stderr.read().decode()[-300:]}"  # type: ignore[union-attr]
                                        if proc.poll() is not None else "fuse_floor did not mount in 10 s")
                 time.sleep(0.02)
-            dev = _admin.attach_loop(mnt)
+            dev = admin.attach_loop(mnt)
             st["dev"] = dev
             _run("mkswap", dev)
             _swapon(dev)
@@ -268,13 +268,13 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
             subprocess.run(["losetup", "-d", str(dev)], check=False)
         proc = st.pop("proc", None)
         if proc is not None:
-            if _admin.mount_type(str(st["mnt"])) == "fuse.vswapfloor":
+            if admin.mount_type(str(st["mnt"])) == "fuse.vswapfloor":
                 subprocess.run(["umount", str(st["mnt"])], check=False)
             try:
-                proc.wait(10)  # type: ignore[attr-defined]
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()  # type: ignore[attr-defined]
-                proc.wait()  # type: ignore[attr-defined]
+                proc.kill()
+                proc.wait()
         if was := st.pop("enable_uring", None):
             ENABLE_URING.write_text("1" if was == "Y" else "0")
         if work := st.pop("work", None):
@@ -285,7 +285,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
         return (v.f_blocks - v.f_bfree) * v.f_frsize
 
     return Backend(FLOOR + ("-uring" if uring else ""), up, down,
-                   lambda: rss(st["proc"].pid), held, available, st)  # type: ignore[attr-defined]
+                   lambda: rss(st["proc"].pid), held, available, st)
 
 
 # Run only when named in --only: what the default run's figures are made of.
@@ -603,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [b for b in backends() if (b.name in names if names else b.name not in EXTRA)]
     missing = {b.name: why for b in chosen if (why := b.available())}
     chosen = [b for b in chosen if b.name not in missing]
-    if _admin.swaps():
-        print(f"bench: swap is already on ({', '.join(_admin.swaps())}); swapoff first", file=sys.stderr)
+    if admin.swaps():
+        print(f"bench: swap is already on ({', '.join(admin.swaps())}); swapoff first", file=sys.stderr)
         return 1
     rows: dict[str, list[dict[str, float]]] = {b.name: [] for b in chosen}
     for rnd in range(a.rounds):

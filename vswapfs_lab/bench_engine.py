@@ -9,7 +9,7 @@ stored page beyond the compressed payload, and how long freeing one whole
 512-slot cluster takes (what a kernel discard asks for; afterwards the
 space must hold nothing); the last line is one JSON object.
 
-    python3 scripts/bench_engine.py [--mib 1024] [--levels 1,3,-1] [--rounds 3]
+    python3 -m vswapfs_lab.bench_engine [--mib 1024] [--levels 1,3,-1] [--rounds 3]
 
 With several levels or rounds, rounds are interleaved across levels (single
 runs swing by a third on these machines) and medians are reported.
@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, SwapSpace
 
 SOURCES = ("/usr/lib/x86_64-linux-gnu/*.so*", "/usr/lib/*/*.so*", "/usr/bin/*", "/usr/lib/python3*/*.py",
@@ -75,7 +74,7 @@ def bench(pages: list[bytes], level: int, batch: int) -> dict[str, float]:
     bad = 0
     for i in range(0, n, batch):
         got = space.read(i * PAGE, min(batch, n - i) * PAGE)
-        if got != b"".join(pages[i:i + batch]):
+        if bytes(got) != b"".join(pages[i:i + batch]):
             bad += 1
     t2 = time.perf_counter()
     # the read check above includes the join; time reads alone too

@@ -8,7 +8,7 @@ random pages, times 3,000 random swap-ins of swapped-out pages, verifies
 every page; then ``down``.  Prints p50/p99 swap-in and write/verify times,
 then the medians per count.
 
-    python3 scripts/channels.py [--counts 0,1,2,3] [--rounds 3]
+    python3 -m vswapfs_lab.channels [--counts 0,1,2,3] [--rounds 3]
 """
 
 import argparse
@@ -19,17 +19,14 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vswapfs import _admin
-from vswapfs._cgroup import MemCgroup
-
-MiB = 1 << 20
+from vswapfs import MiB, admin
+from vswapfs.cgroup import MemCgroup
 
 
 def one(channels: int) -> dict[str, float]:
     mnt = tempfile.mkdtemp(prefix="vswapfs-channels-")
     try:
-        with _admin.swap_up(mnt, ["--size", "2G", "--channels", str(channels)]), \
+        with admin.swap_up(mnt, ["--size", "2G", "--channels", str(channels)]), \
                 MemCgroup(f"vswapfs-channels-{os.getpid()}", 64 * MiB) as cg:
             p = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "192", "--files",
                           "--latency", "3000"], stdout=subprocess.PIPE)

@@ -1,12 +1,12 @@
 """The checks peers pass, run against a vswapfs device.
 
-    python -m vswapfs.checks fio     [--mib 256]      fio random writes with crc32c verify,
+    python -m vswapfs_lab.checks fio     [--mib 256]      fio random writes with crc32c verify,
                                                       then blkdiscard and a compare against zeros
-    python -m vswapfs.checks stress-ng [--seconds 30] stress-ng --vm (all methods, verify,
+    python -m vswapfs_lab.checks stress-ng [--seconds 30] stress-ng --vm (all methods, verify,
                                                       page-in) and --pageswap under a memory cgroup
-    python -m vswapfs.checks churn   [--cycles 50]    swapon/swapoff with data swapped out each
+    python -m vswapfs_lab.checks churn   [--cycles 50]    swapon/swapoff with data swapped out each
                                                       time; swapoff while the data is held
-    python -m vswapfs.checks same-cgroup [--no-reserve]  the daemon and a hog in ONE memory
+    python -m vswapfs_lab.checks same-cgroup [--no-reserve]  the daemon and a hog in ONE memory
                                                       cgroup: the hog must finish, verified
 
 Each sets up its own vswapfs on a temporary mount point, tears it down
@@ -26,21 +26,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import _admin, _linux
-from ._cgroup import MemCgroup
-
-MiB = 1 << 20
+from vswapfs import SERVING_THREAD, MiB, admin, linux
+from vswapfs.cgroup import MemCgroup
 
 
 def _stats(mnt: str) -> dict[str, int]:
-    return _admin.status(mnt)
+    return admin.status(mnt)
 
 
 @contextmanager
 def _tmp_mount(args: list[str]) -> Iterator[str]:
     mnt = tempfile.mkdtemp(prefix="vswapfs-check-")
     try:
-        with _admin.mounted(mnt, args):
+        with admin.mounted(mnt, args):
             yield mnt
     finally:
         os.rmdir(mnt)
@@ -49,8 +47,8 @@ def _tmp_mount(args: list[str]) -> Iterator[str]:
 def kernel_used_pages(mnt: str) -> int:
     """Pages the kernel counts as in use on the swap areas of ``mnt``
     (swap-cache-only pages keep their slots until reclaim frees them)."""
-    used = _linux.swap_areas()
-    return sum(used.get(dev, 0) // 4 for dev in _admin.loops_of(mnt))
+    used = linux.swap_areas()
+    return sum(used.get(dev, 0) // 4 for dev in admin.loops_of(mnt))
 
 
 def _wait_empty(mnt: str, timeout: float = 10) -> int:
@@ -65,7 +63,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
     """fio random 4 KiB writes at queue depth 32 with crc32c verify, on the
     raw loop device; then blkdiscard and compare the device with zeros."""
     with _tmp_mount(["--size", f"{mib}M"]) as mnt:
-        dev = _admin.attach_loop(mnt)
+        dev = admin.attach_loop(mnt)
         try:
             r = subprocess.run(
                 ["fio", "--name=vswapfs-verify", f"--filename={dev}", "--rw=randwrite", "--bs=4k",
@@ -102,7 +100,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
 def _swap_mount(args: list[str]) -> Iterator[tuple[str, str]]:
     mnt = tempfile.mkdtemp(prefix="vswapfs-check-")
     try:
-        with _admin.swap_up(mnt, args) as dev:
+        with admin.swap_up(mnt, args) as dev:
             yield mnt, dev
     finally:
         os.rmdir(mnt)
@@ -136,8 +134,8 @@ def stress_ng(seconds: int = 30, limit_mib: int = 64) -> dict[str, object]:
         out["stored_pages_at_exit"] = _stats(mnt)["stored_pages"]
         out["kernel_used_pages_at_exit"] = kernel_used_pages(mnt)
         subprocess.run(["swapoff", dev], check=True)
-        out["stored_pages_after_swapoff"] = _wait_empty(mnt)
-        out["ok"] = bool(out["ok"]) and out["stored_pages_after_swapoff"] <= 1
+        left = out["stored_pages_after_swapoff"] = _wait_empty(mnt)
+        out["ok"] = bool(out["ok"]) and left <= 1
     return out
 
 
@@ -148,7 +146,7 @@ def churn(cycles: int = 50, mib: int = 48, limit_mib: int = 24) -> dict[str, obj
     bad = verified = swapped = 0
     t0 = time.monotonic()
     with _tmp_mount(["--size", "1G"]) as mnt:
-        dev = _admin.attach_loop(mnt)
+        dev = admin.attach_loop(mnt)
         try:
             subprocess.run(["mkswap", dev], check=True, capture_output=True)
             for _ in range(cycles):
@@ -170,7 +168,7 @@ def churn(cycles: int = 50, mib: int = 48, limit_mib: int = 24) -> dict[str, obj
                 verified += result["verified"]
             left = _wait_empty(mnt, 5)  # the daemon frees what swapoff left behind
         finally:
-            if dev in _admin.swaps():
+            if dev in admin.swaps():
                 subprocess.run(["swapoff", dev], check=False)
             subprocess.run(["losetup", "-d", dev], check=False)
     return {"check": "churn", "ok": bad == 0 and left <= 1, "cycles": cycles, "pages_verified": verified,
@@ -201,7 +199,7 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
         text = upped.communicate(timeout=120)[0].decode().strip()
         if upped.returncode:
             raise RuntimeError(f"vswapfs up failed: {text}")
-        daemon = _admin.daemon_pid(mnt)
+        daemon = admin.daemon_pid(mnt)
         out["daemon_in_cgroup"] = daemon in cg.pids()
         out["daemon_charge_mib"] = round(cg.usage() / MiB, 1)
         before = _faults_and_rss(daemon)
@@ -238,9 +236,8 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
 def _serving_faults(pid: int | None) -> int:
     """Page faults so far of the daemon's threads that answer the kernel
     (its channel threads, named SERVING_THREAD)."""
-    from ._fs import SERVING_THREAD
 
-    return _linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
+    return linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
 
 
 def _faults_and_rss(pid: int | None) -> tuple[int, int]:
@@ -257,7 +254,7 @@ def _recover(mnt: str, hog: subprocess.Popen[bytes] | None) -> list[str]:
     connection; while the hog lives swapoff cannot take its pages back,
     so it is killed and ``down --force`` runs again."""
     steps: list[str] = []
-    if _admin.mount_type(mnt) is None:
+    if admin.mount_type(mnt) is None:
         return steps
     down = [sys.executable, "-m", "vswapfs", "down", "--force", mnt]
     for attempt in range(2):
@@ -286,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--rounds", type=int, default=3)
     a = p.parse_args(argv)
     if os.geteuid() != 0:
-        print("vswapfs.checks: must be run as root", file=sys.stderr)
+        print("vswapfs_lab.checks: must be run as root", file=sys.stderr)
         return 1
     if a.check == "fio":
         r = fio_verify(a.mib)

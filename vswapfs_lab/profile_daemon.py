@@ -8,7 +8,7 @@ workload (192 MiB of zero / real-file / random pages, 3 rounds) in a
 samples by leaf function (what the thread was doing, waiting included).
 Needs root and py-spy (``pip install py-spy``).
 
-    python3 scripts/profile_daemon.py [--seconds 12] [--channels 1] > docs/profile-usemem.txt
+    python3 -m vswapfs_lab.profile_daemon [--seconds 12] [--channels 1] > docs/profile-usemem.txt
 """
 
 import argparse
@@ -18,11 +18,8 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from vswapfs import _admin
-from vswapfs._cgroup import MemCgroup
-
-MiB = 1 << 20
+from vswapfs import MiB, admin
+from vswapfs.cgroup import MemCgroup
 
 
 def main() -> int:
@@ -33,9 +30,9 @@ def main() -> int:
     mnt = tempfile.mkdtemp(prefix="vswapfs-profile-")
     raw = os.path.join(tempfile.mkdtemp(), "daemon.txt")
     try:
-        with _admin.swap_up(mnt, ["--size", "2G", "--channels", str(a.channels)]), \
+        with admin.swap_up(mnt, ["--size", "2G", "--channels", str(a.channels)]), \
                 MemCgroup(f"vswapfs-profile-{os.getpid()}", 64 * MiB) as cg:
-            pid = _admin.daemon_pid(mnt)
+            pid = admin.daemon_pid(mnt)
             load = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "192", "--files",
                              "--rounds", "3"], stdout=subprocess.DEVNULL)
             subprocess.run(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--idle",

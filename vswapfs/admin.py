@@ -18,8 +18,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import _linux
-from ._daemon import FSTYPE
+from . import linux
+from ._consts import FSTYPE
 
 RUN_DIR = Path("/run/vswapfs")
 IMAGE = "swap"
@@ -64,12 +64,12 @@ def image_of(mnt: str) -> str:
 
 def loops_of(mnt: str) -> list[str]:
     """Loop devices attached to files of the mount ``mnt``."""
-    return _linux.loop_devices(canonical(mnt))
+    return linux.loop_devices(canonical(mnt))
 
 
 def swaps() -> list[str]:
     """Devices swap is on."""
-    return list(_linux.swap_areas())
+    return list(linux.swap_areas())
 
 
 def _run(cmd: Sequence[str]) -> str:
@@ -302,7 +302,8 @@ def algorithm(mnt: str) -> str:
 def status(mnt: str) -> dict[str, int]:
     """Every counter and gauge of the mount (``control/stats.json``)."""
     try:
-        return json.loads(Path(mnt, "control", "stats.json").read_text())
+        stats: dict[str, int] = json.loads(Path(mnt, "control", "stats.json").read_text())
+        return stats
     except OSError as e:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             raise AdminError(f"{mnt}: the daemon is gone (use 'vswapfs down --force {mnt}')") from None

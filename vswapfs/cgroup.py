@@ -72,7 +72,8 @@ class MemCgroup:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
 
-        return subprocess.Popen(list(cmd), preexec_fn=join, **kw)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(list(cmd), preexec_fn=join, **kw)  # type: ignore[call-overload]
+        return proc
 
     def close(self) -> None:
         """Kill what is left inside and remove the cgroup."""
