@@ -60,14 +60,36 @@ def _metrics(space: SwapSpace) -> str:
     return "\n".join(out) + "\n"
 
 
-def _int_in(text: str, lo: int, hi: int, what: str) -> int:
+ServiceStats = Callable[[], dict[str, tuple[int, int, int]]]
+
+
+def _fuse_stat(stats: ServiceStats) -> str:
+    return "".join(f"{name} {n} {data} {ns // 1000} {ns / n / 1000:.1f}\n"
+                   for name, (n, data, ns) in stats().items())
+
+
+def _fuse_metrics(stats: ServiceStats) -> str:
+    """fuse_stat in the Prometheus text format, one series per opcode."""
+    rows = stats()
+    out = []
+    for metric, what, field in (
+            ("requests_total", "FUSE requests answered", 0),
+            ("bytes_total", "bytes of file data written or read", 1),
+            ("busy_seconds_total", "time from parsing a request to writing its reply", 2)):
+        out += [f"# HELP vswapfs_fuse_{metric} {what}, per opcode",
+                f"# TYPE vswapfs_fuse_{metric} counter"]
+        for op, row in rows.items():
+            value = row[field] / 1e9 if field == 2 else row[field]
+            out.append(f'vswapfs_fuse_{metric}{{op="{op}"}} {value}')
+    return "\n".join(out) + "\n"
+
+
+def _int(text: str, what: str) -> int:
+    """An integer; its bounds are the engine's to check (``configure``)."""
     try:
-        v = int(text.strip(), 0)
+        return int(text.strip(), 0)
     except ValueError:
         raise ValueError(f"{what}: not an integer: {text.strip()!r}") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"{what}: {v} is outside {lo}..{hi}")
-    return v
 
 
 def _bool(text: str) -> bool:
@@ -91,15 +113,15 @@ def _set_pool_limit(space: SwapSpace, text: str) -> None:
 
 
 def _set_level(space: SwapSpace, text: str) -> None:
-    space.configure(level=_int_in(text, -100, 22, "compression_level"))
+    space.configure(level=_int(text, "compression_level"))
 
 
 def _set_accept(space: SwapSpace, text: str) -> None:
-    space.configure(accept_threshold=_int_in(text, 1, 100, "accept_threshold_percent"))
+    space.configure(accept_threshold=_int(text, "accept_threshold_percent"))
 
 
 def _set_huge(space: SwapSpace, text: str) -> None:
-    space.configure(huge_threshold=_int_in(text, 1, 4096, "huge_threshold"))
+    space.configure(huge_threshold=_int(text, "huge_threshold"))
 
 
 def _set_wb(space: SwapSpace, text: str) -> None:
@@ -108,7 +130,9 @@ def _set_wb(space: SwapSpace, text: str) -> None:
 
 def _do_writeback(space: SwapSpace, text: str) -> str:
     t = text.strip().lower()
-    n = None if t == "all" else _int_in(t, 1, 1 << 62, "writeback")
+    n = None if t == "all" else _int(t, "writeback")
+    if n is not None and n < 1:
+        raise ValueError(f"writeback: {n} pages? write a positive count, or all")
     return f"wrote back {space.writeback(n)} pages"
 
 
@@ -134,17 +158,19 @@ def _do_evacuate(space: SwapSpace, text: str) -> str:
     return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
 
 
-def build_control_files(space: SwapSpace,
-                        more_metrics: Callable[[], str] = str) -> dict[str, ControlFile]:
-    """All control files, by name.  ``more_metrics``: Prometheus text the
-    ``metrics`` file appends (the transport's series, which this module
-    does not know)."""
+def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict) -> dict[str, ControlFile]:
+    """All control files, by name.  ``service_stats``: the transport's
+    counts per FUSE opcode (requests, bytes, ns), for ``fuse_stat`` and
+    ``metrics``."""
     files = [
         ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
         ControlFile("io_stat", "zram columns: " + " ".join(IO_STAT), _columns(IO_STAT)),
         ControlFile("bd_stat", "zram columns, 4 KiB units: " + " ".join(BD_STAT), _columns(BD_STAT)),
         ControlFile("stats.json", "every counter and gauge", lambda s: json.dumps(s.stats()) + "\n"),
-        ControlFile("metrics", "Prometheus text format", lambda s: _metrics(s) + more_metrics()),
+        ControlFile("metrics", "Prometheus text format",
+                    lambda s: _metrics(s) + _fuse_metrics(service_stats)),
+        ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes written or read, "
+                    "busy µs (parse to reply, summed), mean µs", lambda _: _fuse_stat(service_stats)),
         ControlFile("backing_files", "backing files, one path per line",
                     lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),

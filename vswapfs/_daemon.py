@@ -107,13 +107,7 @@ def protect(reserve: bool = False) -> dict[str, bool]:
     except OSError as e:
         log.warning("mlockall failed (%s): the daemon's memory can be swapped out", e)
         got["mlockall"] = False
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")
-        with open("/proc/self/oom_score_adj") as f:
-            got["oom_score_adj"] = f.read().strip() == "-1000"
-    except OSError:
-        got["oom_score_adj"] = False
+    got["oom_score_adj"] = linux.set_oom_score_adj(-1000)
     got["io_flusher"] = linux.io_flusher()
     missing = [k for k in ("oom_score_adj", "io_flusher") if not got[k]]
     if missing:

@@ -67,10 +67,7 @@ class SwapFS(Operations):
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns), handed over by init()
         self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
-        self._files = [*build_control_files(space, self._fuse_metrics).values(),
-                       ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes "
-                                   "written or read, busy µs (parse to reply, summed), mean µs",
-                                   lambda _: self._fuse_stat())]
+        self._files = list(build_control_files(space, lambda: self._service_stats()).values())
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
         self._image_requests = 0  # reads and writes of the image (a lost count is harmless)
@@ -96,25 +93,6 @@ class SwapFS(Operations):
         linux.io_flusher()
 
     # -- inodes ---------------------------------------------------------------
-
-    def _fuse_stat(self) -> str:
-        return "".join(f"{name} {n} {data} {ns // 1000} {ns / n / 1000:.1f}\n"
-                       for name, (n, data, ns) in self._service_stats().items())
-
-    def _fuse_metrics(self) -> str:
-        """fuse_stat in the Prometheus text format, one series per opcode."""
-        stats = self._service_stats()
-        out = []
-        for metric, what, field in (
-                ("requests_total", "FUSE requests answered", 0),
-                ("bytes_total", "bytes of file data written or read", 1),
-                ("busy_seconds_total", "time from parsing a request to writing its reply", 2)):
-            out += [f"# HELP vswapfs_fuse_{metric} {what}, per opcode",
-                    f"# TYPE vswapfs_fuse_{metric} counter"]
-            for op, row in stats.items():
-                value = row[field] / 1e9 if field == 2 else row[field]
-                out.append(f'vswapfs_fuse_{metric}{{op="{op}"}} {value}')
-        return "\n".join(out) + "\n"
 
     def _control(self, ino: int) -> ControlFile | None:
         i = ino - FIRST_CONTROL_FILE_INO

@@ -36,25 +36,18 @@ def canonical(path: str) -> str:
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
 
-def _unescape(field: str) -> str:
-    return field.encode().decode("unicode_escape") if "\\" in field else field
-
-
 def mounts() -> list[str]:
     """Mount points of vswapfs file systems."""
-    with open("/proc/self/mounts") as f:
-        return [_unescape(p[1]) for p in (line.split() for line in f) if p[2] == f"fuse.{FSTYPE}"]
+    return [mnt for mnt, fstype in linux.mount_table() if fstype == f"fuse.{FSTYPE}"]
 
 
 def mount_type(path: str) -> str | None:
-    """File system type mounted exactly at ``path``, or None."""
+    """File system type mounted exactly at ``path`` (the last one), or None."""
     path = canonical(path)
     found = None
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            p = line.split()
-            if _unescape(p[1]) == path:
-                found = p[2]
+    for mnt, fstype in linux.mount_table():
+        if mnt == path:
+            found = fstype
     return found
 
 
@@ -222,13 +215,7 @@ FUSECTL = Path("/sys/fs/fuse/connections")
 def fuse_connection(mnt: str) -> int | None:
     """The FUSE connection number of ``mnt`` (the minor of its device), read
     from mountinfo: stat(2) on the mount would hang with a hung daemon."""
-    path = canonical(mnt)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            p = line.split()
-            if _unescape(p[4]) == path:
-                return int(p[2].split(":")[1])
-    return None
+    return linux.mount_devices().get(canonical(mnt))
 
 
 def abort_connection(mnt: str) -> bool:

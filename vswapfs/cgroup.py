@@ -15,17 +15,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import linux
+
 V1_ROOT = Path("/sys/fs/cgroup/memory")
 V2_ROOT = Path("/sys/fs/cgroup")
 
 
 def _own_path(controller: str | None) -> str:
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, ctrls, path = line.rstrip("\n").split(":", 2)
-            if (controller is None and ctrls == "") or (controller and controller in ctrls.split(",")):
-                return path.lstrip("/")
-    raise OSError("own cgroup not found in /proc/self/cgroup")
+    return linux.own_cgroup(controller)
 
 
 class MemCgroup:

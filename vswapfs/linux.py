@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import struct
 from typing import Final
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -67,6 +68,78 @@ def mem_total() -> int:
     if not total:
         raise OSError("no MemTotal in /proc/meminfo")
     return total
+
+
+def _unescape(field: str) -> str:
+    """A path as /proc/*/mounts writes it (space, tab, newline, backslash octal-escaped)."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def mount_table() -> list[tuple[str, str]]:
+    """(mount point, file system type) of every mount, in mount order."""
+    with open("/proc/self/mounts") as f:
+        return [(_unescape(p[1]), p[2]) for p in (line.split() for line in f)]
+
+
+def mount_devices() -> dict[str, int]:
+    """Mount point -> the minor of its device (for FUSE: the connection
+    number), from mountinfo; stat(2) on a mount would hang with a hung
+    FUSE daemon."""
+    with open("/proc/self/mountinfo") as f:
+        return {_unescape(p[4]): int(p[2].split(":")[1]) for p in (line.split() for line in f)}
+
+
+def own_cgroup(controller: str | None) -> str:
+    """This process's cgroup path for ``controller`` (None: the v2 unified one)."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctrls, path = line.rstrip("\n").split(":", 2)
+            if (controller is None and ctrls == "") or (controller and controller in ctrls.split(",")):
+                return path.lstrip("/")
+    raise OSError("own cgroup not found in /proc/self/cgroup")
+
+
+def vmstat() -> dict[str, int]:
+    """/proc/vmstat, by name."""
+    with open("/proc/vmstat") as f:
+        return {k: int(v) for k, v in (line.split() for line in f)}
+
+
+def process_status(pid: int | str, key: str) -> int:
+    """A number field of /proc/PID/status (VmRSS, VmLck: in KiB); 0 if absent."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def page_faults(pid: int | str) -> int:
+    """Minor plus major page faults of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[7]) + int(fields[9])
+
+
+def pagemap(addr: int, pages: int) -> tuple[int, ...]:
+    """This process's /proc/self/pagemap words of ``pages`` pages from
+    ``addr`` (bit 63: present, bit 62: swapped out)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // 4096 * 8)
+        raw = f.read(pages * 8)
+    return struct.unpack(f"<{pages}Q", raw)
+
+
+def set_oom_score_adj(value: int) -> bool:
+    """Ask the OOM killer to spare (or prefer) this process; True if it took
+    (lowering it needs CAP_SYS_RESOURCE)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+        with open("/proc/self/oom_score_adj") as f:
+            return f.read().strip() == str(value)
+    except OSError:
+        return False
 
 
 def _check(ret: int, what: str) -> int:

@@ -19,15 +19,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import admin
+from . import admin, linux
 from ._consts import MiB
 from ._units import human
 from .cgroup import MemCgroup
-
-
-def vmstat() -> dict[str, int]:
-    with open("/proc/vmstat") as f:
-        return {k: int(v) for k, v in (line.split() for line in f)}
 
 
 @dataclass
@@ -49,7 +44,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
     cmd = [sys.executable, "-m", "vswapfs.workload", "--mib", str(share), "--pattern", pattern,
            "--mix", mix, "--report"]
     cmd += ["--rounds", str(rounds)] if rounds else ["--rounds", "1", "--duration", str(duration)]
-    v0, t0 = vmstat(), time.monotonic()
+    v0, t0 = linux.vmstat(), time.monotonic()
     peak_mem = peak_stored = 0
     errors: list[str] = []
     with MemCgroup(f"vswapfs-stress-{os.getpid()}", limit) as cg:
@@ -82,7 +77,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
             if time.monotonic() >= next_line and not quiet:
                 next_line += 1
                 tot = {k: sum(w.last.get(k, 0) for w in pool) for k in ("written", "verified", "bad")}
-                v, dt = vmstat(), time.monotonic() - t0
+                v, dt = linux.vmstat(), time.monotonic() - t0
                 print(f"[{dt:5.0f}s] written {tot['written']} verified {tot['verified']} bad {tot['bad']} | "
                       f"swap out {(v['pswpout'] - v0['pswpout']) / dt:.0f}/s in "
                       f"{(v['pswpin'] - v0['pswpin']) / dt:.0f}/s | vswapfs {s['stored_pages']} pages "
@@ -92,7 +87,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
             if w.proc.returncode and w.final is None:
                 errors.append(f"worker {i} ended with {w.proc.returncode}: {err[-300:] or 'no output'}")
     elapsed = time.monotonic() - t0
-    v = vmstat()
+    v = linux.vmstat()
     # memory vswapfs gives back once the workers are gone (discards after exit)
     deadline = time.monotonic() + 5
     while (s := admin.status(mnt))["stored_pages"] > 1 and time.monotonic() < deadline:

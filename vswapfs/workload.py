@@ -18,7 +18,6 @@ any page was bad.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import glob
 import json
 import mmap
@@ -28,6 +27,7 @@ import struct
 import sys
 import time
 
+from . import linux
 from ._consts import PAGE
 
 KINDS = ("zero", "text", "random")
@@ -122,14 +122,7 @@ PATTERNS = ("seq", "random", "cow")
 
 def swapped_out(mem: mmap.mmap, n: int) -> list[int]:
     """Indices of pages of ``mem`` that are swapped out now (pagemap bit 62)."""
-    ref = ctypes.c_char.from_buffer(mem)
-    addr = ctypes.addressof(ref)
-    del ref
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(addr // PAGE * 8)
-        raw = f.read(n * 8)
-    words = struct.unpack(f"<{n}Q", raw)
-    return [i for i, w in enumerate(words) if (w >> 62) & 1]
+    return [i for i, w in enumerate(linux.pagemap(linux.buffer_address(mem), n)) if (w >> 62) & 1]
 
 
 def swapin_latency(mem: mmap.mmap, n: int, samples: int, rng: random.Random) -> dict[str, float]:

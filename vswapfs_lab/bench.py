@@ -83,11 +83,7 @@ print(time.perf_counter() - t)
 
 
 def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return linux.process_status(pid, "VmRSS") * 1024
 
 
 @dataclass

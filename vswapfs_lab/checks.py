@@ -242,11 +242,8 @@ def _serving_faults(pid: int | None) -> int:
 
 def _faults_and_rss(pid: int | None) -> tuple[int, int]:
     """(minor + major page faults so far, VmRSS in KiB) of ``pid``."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    with open(f"/proc/{pid}/status") as f:
-        rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
-    return int(fields[7]) + int(fields[9]), rss
+    who = "self" if pid is None else pid
+    return linux.page_faults(who), linux.process_status(who, "VmRSS")
 
 
 def _recover(mnt: str, hog: subprocess.Popen[bytes] | None) -> list[str]:
