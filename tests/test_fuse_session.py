@@ -1,14 +1,19 @@
-"""Bad input: the CLI, concurrent control writers, malformed FUSE requests."""
+"""The FUSE transport (``vswapfs.fuse``) over a stub file system: the
+request path, the opcode table, INIT, the channel threads and the read
+errors policy.  Nothing here knows swap: the stub keeps one 4 MiB file."""
 
 from __future__ import annotations
 
 import errno
 import os
+import random
+import socket
 import struct
-import subprocess
-import sys
 import threading
+import time
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -16,114 +21,159 @@ from conftest import needs_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vswapfs import MiB, admin
-from vswapfs._fs import SwapFS
-from vswapfs.engine import SwapSpace
-from vswapfs.fuse import Session
+from vswapfs import MiB, linux
+from vswapfs.fuse import (
+    FOPEN_DIRECT_IO,
+    ROOT_ID,
+    Attr,
+    Context,
+    DirEntry,
+    Entry,
+    FuseError,
+    InitInfo,
+    Opened,
+    Operations,
+    Session,
+    StatFs,
+    serve,
+    unmount,
+)
+from vswapfs.fuse import _abi as A
 from vswapfs.fuse._abi import IN_HEADER, OUT_HEADER, Opcode
+from vswapfs.fuse._channel import ReadErrors
+from vswapfs.fuse._opcodes import OPS
 
-AS_NOBODY = """
-import os, sys
-from vswapfs.cli import main  # imported as root: nobody cannot read root's Python
-os.setgid(65534); os.setuid(65534)
-sys.exit(main(sys.argv[1:]))
-"""
+FILE_INO = 2
+FILE_BYTES = 4 * MiB
 
 
-def cli(*args: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = ["-c", AS_NOBODY] if as_nobody else ["-m", "vswapfs"]
-    return subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, timeout=60)
+class StubFS(Operations):
+    """One file, ``data``, of 4 MiB in memory; read, write and fallocate
+    are served on channel threads too."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(FILE_BYTES)
+        self.punched: list[tuple[int, int]] = []
+        self.stats: Any = None
+
+    def init(self, info: InitInfo, service_stats: Any) -> None:
+        self.stats = service_stats
+
+    def _attr(self, ino: int) -> Attr:
+        if ino == ROOT_ID:
+            return Attr(ino, 0o40755, nlink=2)
+        if ino == FILE_INO:
+            return Attr(ino, 0o100600, size=FILE_BYTES)
+        raise FuseError(errno.ENOENT)
+
+    async def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        if parent == ROOT_ID and name == b"file":
+            return Entry(self._attr(FILE_INO))
+        raise FuseError(errno.ENOENT)
+
+    async def getattr(self, ctx: Context, ino: int, fh: int | None) -> Attr:
+        return self._attr(ino)
+
+    async def open(self, ctx: Context, ino: int, flags: int) -> Opened:
+        self._attr(ino)
+        return Opened(1, FOPEN_DIRECT_IO)
+
+    async def opendir(self, ctx: Context, ino: int, flags: int) -> Opened:
+        return Opened(1)
+
+    async def readdir(self, ctx: Context, ino: int, fh: int, offset: int) -> list[DirEntry]:
+        return [DirEntry(FILE_INO, b"file", 0o100600)][offset:]
+
+    async def statfs(self, ctx: Context, ino: int) -> StatFs:
+        return StatFs(blocks=FILE_BYTES // 4096, bfree=0, bavail=0, files=1, ffree=0)
+
+    def read_blocking(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> Any:
+        if ino != FILE_INO or offset < 0 or offset + size > FILE_BYTES:
+            raise FuseError(errno.EINVAL)
+        return bytes(self.data[offset:offset + size])
+
+    def write_blocking(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> Any:
+        if ino != FILE_INO or offset < 0 or offset + len(data) > FILE_BYTES:
+            raise FuseError(errno.EFBIG)
+        self.data[offset:offset + len(data)] = data
+        return len(data)
+
+    def fallocate_blocking(self, ctx: Context, ino: int, fh: int, offset: int, length: int,
+                           mode: int) -> Any:
+        if ino != FILE_INO or offset < 0 or offset + length > FILE_BYTES:
+            raise FuseError(errno.EINVAL)
+        self.data[offset:offset + length] = bytes(length)
+        self.punched.append((offset, length))
+        return None
+
+    async def read(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> bytes:
+        result: bytes = self.read_blocking(ctx, ino, fh, offset, size)
+        return result
+
+    async def write(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> int:
+        n: int = self.write_blocking(ctx, ino, fh, offset, data)
+        return n
+
+    async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        self.fallocate_blocking(ctx, ino, fh, offset, length, mode)
 
 
-def one_clear_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], lines[0]
+def test_every_opcode_a_channel_thread_serves_has_a_blocking_method() -> None:
+    """The opcode table is the one place that says what a thread may serve:
+    each such opcode's method has its ``_blocking`` twin, DEFER by default."""
+    threaded = {code for code, op in OPS.items() if op.thread}
+    assert threaded == {Opcode.READ, Opcode.WRITE, Opcode.FALLOCATE}
+    for code in threaded:
+        assert callable(getattr(Operations, OPS[code].method + "_blocking"))
+    assert {code for code, op in OPS.items() if op.reply is None} == {
+        Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT}
 
 
 @needs_root
-@pytest.mark.parametrize(("size", "word"), [("12Q", "not a size"), ("-1G", "not a size"),
-                                            ("100", "smaller than one"), ("lots", "not a size")])
-def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
-    r = cli("mount", str(tmp_path), f"--size={size}")
-    assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
-    assert admin.mount_type(str(tmp_path)) is None
+def test_a_stub_fs_mounted_for_real_reads_writes_punches_and_counts(tmp_path: Path) -> None:
+    """The transport alone, on a real /dev/fuse mount: what is written reads
+    back, a punched hole reads as zeros, and the file system got the
+    transport's counts through ``init``."""
+    fs = StubFS()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    payload = os.urandom(3 * 4096)
+    seen: dict[str, Any] = {}
 
+    def io() -> None:
+        fd = os.open(mnt / "file", os.O_RDWR)
+        try:
+            os.pwrite(fd, payload, 8192)
+            linux.punch_hole(fd, 8192 + 4096, 4096)  # FUSE_FALLOCATE, mode PUNCH_HOLE|KEEP_SIZE
+            seen["data"] = os.pread(fd, 3 * 4096, 8192)
+        finally:
+            os.close(fd)
+        seen["names"] = os.listdir(mnt)
 
-@pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
-                                           ("--channels=two", "0..64"), ("--reserve=1K", "smaller than one"),
-                                           ("--reserve=lots", "not a size"),
-                                           ("--algorithm=lzo", "choose from 'zstd', 'lz4'")])
-def test_cli_bad_channels_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
-    r = cli("mount", str(tmp_path), opt)
-    assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
-    assert admin.mount_type(str(tmp_path)) is None
-
-
-@needs_root
-def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Path) -> None:
-    one_clear_line(cli("mount", str(tmp_path), "--reserve=1M", "--pool-limit=2M"), "larger than --reserve")
-    one_clear_line(cli("up", str(tmp_path), "--reserve=8K"), "less than one 64 KiB pool chunk")
-    one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--level=3"), "lz4 has no levels")
-    assert admin.mount_type(str(tmp_path)) is None
-
-
-@needs_root
-def test_cli_missing_and_busy_mount_points(tmp_path: Path, mnt: Path) -> None:
-    one_clear_line(cli("mount", str(tmp_path / "nope")), "does not exist")
-    one_clear_line(cli("mount", str(mnt)), "busy", "fuse.vswapfs")
-    one_clear_line(cli("up", "/proc"), "proc", "not vswapfs")
-
-
-@needs_root
-def test_cli_down_on_something_that_is_not_vswapfs(tmp_path: Path) -> None:
-    one_clear_line(cli("down", str(tmp_path)), "not a vswapfs mount")
-    one_clear_line(cli("down", "/proc"), "not a vswapfs mount", "proc")
-
-
-@needs_root
-def test_cli_not_root(tmp_path: Path) -> None:
-    os.chmod(tmp_path, 0o777)
-    for cmd in (("mount", str(tmp_path)), ("up", str(tmp_path)), ("down", str(tmp_path))):
-        one_clear_line(cli(*cmd, as_nobody=True), "root")
-
-
-@needs_root
-def test_concurrent_control_writers_leave_a_valid_value(mnt: Path) -> None:
-    knob = mnt / "control" / "pool_limit"
-    good = [f"{n}M" for n in range(1, 33)]
-    bad = ["-1", "x", "9" * 50, "5Z"]
-    results: dict[str, int] = {}
-
-    def writer(value: str) -> None:
-        for _ in range(20):
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(serve, str(mnt), fs, "vswapfs-stub", channels=1))
             try:
-                with open(knob, "w") as f:
-                    f.write(value)
-                results[value] = 0
-            except OSError as e:
-                results[value] = e.errno or -1
+                await trio.to_thread.run_sync(io)
+            finally:
+                await trio.to_thread.run_sync(unmount, str(mnt))
 
-    threads = [threading.Thread(target=writer, args=(v,)) for v in good + bad]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(results[v] == 0 for v in good)
-    assert all(results[v] == errno.EINVAL for v in bad)
-    assert int(knob.read_text()) in {int(v[:-1]) * MiB for v in good}
+    trio.run(main)
+    assert seen["data"] == payload[:4096] + bytes(4096) + payload[8192:]
+    assert seen["names"] == ["file"] and fs.punched == [(8192 + 4096, 4096)]
+    counts = fs.stats()
+    assert counts["WRITE"][1] == 3 * 4096 and counts["READ"][1] == 3 * 4096
+    assert counts["FALLOCATE"][0] == 1
 
 
 # -- the FUSE request parser ---------------------------------------------------
 
 async def answer(raw: bytes) -> list[tuple[int, int, bytes]]:
-    """Feed one raw request to a real Session over a real SwapFS; return the
+    """Feed one raw request to a real Session over a stub file system; return the
     replies (error, unique, payload) it wrote (to a pipe, as to /dev/fuse)."""
     r, w = os.pipe()
     try:
-        session = Session(w, SwapFS(SwapSpace(4 * MiB)), buffers=1)
+        session = Session(w, StubFS(), buffers=1)
         await session.dispatch(memoryview(raw))
         os.close(w)
         w = -1
@@ -190,13 +240,10 @@ def test_fuzzed_requests_never_crash_the_session(opcode: int, nodeid: int, body:
 def test_session_whose_fd_cannot_be_cloned_serves_from_the_event_loop() -> None:
     """Channels asked for on an fd that is no FUSE connection (a socket here):
     the clone is refused, and the event loop serves the request instead."""
-    import socket
-
-    from vswapfs.fuse import _abi as A
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
-        session = Session(a.fileno(), SwapFS(SwapSpace(4 * MiB)), channels=2, buffers=0)
+        session = Session(a.fileno(), StubFS(), channels=2, buffers=0)
         b.send(IN_HEADER.pack(IN_HEADER.size, Opcode.STATFS, 77, 1, 0, 0, 0, 0, 0))
         b.shutdown(socket.SHUT_WR)  # the session then reads EOF, as after an unmount
         trio.run(session.serve)
@@ -210,8 +257,6 @@ def test_session_whose_fd_cannot_be_cloned_serves_from_the_event_loop() -> None:
 # -- INIT, aborts and the channel-thread path ----------------------------------------
 
 def _init_request(major: int, minor: int, unique: int = 1) -> bytes:
-    from vswapfs.fuse import _abi as A
-
     body = A.INIT_IN.pack(major, minor, 1 << 17, 0xFFFFFFFF) + bytes(A.INIT_IN_FLAGS2.size + 44)
     return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.INIT, unique, 0, 0, 0, 0, 0, 0) + body
 
@@ -219,13 +264,10 @@ def _init_request(major: int, minor: int, unique: int = 1) -> bytes:
 def test_init_from_a_newer_major_asks_for_ours_with_a_whole_reply() -> None:
     """A kernel that speaks major 8 gets fuse_init_out with our major (7),
     all 18 fields, and sends INIT again in it; the handshake then ends."""
-    import socket
-
-    from vswapfs.fuse import _abi as A
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with a, b:
-        session = Session(a.fileno(), SwapFS(SwapSpace(4 * MiB)), buffers=1)
+        session = Session(a.fileno(), StubFS(), buffers=1)
         b.send(_init_request(8, 0, unique=1))
         b.send(_init_request(7, 45, unique=2))
         info = trio.run(session.handshake)
@@ -241,9 +283,6 @@ def test_every_request_through_a_channel_thread_gets_exactly_its_answer() -> Non
     requests: every request that needs an answer gets exactly one, with its
     own unique, and FORGET, BATCH_FORGET and INTERRUPT get none.  A request
     left unanswered would hang a kernel task for good: it fails here."""
-    import random
-    import socket
-
     rng = random.Random(7)
     opcodes = [int(o) for o in Opcode if o not in (Opcode.INIT, Opcode.DESTROY)] + [0, 77, 4096]
     no_reply = {Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT}
@@ -258,7 +297,7 @@ def test_every_request_through_a_channel_thread_gets_exactly_its_answer() -> Non
             got.append(unique)
 
     with main, main_peer, chan, kernel:
-        session = Session(main.fileno(), SwapFS(SwapSpace(4 * MiB)), channels=1, buffers=0)
+        session = Session(main.fileno(), StubFS(), channels=1, buffers=0)
         server = threading.Thread(target=trio.run, args=(session._serve_channels, [os.dup(chan.fileno())]))
         reader = threading.Thread(target=collect)
         server.start()
@@ -295,10 +334,6 @@ def test_read_errors_end_a_channel_only_when_the_connection_is_gone(caplog: pyte
     """ENODEV (unmounted) and ECONNABORTED (aborted) end a channel; EINTR,
     ENOENT and EAGAIN read again at once; anything else is logged, at most
     every few seconds, and read again after a short pause that grows."""
-    import time
-
-    from vswapfs.fuse._channel import ReadErrors
-
     errors = ReadErrors()
     for err in (errno.ENODEV, errno.ECONNABORTED):
         assert errors.gone(OSError(err, "x"), "test")

@@ -1,0 +1,95 @@
+"""The command line (``cli``): bad input gets one clear line, nothing starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import needs_root
+
+from vswapfs import admin
+
+AS_NOBODY = """
+import os, sys
+from vswapfs.cli import main  # imported as root: nobody cannot read root's Python
+os.setgid(65534); os.setuid(65534)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def cli(*args: str, as_nobody: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = ["-c", AS_NOBODY] if as_nobody else ["-m", "vswapfs"]
+    return subprocess.run([sys.executable, *cmd, *args], capture_output=True, text=True, timeout=60)
+
+
+def one_clear_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@needs_root
+@pytest.mark.parametrize(("size", "word"), [("12Q", "not a size"), ("-1G", "not a size"),
+                                            ("100", "smaller than one"), ("lots", "not a size")])
+def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
+    r = cli("mount", str(tmp_path), f"--size={size}")
+    assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
+    assert admin.mount_type(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
+                                           ("--channels=two", "0..64"), ("--reserve=1K", "smaller than one"),
+                                           ("--reserve=lots", "not a size"),
+                                           ("--algorithm=lzo", "choose from 'zstd', 'lz4'")])
+def test_cli_bad_channels_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
+    r = cli("mount", str(tmp_path), opt)
+    assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
+    assert admin.mount_type(str(tmp_path)) is None
+
+
+@needs_root
+def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Path) -> None:
+    one_clear_line(cli("mount", str(tmp_path), "--reserve=1M", "--pool-limit=2M"), "larger than --reserve")
+    one_clear_line(cli("up", str(tmp_path), "--reserve=8K"), "less than one 64 KiB pool chunk")
+    one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--level=3"), "lz4 has no levels")
+    assert admin.mount_type(str(tmp_path)) is None
+
+
+@needs_root
+def test_cli_missing_and_busy_mount_points(tmp_path: Path, mnt: Path) -> None:
+    one_clear_line(cli("mount", str(tmp_path / "nope")), "does not exist")
+    one_clear_line(cli("mount", str(mnt)), "busy", "fuse.vswapfs")
+    one_clear_line(cli("up", "/proc"), "proc", "not vswapfs")
+
+
+@needs_root
+def test_cli_down_on_something_that_is_not_vswapfs(tmp_path: Path) -> None:
+    one_clear_line(cli("down", str(tmp_path)), "not a vswapfs mount")
+    one_clear_line(cli("down", "/proc"), "not a vswapfs mount", "proc")
+
+
+@needs_root
+def test_cli_not_root(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o777)
+    for cmd in (("mount", str(tmp_path)), ("up", str(tmp_path)), ("down", str(tmp_path))):
+        one_clear_line(cli(*cmd, as_nobody=True), "root")
+
+
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["down", "/nonexistent-vswapfs-mount"]])
+def test_status_and_down_load_neither_trio_nor_zstandard(args: list[str]) -> None:
+    """The admin commands import only what they use: no event loop, no
+    codec, no engine (``python3 -X importtime -m vswapfs status``)."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "vswapfs", *args],
+                       capture_output=True, text=True, timeout=60)
+    loaded = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "vswapfs.cli" in loaded and "vswapfs.admin" in loaded, r.stderr[-500:]
+    heavy = {m for m in loaded if m.split(".")[0] in ("trio", "zstandard", "lz4", "xxhash")
+             or m.startswith(("vswapfs.engine", "vswapfs.fuse", "vswapfs._daemon"))}
+    assert not heavy, heavy
