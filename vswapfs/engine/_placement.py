@@ -98,6 +98,17 @@ class Placement:
                 return bf
         return None
 
+    def add(self, path: str) -> int:
+        """Create a backing file at ``path``; returns its index."""
+        if any(bf is not None and bf.path == path for bf in self.backing):
+            raise FileExistsError(errno.EEXIST, f"{path} is already a backing file", path)
+        try:
+            index = self.backing.index(None)
+        except ValueError:
+            raise OSError(errno.EMFILE, f"at most {E.MAX_BACKING_FILES} backing files") from None
+        self.backing[index] = BackingFile(path, index)
+        return index
+
     def to_backing(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
         """Write pages for virtual ``slots`` to ``bf``.  Returns their PHYS
         words; the slots are bound in the rmap, so a caller that then fails
@@ -412,3 +423,16 @@ class Placement:
             if live != bf.live or sum(bf.used) != live:
                 bad.append(f"backing {bf.index}: live {bf.live}, used {sum(bf.used)}, rmap {live}")
         return bad
+
+    def close(self) -> None:
+        """Forget every page, release the pool, close and delete the files."""
+        self.table.clear()
+        self.pool.close()
+        for i, bf in enumerate(self.backing):
+            if bf is not None:
+                bf.close()
+                self.backing[i] = None
+        for bf in self.retired:
+            bf.close()
+        self.retired = []
+        self.deferred = []

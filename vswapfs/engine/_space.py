@@ -192,15 +192,7 @@ class SwapSpace:
         """Add a backing file (created sparse at ``path``); returns its index."""
         path = os.path.abspath(path)
         with self._lock:
-            backing = self._place.backing
-            if any(bf is not None and bf.path == path for bf in backing):
-                raise FileExistsError(errno.EEXIST, f"{path} is already a backing file", path)
-            try:
-                index = backing.index(None)
-            except ValueError:
-                raise OSError(errno.EMFILE, f"at most {E.MAX_BACKING_FILES} backing files") from None
-            backing[index] = BackingFile(path, index)
-            return index
+            return self._place.add(path)
 
     def backing_files(self) -> list[BackingFile]:
         """The backing files in use, by index."""
@@ -454,14 +446,4 @@ class SwapSpace:
     def close(self) -> None:
         """Release all memory and delete the backing files."""
         with self._lock:
-            place = self._place
-            self._table.clear()
-            self._pool.close()
-            for i, bf in enumerate(place.backing):
-                if bf is not None:
-                    bf.close()
-                    place.backing[i] = None
-            for bf in place.retired:
-                bf.close()
-            place.retired = []
-            place.deferred = []
+            self._place.close()
