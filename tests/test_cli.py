@@ -88,7 +88,8 @@ def test_status_and_down_load_neither_trio_nor_zstandard(args: list[str]) -> Non
     codec, no engine (``python3 -X importtime -m vswapfs status``)."""
     r = subprocess.run([sys.executable, "-X", "importtime", "-m", "vswapfs", *args],
                        capture_output=True, text=True, timeout=60)
-    loaded = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    loaded = {line.split("|")[-1].strip() for line in r.stderr.splitlines()
+              if line.startswith("import time:")}
     assert "vswapfs.cli" in loaded and "vswapfs.admin" in loaded, r.stderr[-500:]
     heavy = {m for m in loaded if m.split(".")[0] in ("trio", "zstandard", "lz4", "xxhash")
              or m.startswith(("vswapfs.engine", "vswapfs.fuse", "vswapfs._daemon"))}
