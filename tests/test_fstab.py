@@ -25,6 +25,11 @@ def test_fstab_options_translate_and_unknown_ones_are_named() -> None:
         "--size", "8G", "--pool-limit", "25%", "--backing", "/a", "--backing", "/b", "--algorithm", "lz4"]
     with pytest.raises(ValueError, match="bogus"):
         options_to_args("size=1G,bogus=2")
+    assert options_to_args("zswap,zswap_max_pool_percent=5,zswap_shrinker") == [
+        "--zswap", "--zswap-max-pool-percent", "5", "--zswap-shrinker"]
+    assert options_to_args("zswap=lzo-rle") == ["--zswap", "lzo-rle"]
+    with pytest.raises(ValueError, match="zswap_shrinker=1"):
+        options_to_args("zswap_shrinker=1")
     assert helper_main(["vswapfs", "/mnt/x", "-o", "rw,size=1G"]) == ["mount", "/mnt/x", "--size", "1G"]
     with pytest.raises(ValueError, match="usage"):
         helper_main(["/mnt/x"])

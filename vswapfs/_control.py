@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import zswap
 from ._units import parse_limit, parse_size
 from .engine import CODECS, COUNTERS, DESCRIPTIONS, SwapSpace
 
@@ -51,11 +52,21 @@ def _one(name: str) -> Reader:
     return lambda space: f"{space.stats()[name]}\n"
 
 
+def _all_stats(space: SwapSpace) -> dict[str, int]:
+    """The engine's counters and gauges, then zswap's (the tier in front)."""
+    return {**space.stats(), **zswap.stats()}
+
+
+_ZSWAP_COUNTERS = {"zswap_stores", "zswap_loads", "zswap_written_back_pages", "zswap_pool_limit_hit"}
+
+
 def _metrics(space: SwapSpace) -> str:
     out = []
-    for name, value in space.stats().items():
-        kind = "counter" if name in COUNTERS and name != "mem_used_max" else "gauge"
-        out += [f"# HELP vswapfs_{name} {DESCRIPTIONS[name]}", f"# TYPE vswapfs_{name} {kind}",
+    for name, value in _all_stats(space).items():
+        counter = (name in COUNTERS and name != "mem_used_max") or name in _ZSWAP_COUNTERS \
+            or name.startswith("zswap_reject_")
+        what = DESCRIPTIONS.get(name) or zswap.DESCRIPTIONS[name]
+        out += [f"# HELP vswapfs_{name} {what}", f"# TYPE vswapfs_{name} {'counter' if counter else 'gauge'}",
                 f"vswapfs_{name} {value}"]
     return "\n".join(out) + "\n"
 
@@ -166,7 +177,8 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict) ->
         ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
         ControlFile("io_stat", "zram columns: " + " ".join(IO_STAT), _columns(IO_STAT)),
         ControlFile("bd_stat", "zram columns, 4 KiB units: " + " ".join(BD_STAT), _columns(BD_STAT)),
-        ControlFile("stats.json", "every counter and gauge", lambda s: json.dumps(s.stats()) + "\n"),
+        ControlFile("stats.json", "every counter and gauge, zswap's too",
+                    lambda s: json.dumps(_all_stats(s)) + "\n"),
         ControlFile("metrics", "Prometheus text format",
                     lambda s: _metrics(s) + _fuse_metrics(service_stats)),
         ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes written or read, "

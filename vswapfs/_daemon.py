@@ -54,7 +54,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import linux
+from . import admin, linux
 from ._consts import FSTYPE
 from ._fs import SwapFS
 from .engine import SwapSpace
@@ -287,4 +287,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
         log.info("%s: stopped with %d pages stored; releasing memory and backing files",
                  mountpoint, s["stored_pages"])
         space.close()
+        restored = admin.release_zswap(mountpoint)  # unmounted without `down`: zswap as it was
+        if restored:
+            log.info("%s: %s", mountpoint, restored)
         stop_log()

@@ -2,7 +2,8 @@
 
 mount(8) runs ``mount.fuse.vswapfs SOURCE MOUNTPOINT -o OPTS``; the helper
 turns vswapfs's own options (size=, pool_limit=, backing=, level=,
-reserve=, channels=, algorithm=) into a
+reserve=, channels=, algorithm=, zswap[=COMPRESSOR], zswap_max_pool_percent=,
+zswap_shrinker) into a
 ``vswapfs mount`` command line and leaves the generic ones (defaults,
 noauto, nofail, rw, x-systemd.* ...) to mount(8) and systemd.
 """
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 OWN = {"size": "--size", "pool_limit": "--pool-limit", "backing": "--backing", "level": "--level",
-       "reserve": "--reserve", "channels": "--channels", "algorithm": "--algorithm"}
+       "reserve": "--reserve", "channels": "--channels", "algorithm": "--algorithm",
+       "zswap_max_pool_percent": "--zswap-max-pool-percent"}
+FLAGS = {"zswap": "--zswap", "zswap_shrinker": "--zswap-shrinker"}  # also zswap=COMPRESSOR
 GENERIC = {"defaults", "auto", "noauto", "nofail", "rw", "_netdev", "user", "nouser", "users",
            "suid", "nosuid", "dev", "nodev", "exec", "noexec", "relatime", "noatime", "atime"}
 
@@ -29,13 +32,17 @@ def options_to_args(opts: str) -> list[str]:
         key, _, value = opt.partition("=")
         if key in OWN and value:
             args += [OWN[key], value]
+        elif key in FLAGS and not value:
+            args.append(FLAGS[key])
+        elif key == "zswap" and value:
+            args += ["--zswap", value]
         elif key in GENERIC or key.startswith(("x-", "comment=")):
             continue
         else:
             unknown.append(opt)
     if unknown:
         raise ValueError(f"unknown vswapfs mount option(s): {', '.join(unknown)} "
-                         f"(known: {', '.join(OWN)})")
+                         f"(known: {', '.join([*OWN, *FLAGS])})")
     return args
 
 

@@ -18,10 +18,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import linux
+from . import linux, zswap
 from ._consts import FSTYPE
 
 RUN_DIR = Path("/run/vswapfs")
+ZSWAP_STATE = RUN_DIR / "zswap.json"  # zswap's settings as found, and the mounts that want it
 IMAGE = "swap"
 
 
@@ -165,9 +166,31 @@ def attach_loop(mnt: str) -> str:
     return dev
 
 
-def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) -> str:
-    """Mount if needed, attach a direct-I/O loop, mkswap, swapon --discard (once+pages);
-    returns the loop device.  On failure everything done here is undone."""
+def claim_zswap(mnt: str, values: dict[str, str]) -> None:
+    """Put zswap in front (``values`` from ``zswap.wanted``), recording what
+    it was; ``down`` (or the daemon's exit) puts it back."""
+    try:
+        zswap.claim(ZSWAP_STATE, canonical(mnt), values)
+    except zswap.ZswapError as e:
+        raise AdminError(str(e)) from None
+
+
+def release_zswap(mnt: str) -> str | None:
+    """``mnt`` no longer wants zswap; returns a line saying what was restored."""
+    try:
+        old = zswap.release(ZSWAP_STATE, canonical(mnt))
+    except zswap.ZswapError as e:
+        return f"zswap could not be restored: {e}"
+    if old is None:
+        return None
+    return "zswap restored: " + " ".join(f"{k}={v}" for k, v in old.items())
+
+
+def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
+       zswap_values: dict[str, str] | None = None) -> str:
+    """Mount if needed, attach a direct-I/O loop, mkswap, put zswap in front
+    if ``zswap_values`` ask for it, swapon --discard (once+pages); returns
+    the loop device.  On failure everything done here is undone."""
     check_root()
     kind = mount_type(mnt)
     mounted_here = False
@@ -187,6 +210,8 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) ->
             raise AdminError(f"{mnt} is already up on {', '.join(in_use)}")
         dev = attach_loop(mnt)
         _run(["mkswap", "-L", "vswapfs", dev])
+        if zswap_values is not None:
+            claim_zswap(mnt, zswap_values)
         # --discard: once (the whole area at swapon) and pages (each freed cluster)
         cmd = ["swapon", "--discard"] + (["-p", str(priority)] if priority is not None else [])
         _run([*cmd, dev])
@@ -194,6 +219,8 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None) ->
         return dev
     finally:
         if not swapped:
+            if zswap_values is not None:
+                release_zswap(mnt)
             if dev is not None:
                 subprocess.run(["losetup", "-d", dev], check=False)
             if mounted_here:
@@ -258,6 +285,9 @@ def down(mnt: str, force: bool = False) -> list[str]:
     left = [d for d in loops_of(mnt) if d in swaps()]
     if left:  # never leave a swap area behind its daemon's mount
         raise AdminError(f"swap is still on {', '.join(left)} (swapoff failed); {mnt} stays mounted")
+    restored = release_zswap(mnt)
+    if restored:
+        done.append(restored)
     r = subprocess.run(["umount", mnt], capture_output=True, text=True, check=False)
     if r.returncode:
         if not force:

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import admin
+from . import admin, zswap
 from ._consts import CODECS, DEFAULT_CODEC, PAGE
 from ._units import human, parse_limit, parse_size
 from .linux import mem_total
@@ -61,6 +61,14 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"threads that serve the image's I/O on their own /dev/fuse clone "
                         f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
+    p.add_argument("--zswap", nargs="?", const="", default=None, metavar="COMPRESSOR",
+                   help="put the kernel's zswap in front (global: it fronts every swap device), "
+                        "with COMPRESSOR or the fastest the kernel has (lz4, lzo-rle, lzo); "
+                        "its settings are restored at down")
+    p.add_argument("--zswap-max-pool-percent", type=int, default=None, metavar="N",
+                   help="zswap's pool limit, percent of RAM (with --zswap; default: as it is)")
+    p.add_argument("--zswap-shrinker", action="store_true",
+                   help="let zswap's shrinker write cold pages back to vswapfs (with --zswap)")
     p.add_argument("--reserve", type=_size, default=0, metavar="SIZE",
                    help="commit SIZE of pool memory (and the daemon's heap) at start and fault "
                         "nothing in later; for a daemon in the same memory cgroup as its users")
@@ -82,6 +90,19 @@ def _check_mount_options(a: argparse.Namespace) -> None:
         raise admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
     if a.level is not None and a.algorithm != "zstd":
         raise admin.AdminError(f"--level is a zstd setting; --algorithm {a.algorithm} has no levels")
+
+
+def _zswap_values(a: argparse.Namespace) -> dict[str, str] | None:
+    """What --zswap asks zswap to be, checked before anything starts; None
+    without --zswap (and its other options are refused then)."""
+    if a.zswap is None:
+        if a.zswap_max_pool_percent is not None or a.zswap_shrinker:
+            raise admin.AdminError("--zswap-max-pool-percent and --zswap-shrinker need --zswap")
+        return None
+    try:
+        return zswap.wanted(a.zswap or None, a.zswap_max_pool_percent, a.zswap_shrinker)
+    except zswap.ZswapError as e:
+        raise admin.AdminError(str(e)) from None
 
 
 def _mount_args(a: argparse.Namespace) -> list[str]:
@@ -140,7 +161,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     if not a.foreground:
+        values = _zswap_values(a)
+        admin.check_root()
         pid = admin.start_daemon(a.mountpoint, _mount_args(a))
+        if values is not None:
+            try:
+                admin.claim_zswap(a.mountpoint, values)
+            except BaseException:
+                admin.down(a.mountpoint, force=True)
+                raise
         print(f"{a.mountpoint}: mounted (daemon pid {pid}, log {admin.log_path(a.mountpoint)})")
         return 0
     _check_mount_options(a)
@@ -175,8 +204,10 @@ def _cmd_status(a: argparse.Namespace) -> int:
     mnts = [a.mountpoint] if a.mountpoint else admin.mounts()
     rows = {m: admin.status(m) for m in mnts}
     algorithms = {m: admin.algorithm(m) for m in mnts}
+    z = zswap.stats()
     if a.json:
-        print(json.dumps({m: {**s, "algorithm": algorithms[m]} for m, s in rows.items()}, indent=2))
+        print(json.dumps({m: {**s, "algorithm": algorithms[m], "tiers": _tiers(s, z)}
+                          for m, s in rows.items()}, indent=2))
         return 0
     cols = ("MOUNT", "DEVICE", "DISKSIZE", "ALGORITHM", "DATA", "COMPR", "TOTAL", "LIMIT", "ZERO", "POOL",
             "PHYS", "RATIO")
@@ -191,7 +222,25 @@ def _cmd_status(a: argparse.Namespace) -> int:
     for r in lines:
         cells = (v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True)))
         print(" ".join(cells))
+    if z.get("zswap_enabled") or z.get("zswap_stored_pages"):
+        params = zswap.params()
+        print(f"zswap ({params.get('compressor', '?')}, pool limit {params.get('max_pool_percent', '?')}% "
+              f"of RAM) in front of every swap device: {z['zswap_stored_pages']} pages "
+              f"({human(z['zswap_stored_bytes'])}) in {human(z['zswap_pool_bytes'])}, "
+              f"{z['zswap_written_back_pages']} written back so far")
+    for m, s in rows.items():
+        t = _tiers(s, z)
+        print(f"{m}: swapped pages in zswap {t['zswap']} (all devices), vswapfs pool {t['pool']}, "
+              f"backing files {t['backing']}, zero {t['zero']}")
     return 0
+
+
+def _tiers(s: dict[str, int], z: dict[str, int]) -> dict[str, int]:
+    """Where swapped pages live, in pages: zswap (which fronts every swap
+    device, so its count is the machine's), this mount's pool, its backing
+    files, and its zero (same-filled) pages, which take no memory."""
+    return {"zswap": z.get("zswap_stored_pages", 0), "pool": s["pool_pages"],
+            "backing": s["phys_pages"], "zero": s["zero_pages"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,7 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.cmd == "mount":
             return _cmd_mount(a, argv)
         if a.cmd == "up":
-            print(admin.up(a.mountpoint, _mount_args(a), a.priority))
+            values = _zswap_values(a)
+            print(admin.up(a.mountpoint, _mount_args(a), a.priority, values))
+            if values is not None:
+                print(f"zswap ({values['compressor']}) is in front of every swap device on this "
+                      f"machine until `vswapfs down {a.mountpoint}`")
             return 0
         if a.cmd == "stress":
             from .stress import print_report, stress

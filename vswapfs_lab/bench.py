@@ -62,12 +62,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vswapfs import MiB, admin, linux
+from vswapfs import MiB, admin, linux, zswap
 from vswapfs.cgroup import MemCgroup
 from vswapfs.linux import meminfo
 
 ZRAM = Path("/sys/block/zram0")
-ZSWAP = Path("/sys/module/zswap/parameters")
 REFERENCE = "zram-lzo-rle"
 BENCH_DIR = "/var/lib/vswapfs-bench"  # backing files: a directory only root can write (not /var/tmp)
 
@@ -122,8 +121,16 @@ def _swapon(dev: str) -> None:
     _run("swapon", "--discard", "-p", str(PRIORITY), dev)
 
 
-def vswapfs_backend(name: str, args: list[str]) -> Backend:
+def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None = None,
+                    zswap_front: bool = False) -> Backend:
+    """vswapfs from ``vswapfs up MNT ARGS``; with ``zswap_front``, ``up --zswap``
+    (and ``zswap_pool_percent`` as its pool limit): the memory it holds is
+    then the daemon's and zswap's pool together, the data both hold."""
     st: dict[str, Any] = {}
+    front = zswap_front or zswap_pool_percent is not None
+
+    def available() -> str | None:
+        return "no zswap in this kernel" if front and not zswap.available() else None
 
     def up() -> None:
         mnt = tempfile.mkdtemp(prefix="vswapfs-bench-")
@@ -133,7 +140,8 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(b)
         st["mnt"] = mnt
-        admin.up(mnt, args, priority=PRIORITY)
+        values = zswap.wanted(None, zswap_pool_percent, False) if front else None
+        admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
         st["pid"] = admin.daemon_pid(mnt)
 
     def down() -> None:
@@ -142,13 +150,16 @@ def vswapfs_backend(name: str, args: list[str]) -> Backend:
         os.rmdir(mnt)
 
     def held() -> int:
-        return int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
+        data = int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
+        return data + (meminfo("Zswapped") if front else 0)
+
+    def memory() -> int:
+        return rss(int(st["pid"])) + (meminfo("Zswap") if front else 0)
 
     def served() -> dict[str, tuple[int, int, int]]:
         return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
 
-    return Backend(name, up, down, lambda: rss(int(st["pid"])), held, state=st,
-                   served=served)
+    return Backend(name, up, down, memory, held, available, state=st, served=served)
 
 
 def zram_backend(alg: str, size: str = "4G") -> Backend:
@@ -179,9 +190,13 @@ def zram_backend(alg: str, size: str = "4G") -> Backend:
     return Backend(f"zram-{alg}", up, down, memory, held, available)
 
 
-def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", size: str = "4G") -> Backend:
+def swapfile_backend(front: bool, path: str = "/var/tmp/vswapfs-bench.swap", size: str = "4G") -> Backend:
+    """A preallocated swapfile, with zswap in front (``front``: the
+    compressor vswapfs-zswap gets, zswap's settings restored after)."""
+    saved: dict[str, str] = {}
+
     def available() -> str | None:
-        return "zswap not built in" if zswap and not ZSWAP.exists() else None
+        return "zswap not built in" if front and not zswap.available() else None
 
     def up() -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -189,22 +204,22 @@ def swapfile_backend(zswap: bool, path: str = "/var/tmp/vswapfs-bench.swap", siz
         _run("fallocate", "-l", size, path)
         os.chmod(path, 0o600)
         _run("mkswap", path)
-        if zswap:
-            (ZSWAP / "compressor").write_text("lzo")
-            (ZSWAP / "enabled").write_text("Y")
+        if front:
+            saved.update(zswap.params())
+            zswap.apply(zswap.wanted(None, None, False))
         _swapon(path)
 
     def down() -> None:
         _run("swapoff", path)
-        if zswap:
-            (ZSWAP / "enabled").write_text("N")
+        if front:
+            zswap.apply(saved)
         os.unlink(path)
 
     def held() -> int:
-        return meminfo("Zswapped") if zswap else linux.swap_areas().get(path, 0) * 1024
+        return meminfo("Zswapped") if front else linux.swap_areas().get(path, 0) * 1024
 
-    memory = (lambda: meminfo("Zswap")) if zswap else (lambda: 0)
-    return Backend("zswap-lzo" if zswap else "swapfile", up, down, memory, held, available)
+    memory = (lambda: meminfo("Zswap")) if front else (lambda: 0)
+    return Backend("zswap-swapfile" if front else "swapfile", up, down, memory, held, available)
 
 
 FLOOR_SOURCE = Path(__file__).resolve().parent / "fuse_floor.c"  # shipped with the package
@@ -296,8 +311,12 @@ def backends() -> list[Backend]:
                                            "--backing", f"{BENCH_DIR}/backing0"]),
         zram_backend("lzo-rle"),
         zram_backend("lz4"),
-        swapfile_backend(zswap=True),
-        swapfile_backend(zswap=False),
+        swapfile_backend(front=True),
+        swapfile_backend(front=False),
+        # the RFC's setup: zswap in front of vswapfs
+        vswapfs_backend("vswapfs-zswap", ["--size", "4G"], zswap_front=True),
+        # zswap capped at 1% of RAM: it writes back into vswapfs, the cold tier
+        vswapfs_backend("vswapfs-zswap-tier", ["--size", "4G"], zswap_pool_percent=1),
         floor_backend(),
         # zstd's fastest level: compression costs next to nothing, so the gap
         # to fuse-floor-c left is the daemon's own Python
@@ -346,7 +365,7 @@ def give_back_s(samples: list[tuple[float, int]], baseline: int, exit_at: float,
 
 
 def run_workload(b: Backend, limit_mib: int, cmd: list[str],
-                 sample_held: bool = False) -> tuple[dict[str, object], dict[str, float]]:
+                 sample_held: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
     """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory figures).
     ``sample_held``: also sample the data held (for vswapfs that reads a
     control file through the mount, which the timed workloads should not see)."""
@@ -377,9 +396,40 @@ def run_workload(b: Backend, limit_mib: int, cmd: list[str],
     return result, mem
 
 
-def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
+WORKLOADS = ("usemem", "memhog", "latency", "pyheap")
+SUSTAINED = {"limit": 512, "mib": 2048, "workloads": "usemem,latency"}  # 2 GiB through 512 MiB
+
+
+def one_round(b: Backend, limit_mib: int, mib: int | None = None,
+              workloads: tuple[str, ...] = WORKLOADS) -> dict[str, float]:
     py = sys.executable
-    mib = 3 * limit_mib
+    mib = mib or 3 * limit_mib
+    row: dict[str, float] = {}
+    if "usemem" in workloads:
+        row.update(_usemem(b, limit_mib, mib))
+    if "memhog" in workloads:
+        r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
+        if r["bad"]:
+            raise RuntimeError(f"{b.name}: memhog found {r['bad']} bad pages")
+        row.update(memhog_write_s=float(r["write_s"]), memhog_verify_s=float(r["verify_s"]))
+    if "latency" in workloads:
+        r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--mix",
+                                           "0:1:1", "--latency", "2000"])
+        lat = r["latency"]
+        row.update(swapin_p50_us=float(lat["p50_us"]), swapin_p99_us=float(lat["p99_us"]))
+    if "pyheap" in workloads:
+        try:
+            r, _ = run_workload(b, limit_mib, [py, "-c", PYHEAP, str(int(limit_mib * 1.5))])
+            row.update(pyheap_s=round(float(r["seconds"]), 3))
+        except RuntimeError as e:  # the cgroup's OOM killer can end it on any backend: record, go on
+            print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
+    return row
+
+
+def _usemem(b: Backend, limit_mib: int, mib: int) -> dict[str, float]:
+    """Write ``mib`` of zero, file and random pages, verify, free; with the
+    memory the backend held and gave back, and what the daemon served."""
+    py = sys.executable
     row: dict[str, float] = {}
     served = b.served() if b.served else {}
     r, mem = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--files"],
@@ -388,25 +438,12 @@ def one_round(b: Backend, limit_mib: int) -> dict[str, float]:
         raise RuntimeError(f"{b.name}: usemem found {r['bad']} bad pages")
     if b.served:
         row.update(served_delta(served, b.served()))
-    row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),  # type: ignore[arg-type]
-               usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],  # type: ignore[arg-type]
+    row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),
+               usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],
                held_mib=mem["held_mib"],
                returned_pct=mem["returned_pct"])
     if "return99_s" in mem:
         row["return99_s"] = mem["return99_s"]
-    r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
-    if r["bad"]:
-        raise RuntimeError(f"{b.name}: memhog found {r['bad']} bad pages")
-    row.update(memhog_write_s=float(r["write_s"]), memhog_verify_s=float(r["verify_s"]))  # type: ignore[arg-type]
-    r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--mix", "0:1:1",
-                                       "--latency", "2000"])
-    lat = r["latency"]
-    row.update(swapin_p50_us=float(lat["p50_us"]), swapin_p99_us=float(lat["p99_us"]))  # type: ignore[index]
-    try:
-        r, _ = run_workload(b, limit_mib, [py, "-c", PYHEAP, str(int(limit_mib * 1.5))])
-        row.update(pyheap_s=round(float(r["seconds"]), 3))  # type: ignore[arg-type]
-    except RuntimeError as e:  # the cgroup's OOM killer can end it on any backend: record, go on
-        print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
     return row
 
 
@@ -575,12 +612,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--limit", type=int, default=64, help="cgroup limit in MiB (workloads use 3x)")
+    p.add_argument("--mib", type=int, default=None, help="workload size in MiB (default: 3x the limit)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated, of {', '.join(WORKLOADS)} (default: all)")
+    p.add_argument("--sustained", action="store_true",
+                   help="the sustained size: 2 GiB of pages through a 512 MiB cgroup, usemem and "
+                        "latency (--limit 512 --mib 2048 --workloads usemem,latency)")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--only", help="comma-separated backend names (default: all but "
                    + ", ".join(EXTRA) + ")")
     p.add_argument("--render", metavar="BENCH_JSON",
                    help="measure nothing: write the report again from a saved run's bench.json")
     a = p.parse_args(argv)
+    if a.sustained:
+        a.limit, a.mib, a.workloads = SUSTAINED["limit"], SUSTAINED["mib"], SUSTAINED["workloads"]
+    workloads = tuple(w for w in str(a.workloads).split(",") if w)
+    if unknown_w := [w for w in workloads if w not in WORKLOADS]:
+        print(f"bench: no workload {', '.join(unknown_w)}; there are {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
     if a.render:
         try:
             render(Path(a.render), Path(a.out))
@@ -607,26 +656,28 @@ def main(argv: list[str] | None = None) -> int:
         order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
         for b in order:
             with brought_up(b):
-                row = one_round(b, a.limit)
+                row = one_round(b, a.limit, a.mib, workloads)
             rows[b.name].append(row)
             print(f"round {rnd + 1}/{a.rounds} {b.name}: " + json.dumps(row), flush=True)
     machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
-    report(Path(a.out), machine, a.limit, rows, missing)
+    report(Path(a.out), machine, a.limit, rows, missing, a.mib or 3 * a.limit)
     return 0
 
 
 def report(out: Path, machine: str, limit_mib: int, rows: dict[str, list[dict[str, float]]],
-           missing: dict[str, str]) -> None:
+           missing: dict[str, str], mib: int | None = None) -> None:
     """Summarize the rounds and write bench.md, bench.json and bench.png to ``out``."""
     summary = summarize(rows)
     out.mkdir(exist_ok=True)
     table = markdown(summary, missing)
     n = max((len(rs) for rs in rows.values()), default=0)
-    header = (f"Machine: {machine}. Limit {limit_mib} MiB, workloads {3 * limit_mib} MiB, {n} interleaved "
+    mib = mib or 3 * limit_mib
+    header = (f"Machine: {machine}. Limit {limit_mib} MiB, workloads {mib} MiB, {n} interleaved "
               f"rounds; median ± stdev, (ratio to {REFERENCE} median).\n\n")
     lines = all_verdicts(summary)
     (out / "bench.md").write_text(header + table + "\n" + "\n".join(lines) + "\n")
-    (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": limit_mib, "rounds": rows,
+    (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": limit_mib, "mib": mib,
+                                                "rounds": rows,
                                                 "summary": summary, "missing": missing}, indent=1))
     drew = chart(summary, out / "bench.png")
     print("\n" + header + table)
@@ -638,7 +689,7 @@ def render(saved: Path, out: Path) -> None:
     """Write the report again from a saved bench.json's rounds, as this
     version of the harness summarizes them; nothing is measured."""
     d = json.loads(saved.read_text())
-    report(out, d["machine"], d["limit_mib"], d["rounds"], d["missing"])
+    report(out, d["machine"], d["limit_mib"], d["rounds"], d["missing"], d.get("mib"))
 
 
 if __name__ == "__main__":
