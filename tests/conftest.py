@@ -3,6 +3,7 @@ real-swap tests must run there."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -50,11 +51,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fu
                                 reason="needs root and /dev/fuse")
 
 
-def _mount(args: list[str]) -> Iterator[Path]:
+@contextlib.contextmanager
+def empty_mountpoint() -> Iterator[Path]:
+    """A new empty directory; whatever vswapfs is on it at the end (swap,
+    loop, mount) is taken down, forced if need be, also when the test failed."""
     from vswapfs import admin
 
     mnt = Path(tempfile.mkdtemp(prefix="vswapfs-mnt-"))
-    admin.start_daemon(str(mnt), args)
     try:
         yield mnt
     finally:
@@ -64,6 +67,21 @@ def _mount(args: list[str]) -> Iterator[Path]:
             except admin.AdminError:
                 admin.down(str(mnt), force=True)
         mnt.rmdir()
+
+
+@pytest.fixture
+def mountpoint() -> Iterator[Path]:
+    """An empty mount point, taken down after the test (see empty_mountpoint)."""
+    with empty_mountpoint() as mnt:
+        yield mnt
+
+
+def _mount(args: list[str]) -> Iterator[Path]:
+    from vswapfs import admin
+
+    with empty_mountpoint() as mnt:
+        admin.start_daemon(str(mnt), args)
+        yield mnt
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import needs_root
+from conftest import empty_mountpoint, needs_root
 
 from vswapfs import MiB, admin, zswap
 from vswapfs.cgroup import MemCgroup
@@ -40,20 +39,6 @@ def known_zswap() -> Iterator[dict[str, str]]:
         yield zswap.params()
     finally:
         zswap.apply(found)
-
-
-@pytest.fixture
-def mountpoint() -> Iterator[Path]:
-    mnt = Path(tempfile.mkdtemp(prefix="vswapfs-zswap-"))
-    try:
-        yield mnt
-    finally:
-        if admin.mount_type(str(mnt)) is not None:
-            try:
-                admin.down(str(mnt))
-            except admin.AdminError:
-                admin.down(str(mnt), force=True)
-        mnt.rmdir()
 
 
 @contextlib.contextmanager
@@ -114,19 +99,13 @@ def test_zswap_options_are_refused_in_one_clear_line(known_zswap: dict[str, str]
 
 
 def test_two_mounts_share_zswap_and_the_last_down_restores_it(known_zswap: dict[str, str]) -> None:
-    a, b = (Path(tempfile.mkdtemp(prefix="vswapfs-zswap-")) for _ in range(2))
-    try:
+    with empty_mountpoint() as a, empty_mountpoint() as b:
         admin.up(str(a), ["--size", "64M"], zswap_values=zswap.wanted(None, None, False))
         admin.up(str(b), ["--size", "64M"], zswap_values=zswap.wanted(None, None, False))
         admin.down(str(a))
         assert zswap.params()["enabled"] == "Y"  # b still has it in front
         admin.down(str(b))
         assert zswap.params() == known_zswap
-    finally:
-        for m in (a, b):
-            if admin.mount_type(str(m)) is not None:
-                admin.down(str(m), force=True)
-            m.rmdir()
 
 
 def test_pages_zswap_writes_back_into_vswapfs_all_verify(known_zswap: dict[str, str],

@@ -34,6 +34,17 @@ compression costs and what the rest of the daemon does;
 ``fuse-floor-c-uring`` (also only when named) is the yardstick served over
 FUSE-over-io_uring, the other transport this kernel has.
 
+With zswap: ``zswap-swapfile`` is zswap in front of a preallocated
+swapfile, ``vswapfs-zswap`` is ``vswapfs up --zswap`` (the RFC's setup),
+``vswapfs-zswap-tier`` the same with zswap's pool capped at 1% of RAM, so
+that it writes back into vswapfs: the cold tier.  zswap gets the same
+compressor in each (the fastest the kernel has), and its settings are
+restored after each.  The memory a zswap backend holds is zswap's pool
+(``Zswap:``) plus the daemon's RSS.
+
+``--sustained`` runs the size that shows where the time goes: 2 GiB of
+pages through a 512 MiB cgroup (usemem and latency); small runs hide it.
+
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
 third here).  Results: a Markdown table, a JSON file and, with matplotlib,
@@ -41,6 +52,7 @@ a PNG chart; ``--render`` writes them again from a saved JSON file, as this
 version summarizes its rounds, without measuring anything.
 
     python3 -m vswapfs_lab.bench [--rounds 3] [--limit 64] [--out bench-results] [--only a,b]
+    python3 -m vswapfs_lab.bench --sustained --only zram-lzo-rle,zswap-swapfile,vswapfs-zswap,...
     python3 -m vswapfs_lab.bench --render bench-results/bench.json [--out DIR]
 """
 
@@ -122,10 +134,11 @@ def _swapon(dev: str) -> None:
 
 
 def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None = None,
-                    zswap_front: bool = False) -> Backend:
+                    zswap_front: bool = False, zswap_shrinker: bool = False) -> Backend:
     """vswapfs from ``vswapfs up MNT ARGS``; with ``zswap_front``, ``up --zswap``
-    (and ``zswap_pool_percent`` as its pool limit): the memory it holds is
-    then the daemon's and zswap's pool together, the data both hold."""
+    (and ``zswap_pool_percent`` as its pool limit, ``zswap_shrinker`` its
+    shrinker): the memory it holds is then the daemon's and zswap's pool
+    together, the data both hold."""
     st: dict[str, Any] = {}
     front = zswap_front or zswap_pool_percent is not None
 
@@ -140,7 +153,7 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(b)
         st["mnt"] = mnt
-        values = zswap.wanted(None, zswap_pool_percent, False) if front else None
+        values = zswap.wanted(None, zswap_pool_percent, zswap_shrinker) if front else None
         admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
         st["pid"] = admin.daemon_pid(mnt)
 
@@ -300,7 +313,8 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 
 # Run only when named in --only: what the default run's figures are made of.
-EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring")
+EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring", "vswapfs-zswap-tier-noshrink",
+         "vswapfs-zswap-tier-disk")
 
 
 def backends() -> list[Backend]:
@@ -316,7 +330,7 @@ def backends() -> list[Backend]:
         # the RFC's setup: zswap in front of vswapfs
         vswapfs_backend("vswapfs-zswap", ["--size", "4G"], zswap_front=True),
         # zswap capped at 1% of RAM: it writes back into vswapfs, the cold tier
-        vswapfs_backend("vswapfs-zswap-tier", ["--size", "4G"], zswap_pool_percent=1),
+        vswapfs_backend("vswapfs-zswap-tier", ["--size", "4G"], zswap_pool_percent=1, zswap_shrinker=True),
         floor_backend(),
         # zstd's fastest level: compression costs next to nothing, so the gap
         # to fuse-floor-c left is the daemon's own Python
@@ -325,6 +339,12 @@ def backends() -> list[Backend]:
         vswapfs_backend("vswapfs-lz4", ["--size", "4G", "--algorithm", "lz4"]),
         # the yardstick over FUSE-over-io_uring: would the other transport lift the floor?
         floor_backend(uring=True),
+        # the cold tier without zswap's shrinker: zswap writes back only when its pool is full
+        vswapfs_backend("vswapfs-zswap-tier-noshrink", ["--size", "4G"], zswap_pool_percent=1),
+        # the cold tier on disk: past a 128 MiB pool, the oldest pages go to a backing file
+        vswapfs_backend("vswapfs-zswap-tier-disk", ["--size", "4G", "--pool-limit", "128M",
+                                                    "--backing", f"{BENCH_DIR}/tier0"],
+                        zswap_pool_percent=1, zswap_shrinker=True),
     ]
 
 
