@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from vswapfs import admin
+from vswapfs import admin, zswap
 from vswapfs_lab import bench
 
 
@@ -89,13 +89,12 @@ def test_give_back_time_is_when_99_percent_of_the_peak_was_back() -> None:
 
 
 @needs_root
-@pytest.mark.parametrize("name", ["vswapfs", "vswapfs-backed", "zram-lzo-rle", "zram-lz4",
-                                  "zswap-lzo", "swapfile", "fuse-floor-c",
-                                  "vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring"])
+@pytest.mark.parametrize("name", [b.name for b in bench.backends()])
 def test_every_backend_comes_up_and_goes_down(name: str) -> None:
     b = next(b for b in bench.backends() if b.name == name)
     assert b.available() is None, f"{name} missing on this machine: {b.available()}"
     before = set(admin.swaps())
+    zswap_before = zswap.params()
     with bench.brought_up(b):
         assert len(set(admin.swaps()) - before) == 1
         assert b.memory() >= 0 and b.held() >= 0
@@ -103,6 +102,7 @@ def test_every_backend_comes_up_and_goes_down(name: str) -> None:
             assert b.served is not None and b.served()["READ"][0] >= 1
     assert set(admin.swaps()) == before
     assert admin.mounts() == []
+    assert zswap.params() == zswap_before  # a backend that set zswap put it back
 
 
 def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
