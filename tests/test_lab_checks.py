@@ -4,6 +4,8 @@ memory stressors under a memory cgroup, swapon/swapoff churn."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import needs_root
 
@@ -19,7 +21,7 @@ def no_leftovers() -> None:
 
 def test_fio_random_writes_verify_and_trim_reads_zero() -> None:
     r = checks.fio_verify(256)
-    assert r["ok"], r
+    assert r["ok"], json.dumps(r)
     assert r["written_mib"] == 256 and r["verified_mib"] == 256
     assert r["stored_pages_after_discard"] == 0 and r["nonzero_mib_after_discard"] == 0
     no_leftovers()
@@ -27,7 +29,7 @@ def test_fio_random_writes_verify_and_trim_reads_zero() -> None:
 
 def test_stress_ng_vm_and_pageswap_verify_under_a_memory_cgroup() -> None:
     r = checks.stress_ng(seconds=30)
-    assert r["ok"], r
+    assert r["ok"], json.dumps(r)
     for name in ("vm", "pageswap"):
         assert r[name]["swapped_through_pages"] > 10_000, r  # type: ignore[index]
     assert r["stored_pages_after_swapoff"] <= 1
@@ -37,7 +39,7 @@ def test_stress_ng_vm_and_pageswap_verify_under_a_memory_cgroup() -> None:
 @pytest.mark.parametrize("cycles", [50])
 def test_swapon_swapoff_churn_keeps_every_page_and_leaves_nothing(cycles: int) -> None:
     r = checks.churn(cycles)
-    assert r["ok"], r
+    assert r["ok"], json.dumps(r)
     assert r["bad"] == 0 and r["pages_verified"] == cycles * 48 * 256
     assert r["pages_swapped_out"] > cycles * 24 * 256 // 2  # each cycle really swapped
     assert r["stored_pages_after"] <= 1

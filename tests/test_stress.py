@@ -47,7 +47,13 @@ def test_stress_tool_verifies_every_pattern_and_returns_memory(swap: Path) -> No
     assert report["pages_verified"] >= 3 * 192 * 256  # seq, random and cow rounds, 192 MiB each
     assert report["vswapfs_peak_stored_pages"] > 64 * 256  # more than the limit went through
     assert report["swap_out_per_s"] > 0 and report["swap_in_per_s"] > 0
-    assert report["returned_pct"] >= 99
+    # vswapfs gives back every page the kernel freed; a slot the kernel still
+    # uses (a swap-cache page no reclaim has dropped yet) keeps its 512-slot
+    # cluster undiscarded, and only that may stay
+    pinned = report["kernel_used_pages_after"]
+    assert report["vswapfs_stored_after"] <= max(pinned, 1) * 512, json.dumps(report)
+    if pinned <= 1:  # only the header
+        assert report["returned_pct"] >= 99, json.dumps(report)
 
 
 @needs_root

@@ -24,6 +24,8 @@ from ._consts import MiB
 from ._units import human
 from .cgroup import MemCgroup
 
+GIVE_BACK_S = 20.0  # how long to wait after the workers exit for the memory to come back
+
 
 @dataclass
 class Worker:
@@ -88,10 +90,16 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
                 errors.append(f"worker {i} ended with {w.proc.returncode}: {err[-300:] or 'no output'}")
     elapsed = time.monotonic() - t0
     v = linux.vmstat()
-    # memory vswapfs gives back once the workers are gone (discards after exit)
-    deadline = time.monotonic() + 5
-    while (s := admin.status(mnt))["stored_pages"] > 1 and time.monotonic() < deadline:
+    # memory vswapfs gives back once the workers are gone (discards after exit).
+    # A slot the kernel still keeps for a page in its swap cache is freed
+    # (and its cluster discarded) only when reclaim drops that page: wait for it.
+    exited = time.monotonic()
+    while (s := admin.status(mnt))["stored_pages"] > 1 and time.monotonic() < exited + GIVE_BACK_S:
         time.sleep(0.1)
+    gave_back_s = time.monotonic() - exited
+    # slots the kernel still uses on the device (the header, swap-cache pages nobody
+    # reclaimed yet): each keeps its cluster from being discarded
+    kernel_used = sum(kib // 4 for dev, kib in linux.swap_areas().items() if dev in devs)
     results = [w.final or w.last for w in pool]
     report: dict[str, Any] = {
         "workers": workers, "limit_mib": limit // MiB, "working_set_mib": share * workers,
@@ -104,6 +112,8 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
         "errors": errors, "vswapfs_peak_stored_pages": peak_stored, "vswapfs_peak_mem": peak_mem,
         "vswapfs_mem_after": s["mem_used_total"], "vswapfs_stored_after": s["stored_pages"],
         "returned_pct": round(100 * (1 - s["mem_used_total"] / peak_mem), 2) if peak_mem else 100.0,
+        "returned_after_s": round(gave_back_s, 1),
+        "kernel_used_pages_after": kernel_used,
     }
     report["ok"] = report["pages_bad"] == 0 and not errors and report["pages_verified"] > 0
     return report
@@ -117,7 +127,7 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"swap out {r['swap_out_per_s']} pages/s, swap in {r['swap_in_per_s']} pages/s")
     print(f"vswapfs peak {r['vswapfs_peak_stored_pages']} pages in {human(int(r['vswapfs_peak_mem']))}; "
           f"after exit {r['vswapfs_stored_after']} pages in {human(int(r['vswapfs_mem_after']))} "
-          f"({r['returned_pct']}% returned)")
+          f"({r['returned_pct']}% returned, {r['returned_after_s']} s after exit)")
     for e in r["errors"]:
         print(f"error: {e}")
     print(json.dumps(r))

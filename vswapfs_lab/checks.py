@@ -74,6 +74,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
                 capture_output=True, text=True, check=False)
             job = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0] if "{" in r.stdout else {}
             stored = _stats(mnt)["stored_pages"]
+            refused = _stats(mnt)["failed_writes"]
             subprocess.run(["blkdiscard", dev], check=True)
             left = _stats(mnt)["stored_pages"]
             zero = bytes(MiB)
@@ -88,7 +89,7 @@ def fio_verify(mib: int = 256) -> dict[str, object]:
                       "verified_mib": round(job.get("read", {}).get("io_bytes", 0) / MiB, 1),
                       "write_iops": round(job.get("write", {}).get("iops", 0)),
                       "stored_pages_before_discard": stored, "stored_pages_after_discard": left,
-                      "nonzero_mib_after_discard": nonzero}
+                      "nonzero_mib_after_discard": nonzero, "failed_writes": refused}
             if r.returncode:
                 result["fio_stderr"] = r.stderr[-1000:]
             return result
