@@ -108,6 +108,18 @@ def test_two_mounts_share_zswap_and_the_last_down_restores_it(known_zswap: dict[
         assert zswap.params() == known_zswap
 
 
+def test_an_owner_whose_mount_is_gone_does_not_keep_zswap_on(known_zswap: dict[str, str],
+                                                             mountpoint: Path) -> None:
+    """A mount that asked for zswap and vanished without ``down`` (its record
+    left behind) does not stop the next ``down`` from restoring zswap."""
+    admin.up(str(mountpoint), ["--size", "64M"], zswap_values=zswap.wanted(None, None, False))
+    state = admin.ZSWAP_STATE.read_text()
+    admin.ZSWAP_STATE.write_text(state.replace('"owners": [', '"owners": ["/no/such/mount", ', 1))
+    assert zswap.owners(admin.ZSWAP_STATE)[0] == "/no/such/mount"
+    admin.down(str(mountpoint))
+    assert zswap.params() == known_zswap and not admin.ZSWAP_STATE.exists()
+
+
 def test_pages_zswap_writes_back_into_vswapfs_all_verify(known_zswap: dict[str, str],
                                                         mountpoint: Path) -> None:
     """zswap capped at 1% of RAM with its shrinker on, so it writes back into

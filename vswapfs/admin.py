@@ -178,7 +178,7 @@ def claim_zswap(mnt: str, values: dict[str, str]) -> None:
 def release_zswap(mnt: str) -> str | None:
     """``mnt`` no longer wants zswap; returns a line saying what was restored."""
     try:
-        old = zswap.release(ZSWAP_STATE, canonical(mnt))
+        old = zswap.release(ZSWAP_STATE, canonical(mnt), alive=set(mounts()))
     except zswap.ZswapError as e:
         return f"zswap could not be restored: {e}"
     if old is None:

@@ -161,15 +161,17 @@ def claim(state: Path, mnt: str, values: dict[str, str]) -> None:
         raise
 
 
-def release(state: Path, mnt: str) -> dict[str, str] | None:
+def release(state: Path, mnt: str, alive: set[str] | None = None) -> dict[str, str] | None:
     """``mnt`` no longer wants zswap; if it was the last, put zswap's
-    settings back as they were found.  Returns what was restored (None if
-    nothing was, because another mount still wants zswap or none did)."""
+    settings back as they were found.  ``alive``: the mounts that still
+    exist; an owner not among them (its daemon died, nobody ran ``down``)
+    wants nothing any more.  Returns what was restored (None if nothing
+    was, because another mount still wants zswap or none did)."""
     found = _load(state)
     if found is None:
         return None
     saved, owners = found
-    owners = [o for o in owners if o != mnt]
+    owners = [o for o in owners if o != mnt and (alive is None or o in alive)]
     if owners:
         _store(state, saved, owners)
         return None
