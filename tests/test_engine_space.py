@@ -581,3 +581,39 @@ def test_a_dynamic_space_stores_only_into_spares_and_answers_from_what_it_has(tm
     assert st["phys_pages"] == 2 and st["pool_pages"] == 0 and st["failed_writes"] == 0
     assert s.read(0, 2 * PAGE)[:PAGE] == text_page(1) and s.check() == []
     s.close()
+
+
+def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None:
+    """Dynamic mode: a write that finds no spare chunk asks for some
+    (``spares_wanted``) and waits, the engine lock released, until
+    housekeeping's ``replenish`` brings them (then it is stored) or for at
+    most SPARE_WAIT_S (then it is refused): a burst is not refused for a
+    few milliseconds of faulting, and a housekeeper that cannot fault
+    cannot hang a write."""
+    import time
+
+    from vswapfs.engine._space import SPARE_WAIT_S
+
+    s = SwapSpace(64 * MiB, dynamic=True)
+    t0 = time.monotonic()
+    with pytest.raises(NoSpaceError, match="no pool chunk is ready"):
+        s.write(0, text_page(0))  # nobody replenishes
+    waited = time.monotonic() - t0
+    assert SPARE_WAIT_S * 0.9 <= waited < SPARE_WAIT_S + 0.5
+    assert s.spares_wanted.is_set() and s.stats()["stored_pages"] == 0
+
+    s.spares_wanted.clear()
+    keeper_saw = threading.Event()
+
+    def keeper() -> None:  # what the daemon's housekeeping thread does
+        if s.spares_wanted.wait(5):
+            keeper_saw.set()
+            s.replenish()
+
+    t = threading.Thread(target=keeper)
+    t.start()
+    s.write(PAGE, text_page(1))  # waits, then is stored
+    t.join()
+    assert keeper_saw.is_set() and s.read(PAGE, PAGE) == text_page(1)
+    assert s.stats()["failed_writes"] == 1 and s.check() == []
+    s.close()

@@ -167,7 +167,8 @@ class Housekeeping(threading.Thread):
 
     Memory for the serving path: while reads and writes come in (``busy()``
     says so, looked at every IDLE_TICK), every BUSY_TICK it faults spare
-    pool chunks in (``replenish``), and if the heap grew past the headroom
+    pool chunks in (``replenish``), and at once when a write found none
+    (``spares_wanted``: that write waits a moment for them), and if the heap grew past the headroom
     its last trim kept, faults HEAP_HEADROOM in again, so the serving
     threads find what they allocate ready.
     Once no read or write came for TRIM_AFTER it gives the spares above the
@@ -203,7 +204,14 @@ class Housekeeping(threading.Thread):
         last_look = last_busy = last_free = 0.0
         shed = trimmed = True
         tick = IDLE_TICK
-        while not self.stop.wait(tick):
+        wanted = self.space.spares_wanted  # a write found no spare chunk: it waits for some
+        while not self.stop.is_set():
+            if wanted.wait(tick):
+                wanted.clear()
+                if self.trim and not self.stop.is_set():
+                    self.space.replenish()  # at once, not at the next tick
+            if self.stop.is_set():
+                break
             try:
                 now = time.monotonic()
                 busy, freed = self.busy(), self._freed()
@@ -282,6 +290,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
             nursery.start_soon(_on_signals, mountpoint)
     finally:
         keeper.stop.set()
+        space.spares_wanted.set()  # wake it
         keeper.join()
         s = space.stats()
         log.info("%s: stopped with %d pages stored; releasing memory and backing files",

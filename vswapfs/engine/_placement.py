@@ -11,8 +11,9 @@ rewriting their table words only; the virtual slot never changes.
 
 Every method here runs with the engine lock held (the facade,
 ``_space``, takes it), except :meth:`read_phys`, which a reader may call
-without it.  That is safe because a reader counts itself in
-``phys_readers`` under the lock first: while any is counted, a freed
+without it, and :meth:`replenish`, which takes it for its short steps.
+A reader without it is safe because it counts itself in ``phys_readers``
+under the lock first: while any is counted, a freed
 physical slot is only quarantined (its rmap entry ``QUARANTINED``, the
 slot in ``deferred``), never reused, and a removed backing file is only
 retired; :meth:`readers_done` frees them when the last reader leaves.
@@ -21,13 +22,14 @@ retired; :meth:`readers_done` frees them when the last reader leaves.
 from __future__ import annotations
 
 import errno
+import threading
 from typing import Final
 
 from .._consts import PAGE
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
 from ._codec import Codec
-from ._pool import Pool, PoolExhausted, size_class
+from ._pool import CHUNK_BYTES, Pool, PoolExhausted
 from ._stats import Counters
 from ._table import CLUSTER_FOOTPRINT, Table
 
@@ -61,6 +63,7 @@ class Placement:
         self.accept_threshold = DEFAULT_ACCEPT_THRESHOLD  # percent of the limit
         self.writeback_enabled = writeback_enabled
         self.pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
+        self.short_of_spares = False  # the last commit found no chunk ready (dynamic mode), not the limit
 
     # -- freeing -------------------------------------------------------------
 
@@ -154,6 +157,7 @@ class Placement:
         """Store encoded pages and point their slots at them (see the module
         docstring for the policy).  All or nothing: whatever was stored
         before a failure is released."""
+        self.short_of_spares = False
         words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
         self.counters.reject_compress_poor += len(poor)
@@ -222,7 +226,10 @@ class Placement:
         chunks, nbytes = self.pool.new_chunks(lengths)
         if self.pool_limit and not self.make_room(nbytes):
             return False
-        return self.pool.fits(lengths, chunks)
+        if self.pool.fits(lengths, chunks):
+            return True
+        self.short_of_spares = True
+        return False
 
     def make_room(self, need: int) -> bool:
         """True if ``need`` more pool bytes fit under the limit, after writing
@@ -344,6 +351,26 @@ class Placement:
             bf.close()
         return self.counters.evacuated_pages - before
 
+    def replenish(self, added: threading.Condition, mark: int) -> int:
+        """Fault spare chunks in up to ``mark`` (dynamic mode); returns the
+        bytes.  The one method that takes the engine lock itself (the lock
+        of ``added``), and only for its short steps: the faulting runs
+        without it.  Writers waiting on ``added`` are woken."""
+        with added:
+            offs = self.pool.refill_wanted(mark)
+        if not offs:
+            return 0
+        try:
+            self.pool.fault_in(offs)
+        except PoolExhausted:
+            with added:
+                self.pool.give_back_slots(offs)
+            return 0
+        with added:
+            self.pool.add_spare(offs)
+            added.notify_all()
+        return len(offs) * CHUNK_BYTES
+
     # -- state -----------------------------------------------------------------
 
     def gauges(self) -> dict[str, int]:
@@ -374,55 +401,6 @@ class Placement:
             "backing_allocated_bytes": sum(bf.allocated_bytes() for bf in backing),
             "pool_full": int(self.pool_full),
         }
-
-    # -- consistency -----------------------------------------------------------
-
-    def check(self) -> list[str]:
-        """Every table word's target exists and is used once, every rmap
-        entry points back at its word, and the pool and file accounting
-        sum.  Returns the problems found."""
-        bad = self.table.check()
-        objs: set[tuple[int, int]] = set()
-        payload = 0
-        phys: dict[tuple[int, int], int] = {}
-        for slot, w in self.table.words():
-            t = w & E.TAG_MASK
-            if t == E.POOL:
-                obj, length = E.pool_object(w), E.pool_length(w)
-                payload += length
-                key = (size_class(length), obj)
-                if key in objs or not self.pool.holds(obj, length):
-                    bad.append(f"slot {slot}: pool object {key} shared or not live")
-                objs.add(key)
-            elif t == E.PHYS:
-                f, p = E.phys_file(w), E.phys_slot(w)
-                bf = self.backing[f]
-                if bf is None or p >= len(bf.rmap) or bf.rmap[p] != slot:
-                    bad.append(f"slot {slot}: backing {f} slot {p} does not point back")
-                phys[(f, p)] = slot
-            elif t != E.SAME:
-                bad.append(f"slot {slot}: word {w:#x} has no backend")
-        if len(objs) != self.pool.objects or payload != self.pool.payload:
-            bad.append(f"pool holds {self.pool.objects} objects of {self.pool.payload} bytes, "
-                       f"the tables {len(objs)} of {payload}")
-        quarantined = {(bf.index, p) for bf, p in self.deferred}
-        for bf in self.backing:
-            if bf is None:
-                continue
-            live = 0
-            for p, v in enumerate(bf.rmap):
-                if v == -1:
-                    continue
-                live += 1
-                if v >= 0 and phys.get((bf.index, p)) != v:
-                    bad.append(f"backing {bf.index} slot {p}: rmap says {v}, no such word")
-                elif v == QUARANTINED and (bf.index, p) not in quarantined:
-                    bad.append(f"backing {bf.index} slot {p}: quarantined, not deferred")
-                elif v < -1 and v != QUARANTINED:
-                    bad.append(f"backing {bf.index} slot {p}: left reserved ({v})")
-            if live != bf.live or sum(bf.used) != live:
-                bad.append(f"backing {bf.index}: live {bf.live}, used {sum(bf.used)}, rmap {live}")
-        return bad
 
     def close(self) -> None:
         """Forget every page, release the pool, close and delete the files."""

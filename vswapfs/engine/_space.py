@@ -31,6 +31,10 @@ held.  What runs outside it, and why that is safe:
 - faulting spare pool chunks in (:meth:`SwapSpace.replenish`): the slots
   belong to nobody until they are handed over, under the lock.
 
+A write that finds no spare pool chunk (dynamic mode) waits on a condition
+of the lock, which releases it, for at most SPARE_WAIT_S: long enough for
+housekeeping to fault a burst's chunks in, too short to hang if it cannot.
+
 What runs under it, knowingly: the stores of a write (pool copies, and
 backing-file writes when the store policy sends pages there), writeback
 and evacuation (backing-file I/O, decompression), compaction.  They make
@@ -47,20 +51,18 @@ import errno
 import os
 import threading
 from collections.abc import Iterable
+from typing import Final
 
 from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, PAGE
 from . import _entry as E
 from ._backing import BackingFile
-from ._codec import (
-    DEFAULT_HUGE_THRESHOLD,
-    DEFAULT_LEVEL,
-    ZERO_WORD,
-    Codec,
-    check_level,
-)
+from ._check import check
+from ._codec import DEFAULT_HUGE_THRESHOLD, DEFAULT_LEVEL, ZERO_WORD, Codec, check_level
 from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Placement
-from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool, PoolExhausted
+from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool
 from ._stats import Counters
+
+SPARE_WAIT_S: Final = 0.1  # longest a write waits for spare pool chunks (dynamic mode)
 
 
 class SwapSpace:
@@ -78,9 +80,10 @@ class SwapSpace:
     reserve.  ``dynamic``: new pool chunks come only from spares that
     :meth:`replenish` faulted in beforehand (a housekeeping thread calls
     it), and :meth:`trim` gives spares back; a store that finds none left
-    goes to a backing file or is refused.  Either way storing a page
-    faults no memory in, which is what a daemon needs whose own faults
-    could wait on reclaim that waits on it.
+    goes to a backing file, or waits up to SPARE_WAIT_S for
+    :meth:`replenish` (``spares_wanted`` says so) and is refused if none
+    came.  Either way storing a page faults no memory in, which is what a
+    daemon needs whose own faults could wait on reclaim that waits on it.
     """
 
     def __init__(
@@ -108,6 +111,11 @@ class SwapSpace:
         self._codec = Codec(codec)  # fixed for the space's life: the pool's objects are in it
         self.counters = Counters()
         self._lock = threading.Lock()  # the engine lock: see the module docstring
+        # dynamic mode: a write short of spare chunks sets spares_wanted (housekeeping
+        # waits on it) and waits on spares_added, at most SPARE_WAIT_S, then tries once more
+        self.spares_wanted = threading.Event()
+        self._spares_added = threading.Condition(self._lock)
+        self._dynamic = dynamic
         self._place = Placement(Pool(reserve, dynamic=dynamic), self._codec, self.counters,
                                 writeback_enabled=writeback_enabled)
         self._table = self._place.table
@@ -233,7 +241,14 @@ class SwapSpace:
             encode = self._codec.encode  # outside the lock
             encoded = [encode(p) for p in pages]
             with self._lock:
-                self._place.commit(first, pages, encoded)
+                try:
+                    self._place.commit(first, pages, encoded)
+                except NoSpaceError:
+                    if not (self._dynamic and self._place.short_of_spares):
+                        raise
+                    self.spares_wanted.set()
+                    self._spares_added.wait(SPARE_WAIT_S)  # the lock is released meanwhile
+                    self._place.commit(first, pages, encoded)
         except MemoryError as e:  # no memory for the work itself: the kernel gets ENOSPC
             self.counters.failed_writes += 1
             raise NoSpaceError(f"out of memory: {e}") from None
@@ -394,19 +409,7 @@ class SwapSpace:
         mark if not ``busy``), in dynamic mode; nothing otherwise.  Returns
         the bytes faulted in.  The faulting runs without the engine lock:
         a thread here that waits on reclaim holds up nobody who serves."""
-        with self._lock:
-            offs = self._pool.refill_wanted(SPARE_HIGH if busy else SPARE_LOW)
-        if not offs:
-            return 0
-        try:
-            self._pool.fault_in(offs)
-        except PoolExhausted:
-            with self._lock:
-                self._pool.give_back_slots(offs)
-            return 0
-        with self._lock:
-            self._pool.add_spare(offs)
-        return len(offs) * CHUNK_BYTES
+        return self._place.replenish(self._spares_added, SPARE_HIGH if busy else SPARE_LOW)
 
     def trim(self) -> None:
         """Give back memory kept only to make the next burst cheaper: the
@@ -441,7 +444,7 @@ class SwapSpace:
         gauges match a recount, and the pool and file accounting sum.
         Returns the problems found (none: an empty list)."""
         with self._lock:
-            return self._place.check()
+            return check(self._place)
 
     def close(self) -> None:
         """Release all memory and delete the backing files."""
