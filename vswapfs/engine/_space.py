@@ -115,7 +115,6 @@ class SwapSpace:
         # waits on it) and waits on spares_added, at most SPARE_WAIT_S, then tries once more
         self.spares_wanted = threading.Event()
         self._spares_added = threading.Condition(self._lock)
-        self._dynamic = dynamic
         self._place = Placement(Pool(reserve, dynamic=dynamic), self._codec, self.counters,
                                 writeback_enabled=writeback_enabled)
         self._table = self._place.table
@@ -244,7 +243,7 @@ class SwapSpace:
                 try:
                     self._place.commit(first, pages, encoded)
                 except NoSpaceError:
-                    if not (self._dynamic and self._place.short_of_spares):
+                    if not (self._pool.dynamic and self._place.short_of_spares):
                         raise
                     self.spares_wanted.set()
                     self._spares_added.wait(SPARE_WAIT_S)  # the lock is released meanwhile
