@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats, swap_on
 
-from vswapfs import MiB, admin
+from vswapfs import MiB, admin, linux
 from vswapfs.cgroup import MemCgroup
 
 pytestmark = needs_root
@@ -70,7 +70,7 @@ def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> Non
 
 def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(
         any_codec_swap_mnt: tuple[Path, str]) -> None:
-    mnt, _ = any_codec_swap_mnt
+    mnt, dev = any_codec_swap_mnt
     sampler = Sampler(mnt)
     sampler.start()
     try:
@@ -85,10 +85,17 @@ def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(
     assert peak["stored_pages"] > LIMIT_MIB * MiB // 4096, peak
     assert peak["pool_pages"] > 0 and peak["compr_data_size"] < peak["orig_data_size"]
     # after the process exits, the kernel's discards empty the space
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while stats(mnt)["stored_pages"] > 1 and time.monotonic() < deadline:  # 1: the swap header
         time.sleep(0.1)
     s = stats(mnt)
-    assert s["stored_pages"] <= 1 and s["notify_free"] >= peak["stored_pages"] - 1, s
-    assert s["mem_used_total"] <= 64 * 1024, s
+    # a slot the kernel itself still uses (a swap-cache page no reclaim has
+    # dropped yet: /proc/swaps counts it) keeps its 512-slot cluster from
+    # being discarded; only those clusters may stay
+    pinned = linux.swap_areas().get(dev, 0) // 4
+    if pinned:
+        assert s["stored_pages"] <= 1 + pinned * 512, (s, pinned)
+    else:
+        assert s["stored_pages"] <= 1 and s["notify_free"] >= peak["stored_pages"] - 1, s
+        assert s["mem_used_total"] <= 64 * 1024, s
     assert s["failed_reads"] == 0 and s["failed_writes"] == 0
