@@ -9,7 +9,10 @@ blocks follow the live data.
 
 For every slot the file keeps, in memory, an rmap entry (the virtual slot it
 holds, -1 when free) and the xxh3-64 checksum of its page, checked on every
-read: a mismatch is an I/O error, never wrong data.
+read: a mismatch is an I/O error, never wrong data.  The checksums live in
+a sparse memfd of their own, so that they outlive the process: a new
+daemon that is handed the file, its directory and that memfd rebuilds the
+rmap and the allocator from the table's words (:meth:`BackingFile.adopt`).
 
 The file is opened with O_DIRECT when its file system allows it, so backing
 pages never sit in the page cache; otherwise pages are dropped from the cache
@@ -36,7 +39,6 @@ from . import _inject
 
 _STAGE_PAGES: Final = 256
 _FREE_RMAP: Final = array("q", [-1] * CLUSTER_SLOTS)
-_ZERO_CSUM: Final = array("Q", bytes(8 * CLUSTER_SLOTS))
 
 checksum = xxhash.xxh3_64_intdigest
 
@@ -133,21 +135,34 @@ def _create(dir_fd: int, name: str, path: str) -> tuple[int, bool]:
 
 
 class BackingFile:
-    """One backing file; callers serialise every method but :meth:`read`."""
+    """One backing file of at most ``max_slots`` pages; callers serialise
+    every method but :meth:`read`.  ``fds`` (file, directory, checksums):
+    take over a file a previous process made (then call :meth:`adopt`)."""
 
-    def __init__(self, path: str, index: int) -> None:
+    def __init__(self, path: str, index: int, max_slots: int,
+                 fds: tuple[int, int, int] | None = None) -> None:
         self.path = path
         self.index = index  # the 5-bit file index stored in PHYS entries
-        self._dir_fd, self._name = open_parent(path)
-        try:
-            self.fd, self.direct = _create(self._dir_fd, self._name, path)
-        except BaseException:
-            os.close(self._dir_fd)
-            raise
+        self.max_clusters = -(-max_slots // CLUSTER_SLOTS)  # the file never grows past this
+        self._name = os.path.basename(path)
+        if fds is None:
+            self._dir_fd, self._name = open_parent(path)
+            try:
+                self.fd, self.direct = _create(self._dir_fd, self._name, path)
+                self.csum_fd = os.memfd_create("vswapfs-csum", os.MFD_CLOEXEC)
+                os.ftruncate(self.csum_fd, 8 * self.max_clusters * CLUSTER_SLOTS)
+            except BaseException:
+                os.close(self._dir_fd)
+                raise
+        else:
+            self.fd, self._dir_fd, self.csum_fd = fds
+            self.direct = bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT)
+            self.max_clusters = os.fstat(self.csum_fd).st_size // (8 * CLUSTER_SLOTS)
         st = os.fstat(self.fd)
         self._ident = (st.st_dev, st.st_ino)  # what close() deletes, and nothing else
         self.rmap = array("q")  # physical slot -> virtual slot, -1: free
-        self.csum = array("Q")  # physical slot -> xxh3-64 of its page
+        self._csum_map = mmap.mmap(self.csum_fd, 8 * self.max_clusters * CLUSTER_SLOTS)
+        self.csum = memoryview(self._csum_map).cast("Q")  # physical slot -> xxh3-64 of its page
         self.used = array("H")  # cluster -> slots in use
         self.partial: set[int] = set()  # clusters with 0 < used < 512
         self.free_clusters: set[int] = set()  # clusters with used == 0
@@ -203,16 +218,19 @@ class BackingFile:
         c = len(self.used)
         if _inject.armed:
             _inject.point("backing.grow")
+        if c >= self.max_clusters:
+            raise OSError(errno.ENOSPC, f"{self.path}: {c} clusters, the most it may hold")
         os.ftruncate(self.fd, (c + 1) * CLUSTER_BYTES)
         self.used.append(0)
         self.rmap.extend(_FREE_RMAP)
-        self.csum.extend(_ZERO_CSUM)
         return c
 
     def bind(self, pslot: int, vslot: int, csum: int) -> None:
         """Record that ``pslot`` now holds virtual slot ``vslot``."""
         self.rmap[pslot] = vslot
         self.csum[pslot] = csum
+        if _inject.armed:
+            _inject.point("backing.bind")
 
     def free(self, pslot: int) -> None:
         """Release a slot; an emptied cluster is punched, a free tail cut.
@@ -265,7 +283,34 @@ class BackingFile:
             return  # the free clusters stay in free_clusters; the next free tries again
         del self.used[n:]
         del self.rmap[n * CLUSTER_SLOTS:]
-        del self.csum[n * CLUSTER_SLOTS:]
+        linux.punch_hole(self.csum_fd, 8 * n * CLUSTER_SLOTS, 8 * (len(self.csum) - n * CLUSTER_SLOTS))
+
+    def adopt(self, slots: dict[int, int]) -> None:
+        """Rebuild the rmap and the allocator of a file taken over, from
+        ``slots`` (physical slot -> virtual slot, read off the table).
+        Slots no word names are free (a crash between a write and its word
+        leaves some); clusters left empty are punched, a free tail cut."""
+        n = -(-os.fstat(self.fd).st_size // CLUSTER_BYTES)
+        if slots:
+            n = max(n, max(slots) // CLUSTER_SLOTS + 1)
+        self.used = array("H", bytes(2 * n))
+        self.rmap = array("q", [-1]) * (n * CLUSTER_SLOTS)
+        for p, v in slots.items():
+            self.rmap[p] = v
+            self.used[p // CLUSTER_SLOTS] += 1
+        self.live = len(slots)
+        self.cursor = -1
+        self.partial = {c for c in range(n) if 0 < self.used[c] < CLUSTER_SLOTS}
+        self.free_clusters = {c for c in range(n) if not self.used[c]}
+        for c in sorted(self.free_clusters):
+            self._punch(c)
+        self._cut_tail()
+
+    @property
+    def fds(self) -> dict[str, int]:
+        """What a new process needs to take the file over, by name."""
+        return {f"backing.{self.index}.file": self.fd, f"backing.{self.index}.dir": self._dir_fd,
+                f"backing.{self.index}.csum": self.csum_fd}
 
     def slots_in_use(self) -> Iterator[tuple[int, int]]:
         """(physical slot, virtual slot) for every bound slot."""
@@ -347,3 +392,6 @@ class BackingFile:
             os.close(self.fd)
             os.close(self._dir_fd)
             self.release_buffers()
+            self.csum.release()
+            self._csum_map.close()
+            os.close(self.csum_fd)

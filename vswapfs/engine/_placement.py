@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import errno
 import threading
+from collections.abc import Callable
 from typing import Final
 
-from .._consts import PAGE
+from .._consts import CLUSTER_SLOTS, PAGE
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
 from ._codec import Codec
-from ._pool import CHUNK_BYTES, Pool, PoolExhausted
+from ._pool import CHUNK_BYTES, Pool, PoolExhausted, size_class
 from ._stats import Counters
 from ._table import CLUSTER_FOOTPRINT, Table
 
@@ -48,12 +49,19 @@ class NoSpaceError(OSError):
 class Placement:
     """The pool, the backing files and the policy between them."""
 
-    def __init__(self, pool: Pool, codec: Codec, counters: Counters, *,
-                 writeback_enabled: bool = True) -> None:
+    def __init__(self, pool: Pool, codec: Codec, counters: Counters, nslots: int, *,
+                 writeback_enabled: bool = True, table_fd: int | None = None) -> None:
         self.pool = pool
         self.codec = codec
         self.counters = counters
-        self.table = Table(self.release, counters)
+        self.table = Table(self.release, counters, nslots, table_fd)
+        # a backing file's most pages: every slot once, plus what a reader's
+        # quarantine and a write in flight may hold besides
+        self.max_backing_slots = 2 * nslots + 2 * CLUSTER_SLOTS
+        # called with a new backing file's fds before any page goes there, and
+        # with the names of a removed one's (a daemon hands them to its supervisor)
+        self.keep_fds: Callable[[dict[str, int]], None] | None = None
+        self.drop_fds: Callable[[list[str]], None] | None = None
         self.backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
         self.evacuating: set[int] = set()  # backing-file indices being emptied
         self.phys_readers = 0  # reads of backing pages in flight outside the lock
@@ -109,7 +117,14 @@ class Placement:
             index = self.backing.index(None)
         except ValueError:
             raise OSError(errno.EMFILE, f"at most {E.MAX_BACKING_FILES} backing files") from None
-        self.backing[index] = BackingFile(path, index)
+        bf = BackingFile(path, index, self.max_backing_slots)
+        if self.keep_fds is not None:
+            try:
+                self.keep_fds(bf.fds)  # before any page is written to it
+            except BaseException:
+                bf.close()
+                raise
+        self.backing[index] = bf
         return index
 
     def to_backing(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
@@ -319,7 +334,8 @@ class Placement:
                         if w & E.TAG_MASK == E.POOL:
                             obj, length = E.pool_object(w), E.pool_length(w)
                             if pool.draining(obj, length):
-                                table[idx] = E.pool_word(pool.move(obj, length), length)
+                                table[idx] = E.pool_word(pool.copy(obj, length), length)
+                                pool.free(obj, length)  # after the word: see ``_table``
         except MemoryError:  # PoolExhausted too: what moved stays moved, the rest stays put
             pass
         finally:
@@ -345,6 +361,8 @@ class Placement:
         # quarantined slots may still be read: the file goes when the readers are done
         self.deferred = [(b, p) for b, p in self.deferred if b is not bf]
         self.backing[bf.index] = None
+        if self.drop_fds is not None:
+            self.drop_fds(list(bf.fds))
         if self.phys_readers:
             self.retired.append(bf)
         else:
@@ -402,9 +420,63 @@ class Placement:
             "pool_full": int(self.pool_full),
         }
 
+    def adopt(self, files: dict[int, tuple[str, tuple[int, int, int]]]) -> None:
+        """Take over what a previous process left: the table's clusters,
+        the pool's chunks and the backing ``files`` (index -> (path, fds)).
+        Everything else (allocators, rmaps, gauges) is rebuilt from the
+        words; a word whose data is gone is cleared and counted."""
+        for i, (path, fds) in files.items():
+            self.backing[i] = BackingFile(path, i, self.max_backing_slots, fds)
+        objects: dict[tuple[int, int], dict[int, int]] = {}
+        phys: dict[int, dict[int, int]] = {i: {} for i in files}
+        lost: list[int] = []
+        owner: dict[tuple[int, int], int] = {}
+        for slot, w in list(self.table.adopt()):
+            t = w & E.TAG_MASK
+            if t == E.POOL:
+                length = E.pool_length(w)
+                c = size_class(length)
+                per = self.pool.per_chunk(c)
+                obj = E.pool_object(w)
+                objects.setdefault((c, obj // per), {})[obj % per] = length
+                owner[(c, obj)] = slot
+            elif t == E.PHYS:
+                f = E.phys_file(w)
+                if f in phys:
+                    phys[f][E.phys_slot(w)] = slot
+                else:
+                    lost.append(slot)
+            elif t != E.SAME:
+                lost.append(slot)
+        for key in self.pool.adopt(objects):
+            lost.append(owner[key])
+        for i, slots in phys.items():
+            bf = self.backing[i]
+            assert bf is not None
+            bf.adopt(slots)
+        for slot in lost:  # their words name nothing: a reader would get someone else's data
+            ci, idx = divmod(slot, CLUSTER_SLOTS)
+            cl = self.table.clusters[ci]
+            w = cl.table[idx]
+            cl.table[idx] = 0
+            self.table.forget(slot, w)
+        self.counters.recovery_lost_pages += len(lost)
+        tp = self.table.tag_pages
+        self.counters.recovered_pages += tp[E.SAME] + tp[E.POOL] + tp[E.PHYS]
+        self.note_mem()
+
+    def fds(self) -> dict[str, int]:
+        """Every fd a new process needs to take the space over, by name."""
+        out = {"table": self.table.fd, **self.pool.fds}
+        for bf in self.backing:
+            if bf is not None:
+                out.update(bf.fds)
+        return out
+
     def close(self) -> None:
         """Forget every page, release the pool, close and delete the files."""
         self.table.clear()
+        self.table.close()
         self.pool.close()
         for i, bf in enumerate(self.backing):
             if bf is not None:

@@ -32,6 +32,14 @@ An object is named by its class (derived from its length) and an index
 ``chunk_no * per_chunk + k``.  Chunk numbers are never reused, so an index
 left in a free stack after its chunk was released is recognised as stale.
 
+**It outlives the process.**  The arena is a memfd, and a second, small
+memfd, the *directory*, says for each 64 KiB slot of the arena which
+class and chunk number it holds (0: none).  An entry is written before
+the chunk's first object and cleared after its last one was freed.  With
+the table's words (which name class, chunk and slot of every object)
+that is all a new process needs to take the pool over (:meth:`Pool.adopt`):
+the chunks, their live counts, the free slots and the gauges follow.
+
 Memory accounting follows zsmalloc: a chunk counts for all of its bytes
 from the moment it is given to a class (its memory is faulted in then),
 freed slots inside it keep counting until the chunk empties or is
@@ -54,6 +62,7 @@ N_CLASSES: Final = 4096 // CLASS_STEP
 CHUNK_BYTES: Final = 64 * 1024  # the largest chunk, and the arena's slot size
 SPARE_LOW: Final = 32  # dynamic mode: spare chunks kept while idle (2 MiB)
 SPARE_HIGH: Final = 256  # dynamic mode: spare chunks refilled to while busy (16 MiB)
+DIR_NO_SHIFT: Final = 16  # a directory entry: chunk number above, class index + 1 below
 
 
 def chunk_bytes_for(size: int) -> int:
@@ -111,18 +120,29 @@ class Pool:
     :meth:`refill`'s faulting, which runs without it (see there).
     """
 
-    def __init__(self, reserve: int = 0, *, dynamic: bool = False, capacity: int = 0) -> None:
+    def __init__(self, reserve: int = 0, *, dynamic: bool = False, capacity: int = 0,
+                 fds: tuple[int, int] | None = None) -> None:
         self.reserve = reserve // CHUNK_BYTES * CHUNK_BYTES  # bytes committed up front, for good
         self.dynamic = dynamic and not self.reserve
         if self.reserve:
             capacity = self.reserve
         capacity = (capacity or default_capacity()) // CHUNK_BYTES * CHUNK_BYTES
+        self._slots = capacity // CHUNK_BYTES  # 64 KiB slots in the arena
+        if fds is None:  # a new pool; else the (arena, directory) memfds a previous process left
+            fds = (os.memfd_create("vswapfs-pool", os.MFD_CLOEXEC),
+                   os.memfd_create("vswapfs-pool-dir", os.MFD_CLOEXEC))
+            os.ftruncate(fds[0], capacity)
+            os.ftruncate(fds[1], 8 * self._slots)
+        else:
+            capacity = os.fstat(fds[0]).st_size  # as it was made
+            self._slots = capacity // CHUNK_BYTES
         self.capacity = capacity  # bytes of the arena
-        self._fd = os.memfd_create("vswapfs-pool", os.MFD_CLOEXEC)
-        os.ftruncate(self._fd, capacity)
+        self._fd, self.dir_fd = fds
         self._map = mmap.mmap(self._fd, capacity)
         self._base = linux.buffer_address(self._map)
-        self._slots = capacity // CHUNK_BYTES  # 64 KiB slots in the arena
+        self._dir_map = mmap.mmap(self.dir_fd, 8 * self._slots)
+        # arena slot -> (chunk number << DIR_NO_SHIFT) | (class index + 1); 0: not a chunk
+        self._dir = memoryview(self._dir_map).cast("Q")
         self._next_slot = 0  # slots below this have been used at least once
         self._free_slots = array("Q")  # offsets of slots below _next_slot not in use (holes)
         self._spare = array("Q")  # offsets of faulted-in slots not in use
@@ -132,10 +152,15 @@ class Pool:
         self.payload = 0  # bytes of stored objects (zram compr_data_size)
         self.objects = 0  # objects stored
         self.chunks = 0  # chunks in use now
-        if self.reserve:
+        if self.reserve and not any(self._dir):
             offs = self._take_slots(self._slots)
             linux.populate(self._base, capacity)
             self._spare.extend(offs)
+
+    @property
+    def fds(self) -> dict[str, int]:
+        """The memfds that hold the pool: what a new process adopts."""
+        return {"pool": self._fd, "pool.dir": self.dir_fd}
 
     @property
     def spare_bytes(self) -> int:
@@ -243,6 +268,8 @@ class Pool:
         no, k = divmod(obj, cls.per_chunk)
         off = cls.chunks[no] + k * cls.size
         self._map[off:off + length] = data
+        if _inject.armed:
+            _inject.point("pool.store")
         cls.live[no] += 1
         self.payload += length
         self.objects += 1
@@ -281,6 +308,9 @@ class Pool:
             self._punch(off + cls.chunk_bytes, CHUNK_BYTES - cls.chunk_bytes)  # the unused tail
         no = cls.next_no
         cls.next_no += 1
+        self._dir[off // CHUNK_BYTES] = (no << DIR_NO_SHIFT) | (size_class(cls.size) + 1)
+        if _inject.armed:
+            _inject.point("pool.new")
         cls.chunks[no] = off
         cls.live[no] = 0
         cls.newest = no
@@ -322,6 +352,9 @@ class Pool:
         carved = cls.bump if no == cls.newest else cls.per_chunk
         self.mem_used -= cls.chunk_bytes
         off = cls.chunks.pop(no)
+        self._dir[off // CHUNK_BYTES] = 0  # empty: no word names it any more
+        if _inject.armed:
+            _inject.point("pool.drop")
         if self.reserve:
             self._spare.append(off)  # stays faulted in for the next chunk
         elif self.dynamic and cls.chunk_bytes == CHUNK_BYTES and len(self._spare) < SPARE_LOW:
@@ -388,14 +421,12 @@ class Pool:
         cls = self._classes[size_class(length)]
         return bool(cls.draining) and obj // cls.per_chunk in cls.draining
 
-    def move(self, obj: int, length: int) -> int:
-        """Move an object out of a draining chunk; return its new index."""
+    def copy(self, obj: int, length: int) -> int:
+        """Copy an object out of a draining chunk; return the new index.
+        The caller points the word at it, then frees the old one."""
         if _inject.armed:
             _inject.point("pool.move")
-        data = self.load(obj, length)
-        new = self.store(data)
-        self.free(obj, length)
-        return new
+        return self.store(self.load(obj, length))
 
     def end_compaction(self) -> None:
         """End a compaction.  Normally no draining chunk is left (each is
@@ -406,11 +437,66 @@ class Pool:
         for cls in self._classes:
             cls.draining &= cls.chunks.keys()
 
+    # -- a new process takes over ---------------------------------------
+
+    def per_chunk(self, c: int) -> int:
+        """Objects per chunk of class ``c``."""
+        return self._classes[c].per_chunk
+
+    def adopt(self, objects: dict[tuple[int, int], dict[int, int]]) -> list[tuple[int, int]]:
+        """Take over the chunks a previous process left, given for each
+        (class index, chunk number) the slots in it that table words name,
+        with each object's length.
+        Rebuilds the chunks, live counts, free stacks and gauges; chunks no
+        word names are given back, and so is every arena slot that is not
+        a chunk (spares, in dynamic mode; a reserve keeps them as spares).
+        Returns the (class index, object) pairs named by words whose chunk
+        is not in the directory, which a crash-safe engine never leaves."""
+        seen: set[tuple[int, int]] = set()
+        used_slots: list[int] = []
+        for s, e in enumerate(self._dir.tolist()):
+            if not e:
+                continue
+            c, no = (e & ((1 << DIR_NO_SHIFT) - 1)) - 1, e >> DIR_NO_SHIFT
+            live = objects.get((c, no))
+            if not 0 <= c < N_CLASSES or not live:  # emptied, the directory not yet cleared
+                self._dir[s] = 0
+                continue
+            cls = self._classes[c]
+            off = s * CHUNK_BYTES
+            cls.chunks[no] = off
+            cls.live[no] = len(live)
+            cls.next_no = max(cls.next_no, no + 1)
+            cls.free.extend(no * cls.per_chunk + k for k in range(cls.per_chunk - 1, -1, -1)
+                            if k not in live)
+            seen.add((c, no))
+            used_slots.append(s)
+            self.chunks += 1
+            self.mem_used += cls.chunk_bytes
+            self.objects += len(live)
+            self.payload += sum(live.values())
+        self._next_slot = max(used_slots) + 1 if used_slots else 0
+        busy = set(used_slots)
+        holes = [s for s in range(self._next_slot) if s not in busy]
+        if self.reserve:  # every slot of a reserve is faulted in: not a chunk, a spare
+            self._spare.extend(s * CHUNK_BYTES for s in range(self._slots) if s not in busy)
+            self._next_slot = self._slots
+        else:
+            self._free_slots.extend(s * CHUNK_BYTES for s in holes)
+            self._punch(self._next_slot * CHUNK_BYTES, self.capacity - self._next_slot * CHUNK_BYTES)
+            for s in holes:
+                self._punch(s * CHUNK_BYTES)
+        return [(c, no * self._classes[c].per_chunk + k) for (c, no), ks in objects.items()
+                if (c, no) not in seen for k in ks]
+
     def close(self) -> None:
         """Release every chunk and the arena."""
+        self._dir.release()
+        self._dir_map.close()
+        os.close(self.dir_fd)
         self._map.close()
         os.close(self._fd)
-        self._fd = -1
+        self._fd = self.dir_fd = -1
         self._spare = array("Q")
         self._free_slots = array("Q")
         self.mem_used = self.payload = self.objects = self.chunks = 0

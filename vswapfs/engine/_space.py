@@ -50,7 +50,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, PAGE
@@ -65,6 +65,20 @@ from ._stats import Counters
 SPARE_WAIT_S: Final = 0.1  # longest a write waits for spare pool chunks (dynamic mode)
 
 
+def backing_of(fds: Mapping[str, int]) -> dict[int, tuple[str, tuple[int, int, int]]]:
+    """The backing files among ``fds`` (named by ``BackingFile.fds``): index
+    -> (path, (file, directory, checksums)).  The path is the file's own,
+    read from /proc."""
+    out: dict[int, tuple[str, tuple[int, int, int]]] = {}
+    for name, fd in fds.items():
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "backing" and parts[2] == "file":
+            i = int(parts[1])
+            path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")
+            out[i] = (path, (fd, fds[f"backing.{i}.dir"], fds[f"backing.{i}.csum"]))
+    return out
+
+
 class SwapSpace:
     """A virtual swap space of ``size`` bytes.
 
@@ -74,6 +88,11 @@ class SwapSpace:
     it, as zswap does.  Pages that compress to more than ``huge_threshold``
     bytes go to a backing file when there is one and writeback is enabled,
     else they are kept raw in the pool.
+
+    ``fds`` takes over a space a previous process left (the memfds and
+    files named by :meth:`fds`, see ``_recover`` in the docs): its pages,
+    backing files included, are served again and ``backing`` is ignored.
+    The settings must be the ones it was made with (the codec above all).
 
     ``reserve`` commits that many bytes of pool memory now and stores
     every page in them (see ``_pool``); the pool limit is then at most the
@@ -99,6 +118,7 @@ class SwapSpace:
         reserve: int = 0,
         dynamic: bool = False,
         codec: str = DEFAULT_CODEC,
+        fds: Mapping[str, int] | None = None,
     ) -> None:
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0 bytes, not {reserve}")
@@ -115,16 +135,23 @@ class SwapSpace:
         # waits on it) and waits on spares_added, at most SPARE_WAIT_S, then tries once more
         self.spares_wanted = threading.Event()
         self._spares_added = threading.Condition(self._lock)
-        self._place = Placement(Pool(reserve, dynamic=dynamic), self._codec, self.counters,
-                                writeback_enabled=writeback_enabled)
+        pool = Pool(reserve, dynamic=dynamic,
+                    fds=(fds["pool"], fds["pool.dir"]) if fds is not None else None)
+        self._place = Placement(pool, self._codec, self.counters, self.nslots,
+                                writeback_enabled=writeback_enabled,
+                                table_fd=fds["table"] if fds is not None else None)
         self._table = self._place.table
         self._pool = self._place.pool
         if self._pool.reserve and not pool_limit:
             pool_limit = self._pool.reserve
         self.configure(pool_limit=pool_limit, level=level if codec == "zstd" else None,
                        accept_threshold=accept_threshold, huge_threshold=huge_threshold)
-        for path in backing:
-            self.add_backing(path)
+        if fds is not None:
+            with self._lock:
+                self._place.adopt(backing_of(fds))
+        else:
+            for path in backing:
+                self.add_backing(path)
         self._codec.warm()
 
     # -- settings -----------------------------------------------------------
@@ -200,6 +227,19 @@ class SwapSpace:
         path = os.path.abspath(path)
         with self._lock:
             return self._place.add(path)
+
+    def fds(self) -> dict[str, int]:
+        """The fds that hold the space, by name: hand them to
+        ``SwapSpace(..., fds=...)`` in a new process to take it over."""
+        with self._lock:
+            return self._place.fds()
+
+    def on_fds(self, keep: Callable[[dict[str, int]], None] | None,
+               drop: Callable[[list[str]], None] | None) -> None:
+        """Call ``keep`` with a new backing file's fds before any page goes
+        to it, and ``drop`` with the names of a removed one's."""
+        with self._lock:
+            self._place.keep_fds, self._place.drop_fds = keep, drop
 
     def backing_files(self) -> list[BackingFile]:
         """The backing files in use, by index."""

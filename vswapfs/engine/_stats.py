@@ -27,6 +27,8 @@ COUNTERS: Final[dict[str, str]] = {
     "clusters_created": "virtual clusters ever created",
     "clusters_freed": "virtual clusters dropped after their last slot was freed",
     "evacuated_pages": "pages moved out of a backing file being removed",
+    "recovered_pages": "pages this process took over from the tables of a daemon that died or was restarted",
+    "recovery_lost_pages": "table words at takeover whose data was gone (cleared; never seen: a bug if not 0)",
 }
 
 # Gauges: the state now.
@@ -81,6 +83,8 @@ class Counters:
     clusters_created: int
     clusters_freed: int
     evacuated_pages: int
+    recovered_pages: int
+    recovery_lost_pages: int
 
     def __init__(self) -> None:
         for name in self.__slots__:

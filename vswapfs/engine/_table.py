@@ -5,7 +5,15 @@ one of its slots holds data: it is created by the first word stored in it
 and dropped when its last slot is freed, so unused capacity costs nothing
 (a dict keyed by cluster index plays the kernel's xarray).  Each
 cluster's ``table`` is one 64-bit entry word per slot (see ``_entry``),
-8 bytes a slot, in a flat ``array('Q')``.
+8 bytes a slot: one 4 KiB page of a sparse memfd that spans the whole
+space, so a cluster's words cost a page of memory only while it exists
+(dropping it punches the page out) and they outlive the process that
+wrote them: a new daemon maps the same memfd again (see ``_recover``).
+
+Crash order.  A word is the commit point of everything it points at: the
+data is stored first, then the word (one aligned 8-byte store), and what
+the old word pointed at is released only after.  A process killed at any
+instruction leaves every word pointing at data that is whole.
 
 The dict's order is the writeback LRU: a cluster written to moves to the
 young end (:meth:`Table.touch`), writeback starts at the old end.
@@ -17,16 +25,19 @@ pointed at.  Every method runs with the engine lock held.
 
 from __future__ import annotations
 
+import mmap
+import os
 import sys
-from array import array
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from .. import linux
 from .._consts import CLUSTER_SLOTS, PAGE
 from . import _entry as E
+from . import _inject
 from ._stats import Counters
 
-_EMPTY_TABLE: Final = bytes(8 * CLUSTER_SLOTS)
+TABLE_PAGE: Final = 8 * CLUSTER_SLOTS  # bytes of one cluster's words: one 4 KiB page
 
 
 class Cluster:
@@ -34,21 +45,34 @@ class Cluster:
 
     __slots__ = ("table", "used", "pool")
 
-    def __init__(self) -> None:
-        self.table = array("Q", _EMPTY_TABLE)  # the virtual_table, 8 bytes a slot
+    def __init__(self, table: memoryview) -> None:
+        self.table = table  # the virtual_table, 8 bytes a slot, in the table memfd
         self.used = 0  # slots whose word is not NONE
         self.pool = 0  # slots whose word is POOL (writeback skips clusters at 0)
 
 
-# Bytes one live cluster costs: the object, its table and its dict entry.
-CLUSTER_FOOTPRINT: Final = (sys.getsizeof(Cluster()) + sys.getsizeof(array("Q", _EMPTY_TABLE))
-                            + 3 * 8)
+# Bytes one live cluster costs: its page of words, the object, its view and its dict entry.
+CLUSTER_FOOTPRINT: Final = (TABLE_PAGE + sys.getsizeof(Cluster(memoryview(b""))) + 200 + 3 * 8)
+
+
+def table_bytes(nslots: int) -> int:
+    """Size of the table memfd of a space of ``nslots`` slots."""
+    return -(-nslots // CLUSTER_SLOTS) * TABLE_PAGE
 
 
 class Table:
     """Every live cluster, and the per-backend gauges kept from their words."""
 
-    def __init__(self, release: Callable[[int], None], counters: Counters) -> None:
+    def __init__(self, release: Callable[[int], None], counters: Counters, nslots: int,
+                 fd: int | None = None) -> None:
+        """A table for ``nslots`` slots in a new memfd, or, given ``fd``, in
+        that one as a previous process left it (then :meth:`adopt` its clusters)."""
+        if fd is None:
+            fd = os.memfd_create("vswapfs-table", os.MFD_CLOEXEC)
+            os.ftruncate(fd, table_bytes(nslots))
+        self.fd = fd  # the memfd the words live in
+        self._map = mmap.mmap(fd, table_bytes(nslots))
+        self._words = memoryview(self._map).cast("Q")  # every slot's word, 0 where no cluster
         self.clusters: dict[int, Cluster] = {}  # cluster index -> cluster, oldest write first
         self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
         self.huge_pages = 0  # POOL pages kept raw (4096 bytes)
@@ -74,22 +98,48 @@ class Table:
         if cl is None:
             if not word:
                 return
-            cl = self.clusters[ci] = Cluster()
+            cl = self.clusters[ci] = self._cluster(ci)
             self._counters.clusters_created += 1
         old = cl.table[idx]
+        cl.table[idx] = word  # the commit point: the data is in place, the old still whole
+        if _inject.armed:
+            _inject.point("table.set")
         if old:
-            self._release(old)
+            self._release(old)  # only now: a crash before this leaks, never loses
             self._account(old, -1)
             cl.used -= 1
             cl.pool -= (old & E.TAG_MASK) == E.POOL
-        cl.table[idx] = word
         if word:
             self._account(word, 1)
             cl.used += 1
             cl.pool += (word & E.TAG_MASK) == E.POOL
         elif not cl.used:
             del self.clusters[ci]
+            self._punch(ci)
             self._counters.clusters_freed += 1
+
+    def forget(self, slot: int, word: int) -> None:
+        """Take back the gauges of a word that was cleared without release
+        (at takeover, a word whose data was gone)."""
+        ci = slot // CLUSTER_SLOTS
+        cl = self.clusters[ci]
+        self._account(word, -1)
+        cl.used -= 1
+        cl.pool -= (word & E.TAG_MASK) == E.POOL
+        if not cl.used:
+            del self.clusters[ci]
+            self._punch(ci)
+
+    def _cluster(self, ci: int) -> Cluster:
+        return Cluster(self._words[ci * CLUSTER_SLOTS:(ci + 1) * CLUSTER_SLOTS])
+
+    def _punch(self, ci: int) -> None:
+        """Give a dropped cluster's page of words back (they read as 0)."""
+        try:
+            linux.punch_hole(self.fd, ci * TABLE_PAGE, TABLE_PAGE)
+        except OSError:  # shmem always can; if not, zeros cost the page until reused
+            self._words[ci * CLUSTER_SLOTS:(ci + 1) * CLUSTER_SLOTS] = memoryview(
+                bytes(TABLE_PAGE)).cast("Q")
 
     def touch(self, first: int, count: int) -> None:
         """Move the clusters of slots ``first .. first+count-1`` to the
@@ -129,7 +179,12 @@ class Table:
         release = self._release
         per_tag = [0, 0, 0, 0]
         huge = 0
-        for w in cl.table:
+        words = cl.table.tolist()
+        del self.clusters[ci]
+        self._punch(ci)  # every word 0 at once, before anything they held is released
+        if _inject.armed:
+            _inject.point("table.drop")
+        for w in words:
             if w:
                 release(w)
                 t = w & E.TAG_MASK
@@ -138,7 +193,6 @@ class Table:
         for t, n in enumerate(per_tag):
             self.tag_pages[t] -= n
         self.huge_pages -= huge
-        del self.clusters[ci]
         self._counters.clusters_freed += 1
         return cl.used
 
@@ -179,8 +233,53 @@ class Table:
             bad.append(f"gauges {self.tag_pages}/{self.huge_pages}, recount {tags}/{huge}")
         return bad
 
+    def adopt(self) -> Iterator[tuple[int, int]]:
+        """Take over the clusters a previous process left in the memfd:
+        yields every (slot, word) that holds data, oldest cluster first
+        by index, and rebuilds the gauges.  Pages of words that are all 0
+        (a process killed between the last free and the punch) are
+        punched now."""
+        size = len(self._words) * 8
+        off = 0
+        while off < size:
+            try:
+                off = os.lseek(self.fd, off, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after off
+                break
+            end = os.lseek(self.fd, off, os.SEEK_HOLE)
+            for ci in range(off // TABLE_PAGE, -(-end // TABLE_PAGE)):
+                cl = self._cluster(ci)
+                words = cl.table.tolist()
+                if not any(words):
+                    self._punch(ci)
+                    continue
+                self.clusters[ci] = cl
+                base = ci * CLUSTER_SLOTS
+                for idx, w in enumerate(words):
+                    if w:
+                        cl.used += 1
+                        cl.pool += (w & E.TAG_MASK) == E.POOL
+                        self._account(w, 1)
+                        yield base + idx, w
+            off = end
+
     def clear(self) -> None:
-        """Forget every cluster without releasing anything (at close)."""
+        """Forget every cluster without releasing anything (at close), and
+        give the words' memory back."""
         self.clusters.clear()
         self.tag_pages = [0, 0, 0, 0]
         self.huge_pages = 0
+        if self.fd >= 0:
+            linux.punch_hole(self.fd, 0, len(self._words) * 8)
+
+    def close(self) -> None:
+        """Unmap the words and close the memfd (after :meth:`clear`, or to
+        leave them to a new process that holds the memfd too)."""
+        self.clusters.clear()
+        try:
+            self._words.release()
+            self._map.close()
+        except BufferError:  # a view is still held somewhere: the GC unmaps it
+            pass
+        os.close(self.fd)
+        self.fd = -1
