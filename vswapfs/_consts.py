@@ -16,3 +16,12 @@ MiB: Final = 1 << 20
 SERVING_THREAD: Final = "vswapfs-serve"  # the daemon's channel threads' name (comm), for ps and the checks
 CODECS: Final = ("zstd", "lz4")  # zstd for the ratio, lz4 for speed (zram's comp_algorithm)
 DEFAULT_CODEC: Final = "zstd"
+VERSION: Final = "0.2.0"  # the package's version, as control/version reports it
+# The environment every daemon runs in: every Python object from glibc
+# malloc, one arena, no mmap'd blocks and no trimming on free, so memory
+# once faulted in is reused, not handed back and faulted again (see _daemon).
+DAEMON_ENV: Final = {
+    "PYTHONMALLOC": "malloc",
+    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                      "glibc.malloc.trim_threshold=4294967295",
+}

@@ -25,6 +25,13 @@ IO_STAT = ("failed_reads", "failed_writes", "invalid_io", "notify_free", "bd_rea
            "bd_write_errors", "checksum_failures")
 BD_STAT = ("bd_count", "bd_reads", "bd_writes")
 
+# What the daemon says of itself, besides its pid: (name, help, value without a daemon)
+DAEMON_FILES = (
+    ("version", "the daemon's version", "?"),
+    ("supervisor_pid", "the pid of the supervisor that holds the state (0: none)", "0"),
+    ("restarts", "daemons that served this mount before this one (crashes and restarts)", "0"),
+)
+
 Reader = Callable[[SwapSpace], str]
 Writer = Callable[[SwapSpace, str], str]  # returns what was done, for the log
 
@@ -169,10 +176,12 @@ def _do_evacuate(space: SwapSpace, text: str) -> str:
     return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
 
 
-def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict) -> dict[str, ControlFile]:
+def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
+                        daemon: dict[str, str] | None = None) -> dict[str, ControlFile]:
     """All control files, by name.  ``service_stats``: the transport's
     counts per FUSE opcode (requests, bytes, ns), for ``fuse_stat`` and
-    ``metrics``."""
+    ``metrics``; ``daemon``: the values of DAEMON_FILES."""
+    daemon = daemon or {}
     files = [
         ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
         ControlFile("io_stat", "zram columns: " + " ".join(IO_STAT), _columns(IO_STAT)),
@@ -186,6 +195,8 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict) ->
         ControlFile("backing_files", "backing files, one path per line",
                     lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
+        *(ControlFile(name, help, lambda s, v=daemon.get(name, default): f"{v}\n")
+          for name, help, default in DAEMON_FILES),
         _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",
               lambda s: f"{s.pool_limit}\n", _set_pool_limit),
         ControlFile("comp_algorithm", "zram's format: the codecs, the one in use in brackets",

@@ -55,8 +55,9 @@ from collections.abc import Callable
 import trio
 
 from . import admin, linux
-from ._consts import FSTYPE
+from ._consts import FSTYPE, VERSION
 from ._fs import SwapFS
+from ._supervisor import Keeper
 from .engine import SwapSpace
 from .fuse import Session, serve, unmount
 
@@ -72,21 +73,6 @@ IDLE_TICK = 0.05  # seconds between looks for requests when none came
 TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
 SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
-# The environment every daemon runs in: every Python object from glibc
-# malloc, one arena, no mmap'd blocks and no trimming on free, so memory
-# once faulted in is reused, not handed back and faulted again (the
-# housekeeping thread trims explicitly when the daemon is idle).
-DAEMON_ENV = {
-    "PYTHONMALLOC": "malloc",
-    "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                      "glibc.malloc.trim_threshold=4294967295",
-}
-
-
-def env_missing() -> bool:
-    """True if this process does not run with DAEMON_ENV (it must be set
-    before the interpreter starts, so the caller re-executes)."""
-    return any(os.environ.get(k) != v for k, v in DAEMON_ENV.items())
 
 
 def protect(reserve: bool = False) -> dict[str, bool]:
@@ -259,29 +245,41 @@ class Housekeeping(threading.Thread):
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
-              *, channels: int = 1, trim: bool = True) -> None:
+              *, channels: int = 1, trim: bool = True, keeper: Keeper | None = None) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
     ``channels``: FUSE channel threads that serve the image's I/O (0: the
     event loop serves it); ``trim``: top memory up while busy and give it
     back when idle (see Housekeeping; off in reserve mode).  Whatever the
-    event loop serves runs inline: no thread starts after the mount."""
+    event loop serves runs inline: no thread starts after the mount.
+
+    ``keeper``: the supervisor (see ``_supervisor``).  The connection's fds
+    go to it as they are made; if it handed a connection over, that one is
+    served (no mount, no INIT).  Unless the file system was unmounted, the
+    space is left as it is when this returns or fails, for the next daemon."""
     stop_log = log_through_thread()
-    fs = SwapFS(space, threads=0)
+    fs = SwapFS(space, threads=0, daemon=daemon_info(keeper))
+    unmounted = False
     space.replenish(busy=False)  # the first spares, before the first request
-    keeper = Housekeeping(mountpoint, space, fs.requests_seen, trim)
-    keeper.start()
+    housekeeping = Housekeeping(mountpoint, space, fs.requests_seen, trim)
+    housekeeping.start()
     try:
         async with trio.open_nursery() as nursery:
 
             async def serving(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+                nonlocal unmounted
                 await serve(mountpoint, fs, FSTYPE, source=FSTYPE, channels=channels,
-                            task_status=task_status)
+                            task_status=task_status, keep=keeper.put if keeper else None,
+                            inherited=keeper.inherited if keeper else None)
+                unmounted = True
                 nursery.cancel_scope.cancel()  # unmounted: stop watching signals
 
             await nursery.start(serving)
             if trim:  # the idle footprint, in place before the first request rather than after it
                 linux.heap_headroom(HEAP_HEADROOM - HEAP_SLACK)
                 linux.malloc_trim(HEAP_HEADROOM)
+            if keeper is not None and keeper.generation:
+                log.info("%s: took over from daemon %d of this mount: %d pages, %d backing files",
+                         mountpoint, keeper.generation, space.stored_pages, len(space.backing_files()))
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))
             if ready_fd is not None:
@@ -289,14 +287,25 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
                 os.close(ready_fd)
             nursery.start_soon(_on_signals, mountpoint)
     finally:
-        keeper.stop.set()
+        housekeeping.stop.set()
         space.spares_wanted.set()  # wake it
-        keeper.join()
+        housekeeping.join()
         s = space.stats()
-        log.info("%s: stopped with %d pages stored; releasing memory and backing files",
-                 mountpoint, s["stored_pages"])
-        space.close()
-        restored = admin.release_zswap(mountpoint)  # unmounted without `down`: zswap as it was
-        if restored:
-            log.info("%s: %s", mountpoint, restored)
+        if unmounted or keeper is None:
+            log.info("%s: stopped with %d pages stored; releasing memory and backing files",
+                     mountpoint, s["stored_pages"])
+            space.close()
+            restored = admin.release_zswap(mountpoint)  # unmounted without `down`: zswap as it was
+            if restored:
+                log.info("%s: %s", mountpoint, restored)
+        else:  # still mounted: the pages are the next daemon's to serve
+            log.error("%s: the daemon fails with %d pages stored; its supervisor starts a new one, "
+                      "which takes them over", mountpoint, s["stored_pages"])
         stop_log()
+
+
+def daemon_info(keeper: Keeper | None) -> dict[str, str]:
+    """What control/ says of the daemon: its version, its supervisor's pid
+    (0: none) and how many daemons served the mount before it."""
+    return {"version": VERSION, "supervisor_pid": str(os.getppid() if keeper else 0),
+            "restarts": str(keeper.generation if keeper else 0)}

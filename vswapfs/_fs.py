@@ -61,13 +61,15 @@ _T = TypeVar("_T")
 class SwapFS(Operations):
     """Serves one :class:`SwapSpace` as ``/swap`` plus ``/control``."""
 
-    def __init__(self, space: SwapSpace, *, threads: int = 2) -> None:
+    def __init__(self, space: SwapSpace, *, threads: int = 2,
+                 daemon: dict[str, str] | None = None) -> None:
         self.space = space
         self._limiter = trio.CapacityLimiter(max(threads, 1))
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns), handed over by init()
         self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
-        self._files = list(build_control_files(space, lambda: self._service_stats()).values())
+        self._files = list(build_control_files(space, lambda: self._service_stats(),
+                                               daemon or {}).values())
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
         self._image_requests = 0  # reads and writes of the image (a lost count is harmless)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,6 +116,47 @@ def start_daemon(mnt: str, args: Sequence[str], timeout: float = 30.0) -> int:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         raise AdminError(f"daemon for {mnt} did not start: " + (" | ".join(tail) or "no log"))
     return proc.pid
+
+
+def supervisor_pidfile(mnt: str) -> Path:
+    """Where the supervisor of ``mnt`` writes its pid."""
+    return log_path(mnt).with_suffix(".supervisor")
+
+
+def supervisor_pid(mnt: str) -> int | None:
+    """The pid of the supervisor of ``mnt``, if one runs (its pid file names
+    a live process that is one)."""
+    try:
+        pid = int(supervisor_pidfile(mnt).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"vswapfs" in b" ".join(cmdline) and canonical(mnt).encode() in cmdline else None
+
+
+def restart(mnt: str, timeout: float = 30.0) -> str:
+    """Replace the daemon of ``mnt`` with a new process, which takes the
+    swapped-out pages over (swap stays on); returns what happened once the
+    new daemon answers."""
+    check_root()
+    if mount_type(mnt) != f"fuse.{FSTYPE}":
+        raise AdminError(f"{mnt}: not a vswapfs mount")
+    sup = supervisor_pid(mnt)
+    if sup is None:
+        raise AdminError(f"{mnt}: no supervisor runs for it (mounted with --no-supervisor?): "
+                         "a restart would lose the swapped-out pages")
+    old = daemon_pid_alive(mnt)
+    t0 = time.monotonic()
+    os.kill(sup, signal.SIGHUP)
+    deadline = t0 + timeout
+    while time.monotonic() < deadline:
+        new = daemon_pid_alive(mnt)
+        if new is not None and new != old:
+            version = Path(mnt, "control", "version").read_text().strip()
+            return (f"{mnt}: daemon {old or '?'} replaced by {new} (version {version}) in "
+                    f"{time.monotonic() - t0:.2f} s")
+        time.sleep(0.05)
+    raise AdminError(f"{mnt}: no new daemon answered within {timeout:.0f} s (see {log_path(mnt)})")
 
 
 def daemon_pid(mnt: str) -> int | None:
@@ -271,6 +313,7 @@ def down(mnt: str, force: bool = False) -> list[str]:
         raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
     done = []
     pid = daemon_pid_alive(mnt)
+    sup = supervisor_pid(mnt)
     if force and pid is None and abort_connection(mnt):
         done.append("aborted the FUSE connection (the daemon does not answer)")
     for dev in loops_of(mnt):
@@ -297,6 +340,8 @@ def down(mnt: str, force: bool = False) -> list[str]:
     done.append(f"umount {mnt}")
     if pid is not None and not wait_gone(pid):
         raise AdminError(f"daemon {pid} for {mnt} did not exit after unmount")
+    if sup is not None and not wait_gone(sup):
+        raise AdminError(f"supervisor {sup} of {mnt} did not exit after unmount")
     return done
 
 

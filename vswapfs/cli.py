@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import admin, zswap
-from ._consts import CODECS, DEFAULT_CODEC, PAGE
+from ._consts import CODECS, DAEMON_ENV, DEFAULT_CODEC, PAGE
 from ._units import human, parse_limit, parse_size
 from .linux import mem_total
 
@@ -69,6 +69,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="zswap's pool limit, percent of RAM (with --zswap; default: as it is)")
     p.add_argument("--zswap-shrinker", action="store_true",
                    help="let zswap's shrinker write cold pages back to vswapfs (with --zswap)")
+    p.add_argument("--no-supervisor", action="store_true",
+                   help="run the daemon without the supervisor that keeps the swapped-out pages "
+                        "alive across its crashes and restarts (not recommended)")
     p.add_argument("--reserve", type=_size, default=0, metavar="SIZE",
                    help="commit SIZE of pool memory (and the daemon's heap) at start and fault "
                         "nothing in later; for a daemon in the same memory cgroup as its users")
@@ -122,6 +125,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--reserve", str(a.reserve)]
     if a.channels != DEFAULT_CHANNELS:
         out += ["--channels", str(a.channels)]
+    if a.no_supervisor:
+        out += ["--no-supervisor"]
     return out
 
 
@@ -138,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint")
     _add_mount_options(u)
     u.add_argument("--priority", type=int, help="swap priority (swapon -p)")
+    r = sub.add_parser("restart", help="replace the daemon with a new process (new code too), "
+                       "swap staying on: the new one takes the swapped-out pages over")
+    r.add_argument("mountpoint")
+    r.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the new daemon")
     d = sub.add_parser("down", help="swapoff, detach the loop device, unmount")
     d.add_argument("mountpoint")
     d.add_argument("--force", action="store_true",
@@ -174,17 +183,32 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     _check_mount_options(a)
     admin.check_root()
-    if a.ready_fd is None:
+    from ._supervisor import ENV_READY, ENV_SOCKET, Keeper, supervise
+
+    supervised = ENV_SOCKET in os.environ
+    if not supervised and not a.no_supervisor:
+        # this process becomes the supervisor; the daemon is its child, started
+        # again with the same arguments whenever it dies (see _supervisor)
+        if a.ready_fd is None:
+            admin.check_mountpoint(a.mountpoint)
+        child = [sys.executable, "-m", "vswapfs", *_without_ready_fd(argv)]
+        os.environ.update(DAEMON_ENV)
+        return supervise(child, a.ready_fd, str(admin.supervisor_pidfile(a.mountpoint)))
+    if DAEMON_ENV.items() - os.environ.items():
+        # malloc's settings are read once, at start: run again with them
+        os.execve(sys.executable, [sys.executable, "-m", "vswapfs", *argv],
+                  {**os.environ, **DAEMON_ENV})
+    keeper = Keeper.from_env()
+    if keeper is not None and a.ready_fd is None and ENV_READY in os.environ:
+        a.ready_fd = int(os.environ.pop(ENV_READY))
+    inherited = keeper.inherited if keeper else {}
+    if a.ready_fd is None and not inherited:
         admin.check_mountpoint(a.mountpoint)
     import trio
 
     from . import _daemon
     from .engine import DEFAULT_LEVEL, SwapSpace
 
-    if _daemon.env_missing():
-        # malloc's settings are read once, at start: run again with them
-        os.execve(sys.executable, [sys.executable, "-m", "vswapfs", *argv],
-                  {**os.environ, **_daemon.DAEMON_ENV})
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
     _daemon.protect(reserve=bool(a.reserve))  # before any thread exists
@@ -192,12 +216,32 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
+    engine_fds = {k: v for k, v in inherited.items() if not k.startswith("fuse")}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
-                      reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm)
-    trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve),
+                      reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,
+                      fds=engine_fds or None)
+    if keeper is not None:
+        if not engine_fds:
+            keeper.put(space.fds())  # before the mount: no page can be stored before they are kept
+        space.on_fds(keeper.put, keeper.drop)
+    trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve, keeper=keeper),
              admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
+
+
+def _without_ready_fd(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--ready-fd N``: only the first daemon gets it."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ready-fd":
+            skip = True
+        elif not arg.startswith("--ready-fd="):
+            out.append(arg)
+    return out
 
 
 def _cmd_status(a: argparse.Namespace) -> int:
@@ -269,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for path in install_helpers(a.root):
                 print(path)
+            return 0
+        if a.cmd == "restart":
+            print(admin.restart(a.mountpoint, a.timeout))
             return 0
         if a.cmd == "down":
             for step in admin.down(a.mountpoint, force=a.force):

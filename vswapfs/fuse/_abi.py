@@ -102,6 +102,13 @@ FATTR_FH: Final = 1 << 6
 # fuse_getattr_in.getattr_flags
 GETATTR_FH: Final = 1 << 0
 
+# fuse_notify_code: a message from the server, written with unique 0 and
+# the code in the error field.  RESEND (7.40, Linux 6.9) is newer than the
+# header here: the kernel puts every request that was read but not answered
+# back on the pending queue, its unique ORed with UNIQUE_RESEND.
+NOTIFY_RESEND: Final = 7
+UNIQUE_RESEND: Final = 1 << 63
+
 # ioctl on /dev/fuse: _IOR(229, 0, uint32_t)
 DEV_IOC_CLONE: Final = (2 << 30) | (4 << 16) | (229 << 8) | 0
 

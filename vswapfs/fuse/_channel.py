@@ -99,6 +99,13 @@ def write_reply(fd: int, unique: int, error: int = 0, payload: bytes | bytearray
             log.warning("reply to request %d failed: %s", unique, e)
 
 
+def notify_resend(fd: int) -> None:
+    """Ask the kernel to send again every request that was read from this
+    connection but not answered (by a server that died).  Raises OSError
+    where the kernel is older than 6.9 (EINVAL)."""
+    os.write(fd, A.OUT_HEADER.pack(A.OUT_HEADER.size, A.NOTIFY_RESEND, 0))
+
+
 async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
     """Read one request into ``buf`` on the event loop (``fd`` is
     non-blocking); 0 when the connection is gone."""

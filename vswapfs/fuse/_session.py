@@ -24,16 +24,30 @@ kernel needs and keeps memory bounded.
 Every request answered is counted with the time it took, from parsing to
 the reply written (``service_stats``): how busy the server is, apart from
 what the kernel's side of the crossing costs.
+
+A session can outlive its server.  Given ``keep``, :func:`serve` hands
+over every fd the connection lives in as soon as it exists, before any
+request is answered: the /dev/fuse fd (``fuse``), each channel clone
+(``fuse.channel.N``) and a memfd with what INIT settled (``fuse.init``,
+written before the INIT reply).  A later process given those fds
+(``inherited``) serves the same connection without mounting or INIT: it
+sends ``FUSE_NOTIFY_RESEND`` and the kernel queues again what the dead
+server had read but not answered.  The clones matter: requests read from
+a clone that is closed are failed by the kernel, so whoever keeps the fds
+keeps the clones too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import json
 import logging
 import os
 import threading
 import time
 from array import array
+from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 import trio
@@ -94,8 +108,10 @@ class Session:
     """A FUSE connection: a /dev/fuse fd and the file system it serves."""
 
     def __init__(self, fd: int, ops: Operations, *, buffers: int = 16, channels: int = 0,
-                 max_background: int = MAX_BACKGROUND) -> None:
+                 max_background: int = MAX_BACKGROUND,
+                 keep: Callable[[dict[str, int]], None] | None = None) -> None:
         self.fd = fd
+        self.keep = keep  # hands the connection's fds to whoever outlives this process
         self.ops = ops
         self.channels = channels
         self.max_background = max_background
@@ -156,13 +172,15 @@ class Session:
                 raise OSError(errno.EPROTO, f"kernel FUSE {major}.{minor} is too old")
             granted = flags & WANTED_FLAGS
             our_minor = min(minor, A.KERNEL_MINOR_VERSION)
+            names = [name for bit, name in A.INIT_FLAG_NAMES.items() if granted & bit]
+            self.init = InitInfo(major, our_minor, flags, granted, MAX_WRITE, MAX_PAGES,
+                                 self.max_background, names)
+            if self.keep is not None:  # a server that takes over must know it without INIT
+                self.keep({"fuse.init": _init_memfd(self.init)})
             C.write_reply(self.fd, unique, 0, A.INIT_OUT.pack(
                 A.KERNEL_VERSION, our_minor, max_readahead, granted,
                 self.max_background, self.max_background * 3 // 4, MAX_WRITE, 1, MAX_PAGES, 0, 0,
                 *([0] * 7)))
-            names = [name for bit, name in A.INIT_FLAG_NAMES.items() if granted & bit]
-            self.init = InitInfo(major, our_minor, flags, granted, MAX_WRITE, MAX_PAGES,
-                                 self.max_background, names)
             log.info("FUSE %d.%d (kernel %d.%d): granted %s; max_write %d, max_pages %d, "
                      "max_background %d; missing %s", A.KERNEL_VERSION, our_minor, major, minor,
                      "|".join(names) or "nothing", MAX_WRITE, MAX_PAGES, self.max_background,
@@ -170,6 +188,25 @@ class Session:
                               if WANTED_FLAGS & b and not granted & b) or "nothing")
             self.ops.init(self.init, self.service_stats)
             return self.init
+
+    def take_over(self, init_fd: int, clones: list[int]) -> InitInfo:
+        """Serve a connection a previous server set up: what INIT settled
+        is read from ``init_fd``, the channel clones are ``clones``; then
+        the kernel is asked to resend what that server left unanswered."""
+        raw = os.pread(init_fd, os.fstat(init_fd).st_size, 0)
+        self.init = InitInfo(**json.loads(raw))
+        self._channel_fds = [(fd, C.new_buffer()) for fd in clones]
+        self.channels = len(clones)
+        if not clones and not self._free:
+            self._free = [C.new_buffer() for _ in range(FALLBACK_BUFFERS)]
+            self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
+        self.ops.init(self.init, self.service_stats)
+        try:
+            C.notify_resend(self.fd)
+        except OSError as e:  # before Linux 6.9: what the old server had read stays unanswered
+            log.error("FUSE_NOTIFY_RESEND failed (%s): requests the previous daemon had read "
+                      "will never be answered", e)
+        return self.init
 
     # -- the one request path ---------------------------------------------------
 
@@ -273,6 +310,8 @@ class Session:
             return
         self._channel_fds = [(fd, C.new_buffer()) for fd in
                              (self._clone_channels() if self.channels else [])]
+        if self.keep is not None and self._channel_fds:  # before a request is read from them
+            self.keep({f"fuse.channel.{i}": fd for i, (fd, _) in enumerate(self._channel_fds)})
         if not self._channel_fds and not self._free:  # buffers were left to the channels
             self._free = [C.new_buffer() for _ in range(FALLBACK_BUFFERS)]
             self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
@@ -369,20 +408,49 @@ class Session:
                 os.close(fd)
 
 
+def _init_memfd(info: InitInfo) -> int:
+    fd = os.memfd_create("vswapfs-fuse-init", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(dataclasses.asdict(info)).encode())
+    return fd
+
+
+def inherited_connection(fds: Mapping[str, int]) -> bool:
+    """True if ``fds`` hold a connection a previous server kept (see the
+    module docstring)."""
+    return "fuse" in fds and "fuse.init" in fds
+
+
 async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = "none",
                 channels: int = 0,
-                task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
+                task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
+                keep: Callable[[dict[str, int]], None] | None = None,
+                inherited: Mapping[str, int] | None = None) -> None:
     """Mount ``ops`` at ``mountpoint`` and serve it until unmounted, on the
     event loop alone or with ``channels`` threads (see the module docstring).
+    ``keep``: hand each fd of the connection over as it is made;
+    ``inherited``: serve the connection those fds hold instead of mounting.
 
     ``task_status.started`` is called with the Session once INIT is done,
     so ``await nursery.start(serve, ...)`` returns when the mount is ready.
     """
-    fd = open_and_mount(mountpoint, fstype, source=source)
+    if inherited is not None and inherited_connection(inherited):
+        fd = inherited["fuse"]
+        clones = [inherited[k] for k in sorted((k for k in inherited if k.startswith("fuse.channel.")),
+                                               key=lambda k: int(k.rsplit(".", 1)[1]))]
+        session = Session(fd, ops, channels=len(clones), buffers=0 if clones else 16, keep=keep)
+        session.take_over(inherited["fuse.init"], clones)
+    else:
+        fd = open_and_mount(mountpoint, fstype, source=source)
+        try:
+            if keep is not None:
+                keep({"fuse": fd})
+            session = Session(fd, ops, channels=channels, buffers=0 if channels else 16, keep=keep)
+            await session.handshake()
+            session.prepare()
+        except BaseException:
+            os.close(fd)
+            raise
     try:
-        session = Session(fd, ops, channels=channels, buffers=0 if channels else 16)
-        await session.handshake()
-        session.prepare()
         task_status.started(session)
         await session.serve()
     finally:
