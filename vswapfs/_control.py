@@ -176,6 +176,11 @@ def _do_evacuate(space: SwapSpace, text: str) -> str:
     return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
 
 
+def _check(space: SwapSpace) -> str:
+    problems = space.check()
+    return "".join(p + "\n" for p in problems) if problems else "ok\n"
+
+
 def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
                         daemon: dict[str, str] | None = None) -> dict[str, ControlFile]:
     """All control files, by name.  ``service_stats``: the transport's
@@ -195,6 +200,8 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
         ControlFile("backing_files", "backing files, one path per line",
                     lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
+        ControlFile("check", "the engine's consistency check (every table word against the gauges, "
+                    "the pool and the rmaps): ok, or the problems found", _check),
         *(ControlFile(name, help, lambda s, v=daemon.get(name, default): f"{v}\n")
           for name, help, default in DAEMON_FILES),
         _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",

@@ -103,7 +103,7 @@ def start_daemon(mnt: str, args: Sequence[str], timeout: float = 30.0) -> int:
     r, w = os.pipe()
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vswapfs", "mount", mnt, *args, "--foreground", "--ready-fd", str(w)],
+            [sys.executable, "-P", "-m", "vswapfs", "mount", mnt, *args, "--foreground", "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:

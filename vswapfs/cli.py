@@ -188,15 +188,17 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     supervised = ENV_SOCKET in os.environ
     if not supervised and not a.no_supervisor:
         # this process becomes the supervisor; the daemon is its child, started
-        # again with the same arguments whenever it dies (see _supervisor)
+        # again with the same arguments whenever it dies (see _supervisor).
+        # -P: the package comes from the installation (or PYTHONPATH), never
+        # from the directory the admin happened to start it in
         if a.ready_fd is None:
             admin.check_mountpoint(a.mountpoint)
-        child = [sys.executable, "-m", "vswapfs", *_without_ready_fd(argv)]
+        child = [sys.executable, "-P", "-m", "vswapfs", *_without_ready_fd(argv)]
         os.environ.update(DAEMON_ENV)
         return supervise(child, a.ready_fd, str(admin.supervisor_pidfile(a.mountpoint)))
     if DAEMON_ENV.items() - os.environ.items():
         # malloc's settings are read once, at start: run again with them
-        os.execve(sys.executable, [sys.executable, "-m", "vswapfs", *argv],
+        os.execve(sys.executable, [sys.executable, "-P", "-m", "vswapfs", *argv],
                   {**os.environ, **DAEMON_ENV})
     keeper = Keeper.from_env()
     if keeper is not None and a.ready_fd is None and ENV_READY in os.environ:
