@@ -143,19 +143,28 @@ def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Pat
     assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0
 
 
-def test_sigkill_of_the_daemon_under_load_is_recovered_by_down_force() -> None:
+@pytest.mark.parametrize("how", ["no-supervisor", "supervisor-killed-first"])
+def test_sigkill_of_a_daemon_nobody_restarts_fails_its_users_and_down_force_recovers(how: str) -> None:
+    """What the supervisor prevents (see test_recovery), when there is
+    none or it was killed first: the pages die with the daemon, a process
+    that needs one dies rather than hangs, and ``down --force`` cleans up."""
     mnt = Path(tempfile.mkdtemp(prefix="vswapfs-kill-"))
     cg = None
     try:
-        dev = admin.up(str(mnt), ["--size", "1G"])
+        dev = admin.up(str(mnt), ["--size", "1G"] + (["--no-supervisor"] if how == "no-supervisor" else []))
         pid = admin.daemon_pid(str(mnt))
         assert pid
+        sup = admin.supervisor_pid(str(mnt))
+        assert (sup is None) == (how == "no-supervisor")
         cg = MemCgroup(f"vswapfs-kill-{os.getpid()}", 32 * MiB)
         proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "96", "--hold"],
                         stdin=-1, stdout=-1, stderr=-1)
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == b"filled\n"
         assert stats(mnt)["stored_pages"] > 8 * MiB // PAGE
+        if sup is not None:
+            os.kill(sup, signal.SIGKILL)
+            assert admin.wait_gone(sup, 10)
         os.kill(pid, signal.SIGKILL)
         assert admin.wait_gone(pid, 10)
         t0 = time.monotonic()

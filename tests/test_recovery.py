@@ -130,6 +130,7 @@ def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path, monkeypatc
     for mnt, _ in swap_on(["--size", "2G"]):
         assert control(mnt, "version") == vswapfs._consts.VERSION
         old = int(control(mnt, "pid"))
+        (mnt / "control" / "pool_limit").write_text("256M")  # tuned: the new daemon keeps it
         with MemCgroup("vswapfs-restart", LIMIT) as cg:
             hog = start_hog(cg, HOG_MIB, 25, 3)
             time.sleep(6)
@@ -145,6 +146,7 @@ def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path, monkeypatc
         assert control(mnt, "version") == "9.9.9-restart-test"
         assert int(control(mnt, "pid")) != old and control(mnt, "restarts") == "1"
         assert control(mnt, "check") == "ok"
+        assert control(mnt, "pool_limit") == str(256 << 20)
 
 
 @needs_root

@@ -43,6 +43,7 @@ good, for those who want it committed.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import logging.handlers
 import os
@@ -258,6 +259,8 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
     space is left as it is when this returns or fails, for the next daemon."""
     stop_log = log_through_thread()
     fs = SwapFS(space, threads=0, daemon=daemon_info(keeper))
+    if keeper is not None:  # what control/ tuned outlives this process too
+        fs.on_change = lambda: keeper.put({"settings": settings_memfd(space)})
     unmounted = False
     space.replenish(busy=False)  # the first spares, before the first request
     housekeeping = Housekeeping(mountpoint, space, fs.requests_seen, trim)
@@ -302,6 +305,23 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
             log.error("%s: the daemon fails with %d pages stored; its supervisor starts a new one, "
                       "which takes them over", mountpoint, s["stored_pages"])
         stop_log()
+
+
+SETTINGS = ("pool_limit", "accept_threshold", "huge_threshold", "writeback_enabled", "level")
+
+
+def settings_memfd(space: SwapSpace) -> int:
+    """A memfd with the settings control/ can change, as JSON, for the
+    daemon that takes over (:func:`apply_settings`)."""
+    values = {k: getattr(space, k) for k in SETTINGS if k != "level" or space.codec == "zstd"}
+    fd = os.memfd_create("vswapfs-settings", os.MFD_CLOEXEC)
+    os.write(fd, json.dumps(values).encode())
+    return fd
+
+
+def apply_settings(space: SwapSpace, fd: int) -> None:
+    """Apply what :func:`settings_memfd` kept (after a takeover)."""
+    space.configure(**json.loads(os.pread(fd, os.fstat(fd).st_size, 0)))
 
 
 def daemon_info(keeper: Keeper | None) -> dict[str, str]:

@@ -76,6 +76,7 @@ class SwapFS(Operations):
         self._refusals = RateLimited()  # what the log says of refused writes
         self._next_fh = 1
         self._mtime = int(time.time())
+        self.on_change: Callable[[], None] | None = None  # called after a control write took effect
 
     def requests_seen(self) -> int:
         """Reads and writes of the image so far: housekeeping watches it to
@@ -253,6 +254,8 @@ class SwapFS(Operations):
             log.warning("control/%s: %r failed: %s", f.name, data[:80], e)
             raise
         log.info("control/%s: %s", f.name, done)
+        if self.on_change is not None:
+            self.on_change()
         return len(data)
 
     async def fallocate(self, ctx: Context, ino: int, fh: int, offset: int, length: int, mode: int) -> None:

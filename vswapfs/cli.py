@@ -218,7 +218,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
-    engine_fds = {k: v for k, v in inherited.items() if not k.startswith("fuse")}
+    engine_fds = {k: v for k, v in inherited.items()
+                  if k in ("table", "pool", "pool.dir") or k.startswith("backing.")}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,
@@ -226,6 +227,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     if keeper is not None:
         if not engine_fds:
             keeper.put(space.fds())  # before the mount: no page can be stored before they are kept
+        elif "settings" in inherited:  # what control/ tuned in an earlier daemon
+            _daemon.apply_settings(space, inherited["settings"])
         space.on_fds(keeper.put, keeper.drop)
     trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve, keeper=keeper),
              admin.canonical(a.mountpoint), space, a.ready_fd)
