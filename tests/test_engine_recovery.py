@@ -22,10 +22,13 @@ the operation itself to go on.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
+import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -82,7 +85,11 @@ def run_child(fn: Callable[[], int]) -> int:
         code = 1
         try:
             code = fn()
+        except BaseException:
+            traceback.print_exc()
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
@@ -178,7 +185,7 @@ def test_crash_at_every_step_recovers_every_page(seed: int, monkeypatch: pytest.
                     break
                 assert code == CRASH_EXIT, f"{op} died with {code} at step {step}"
                 crashes += 1
-                ok = run_child(lambda: verify_takeover(fds, new, model, touched))
+                ok = run_child(functools.partial(verify_takeover, fds, new, model, touched))
                 assert ok == 0, f"takeover after a crash at step {step} of {op} failed"
                 restore(fds, snap)
                 step += 1

@@ -223,15 +223,19 @@ def test_unprivileged_user_cannot_read_image_or_write_knobs(mnt: Path) -> None:
     assert r.stdout.split() == ["EACCES", "EACCES"], r.stderr
 
 
-def test_unmount_ends_the_daemon(tmp_path: Path) -> None:
+def test_unmount_ends_the_daemon_and_its_supervisor(tmp_path: Path) -> None:
     mnt = tmp_path / "m"
     mnt.mkdir()
-    pid = admin.start_daemon(str(mnt), ["--size", "16M"])
-    assert admin.daemon_pid(str(mnt)) == pid
+    sup = admin.start_daemon(str(mnt), ["--size", "16M"])
+    pid = admin.daemon_pid(str(mnt))
+    assert admin.supervisor_pid(str(mnt)) == sup and pid is not None and pid != sup
+    assert (mnt / "control" / "supervisor_pid").read_text() == f"{sup}\n"
     assert admin.down(str(mnt)) == [f"umount {mnt}"]
     assert admin.mount_type(str(mnt)) is None
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    for p in (pid, sup):
+        with pytest.raises(ProcessLookupError):
+            os.kill(p, 0)
+    assert not admin.supervisor_pidfile(str(mnt)).exists()
 
 
 def test_lz4_mount_says_so_keeps_data_and_refuses_a_level() -> None:

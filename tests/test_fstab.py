@@ -70,7 +70,7 @@ def test_mount_t_fuse_vswapfs_uses_the_helper(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_systemd_unit_commands_bring_swap_up_and_down(tmp_path: Path) -> None:
+def test_systemd_unit_commands_bring_swap_up_reload_the_daemon_and_down(tmp_path: Path) -> None:
     install_helpers(str(tmp_path / "root"))
     unit = (tmp_path / "root" / "etc" / "systemd" / "system" / "vswapfs@.service").read_text()
     mnt = tmp_path / "unit-mnt"
@@ -89,6 +89,11 @@ def test_systemd_unit_commands_bring_swap_up_and_down(tmp_path: Path) -> None:
         dev = admin.loops_of(str(mnt))[0]
         with open("/proc/swaps") as f:
             assert any(line.split()[0] == dev and line.split()[-1] == "7" for line in f)
+        old = (mnt / "control" / "pid").read_text()
+        r = subprocess.run(command("ExecReload"), capture_output=True, text=True, cwd="/")
+        assert r.returncode == 0, r.stderr  # a new daemon, swap still on
+        assert (mnt / "control" / "pid").read_text() != old and dev in admin.swaps()
+        assert (mnt / "control" / "restarts").read_text() == "1\n"
         r = subprocess.run(command("ExecStop"), capture_output=True, text=True, cwd="/")
         assert r.returncode == 0, r.stderr
         assert admin.mount_type(str(mnt)) is None and dev not in admin.swaps()

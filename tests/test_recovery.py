@@ -119,7 +119,8 @@ def test_daemon_killed_again_and_again_under_load_loses_no_page(swap: Path) -> N
 
 
 @needs_root
-def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """``vswapfs restart`` replaces the daemon under load with a process
     that runs the code on disk now: the test installs a copy of the
     package, mounts from it, changes its version string, restarts."""

@@ -176,6 +176,10 @@ def _do_evacuate(space: SwapSpace, text: str) -> str:
     return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
 
 
+def _const(value: str) -> Reader:
+    return lambda _: f"{value}\n"
+
+
 def _check(space: SwapSpace) -> str:
     problems = space.check()
     return "".join(p + "\n" for p in problems) if problems else "ok\n"
@@ -202,7 +206,7 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
         ControlFile("check", "the engine's consistency check (every table word against the gauges, "
                     "the pool and the rmaps): ok, or the problems found", _check),
-        *(ControlFile(name, help, lambda s, v=daemon.get(name, default): f"{v}\n")
+        *(ControlFile(name, help, _const(daemon.get(name, default)))
           for name, help, default in DAEMON_FILES),
         _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",
               lambda s: f"{s.pool_limit}\n", _set_pool_limit),

@@ -34,7 +34,6 @@ import os
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 from typing import Final
@@ -193,34 +192,38 @@ class Supervisor:
         if self.ready_fd is not None:
             env[ENV_READY] = str(self.ready_fd)
             pass_fds.append(self.ready_fd)
-        proc = subprocess.Popen(self.argv, env=env, pass_fds=pass_fds)
+        for fd in pass_fds:  # what the daemon inherits; every other fd is close-on-exec
+            os.set_inheritable(fd, True)
+        pid = os.posix_spawn(self.argv[0], self.argv, env)
         theirs.close()
+        for fd in self.held.values():
+            os.set_inheritable(fd, False)
         if self.ready_fd is not None:  # only the first daemon says it is ready
             os.close(self.ready_fd)
             self.ready_fd = None
-        pidfd = os.pidfd_open(proc.pid)
+        pidfd = os.pidfd_open(pid)
         try:
             while True:
                 if self.stop_signal:
-                    proc.send_signal(self.stop_signal)
+                    os.kill(pid, self.stop_signal)
                     self.stop_signal = 0
                 if self.restart:
-                    proc.kill()  # the new daemon takes over whatever state this one left
-                    proc.wait()
+                    os.kill(pid, signal.SIGKILL)  # the new daemon takes over whatever it left
+                    os.waitpid(pid, 0)
                     return -signal.SIGKILL
-                ready, _, _ = select.select([mine, pidfd, wake_r], [], [])
+                ready, _, _ = select.select([mine.fileno(), pidfd, wake_r], [], [])
                 if wake_r in ready:
                     try:
                         while os.read(wake_r, 64):
                             pass
                     except BlockingIOError:
                         pass
-                if mine in ready:
+                if mine.fileno() in ready:
                     self._message(mine)
                 if pidfd in ready:
                     while self._message(mine, block=False):
                         pass  # what it said before it died still counts
-                    return proc.wait()
+                    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         finally:
             os.close(pidfd)
             mine.close()
@@ -236,6 +239,8 @@ class Supervisor:
             return False
         got = [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
                for fd in array.array("i", data[:len(data) - len(data) % 4])]
+        for fd in got:
+            os.set_inheritable(fd, False)  # passed on to a daemon only when one starts
         verb, _, name = msg.decode(errors="replace").partition(" ")
         if verb == "put" and len(got) == 1:
             old = self.held.pop(name, None)
@@ -270,3 +275,23 @@ def supervise(argv: list[str], ready_fd: int | None = None, pidfile: str | None 
     """Run the daemon command ``argv`` under a supervisor (this process)
     until it unmounts; returns the exit status."""
     return Supervisor(argv, ready_fd, pidfile).run()
+
+
+def command(daemon: list[str], ready_fd: int | None, pidfile: str) -> list[str]:
+    """The command line of a supervisor that runs ``daemon``: a fresh
+    interpreter without ``site`` (a third less memory than one that loaded
+    the command line's modules), which finds this package where it is now."""
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (f"import sys; sys.path.insert(0, {pkg_parent!r}); "
+            "from vswapfs._supervisor import main; sys.exit(main(sys.argv[1:]))")
+    ready = [] if ready_fd is None else ["--ready-fd", str(ready_fd)]
+    return [sys.executable, "-P", "-S", "-c", code, "--pidfile", pidfile, *ready, "--", *daemon]
+
+
+def main(argv: list[str]) -> int:
+    """``--pidfile P [--ready-fd N] -- DAEMON...`` (see :func:`command`)."""
+    sep = argv.index("--")
+    opts, daemon = argv[:sep], argv[sep + 1:]
+    values = dict(zip(opts[::2], opts[1::2], strict=True))
+    ready = values.get("--ready-fd")
+    return supervise(daemon, int(ready) if ready is not None else None, values["--pidfile"])

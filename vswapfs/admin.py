@@ -103,7 +103,8 @@ def start_daemon(mnt: str, args: Sequence[str], timeout: float = 30.0) -> int:
     r, w = os.pipe()
     with open(log, "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", "vswapfs", "mount", mnt, *args, "--foreground", "--ready-fd", str(w)],
+            [sys.executable, "-P", "-m", "vswapfs", "mount", mnt, *args, "--foreground",
+             "--ready-fd", str(w)],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
@@ -131,7 +132,7 @@ def supervisor_pid(mnt: str) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if b"vswapfs" in b" ".join(cmdline) and canonical(mnt).encode() in cmdline else None
+    return pid if b"vswapfs._supervisor" in b" ".join(cmdline) else None
 
 
 def restart(mnt: str, timeout: float = 30.0) -> str:

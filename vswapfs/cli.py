@@ -183,7 +183,7 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     _check_mount_options(a)
     admin.check_root()
-    from ._supervisor import ENV_READY, ENV_SOCKET, Keeper, supervise
+    from ._supervisor import ENV_READY, ENV_SOCKET, Keeper, command
 
     supervised = ENV_SOCKET in os.environ
     if not supervised and not a.no_supervisor:
@@ -194,8 +194,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
         if a.ready_fd is None:
             admin.check_mountpoint(a.mountpoint)
         child = [sys.executable, "-P", "-m", "vswapfs", *_without_ready_fd(argv)]
-        os.environ.update(DAEMON_ENV)
-        return supervise(child, a.ready_fd, str(admin.supervisor_pidfile(a.mountpoint)))
+        os.execve(sys.executable, command(child, a.ready_fd, str(admin.supervisor_pidfile(a.mountpoint))),
+                  {**os.environ, **DAEMON_ENV})
     if DAEMON_ENV.items() - os.environ.items():
         # malloc's settings are read once, at start: run again with them
         os.execve(sys.executable, [sys.executable, "-P", "-m", "vswapfs", *argv],
@@ -218,8 +218,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
-    engine_fds = {k: v for k, v in inherited.items()
-                  if k in ("table", "pool", "pool.dir") or k.startswith("backing.")}
+    # the engine's fds, if a previous daemon left them (it takes the names it knows)
+    engine_fds = inherited if "table" in inherited else {}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,

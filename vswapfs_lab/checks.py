@@ -178,7 +178,7 @@ def churn(cycles: int = 50, mib: int = 48, limit_mib: int = 24) -> dict[str, obj
 
 
 def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
-                seconds: float = 180, rounds: int = 3) -> dict[str, object]:
+                seconds: float = 180, rounds: int = 3, extra: tuple[str, ...] = ()) -> dict[str, object]:
     """The daemon and a hog that needs swap in one memory cgroup.
 
     ``vswapfs up`` runs inside the cgroup, so the daemon and everything it
@@ -194,7 +194,7 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
     cg = MemCgroup(f"vswapfs-samecg-{os.getpid()}", limit_mib * MiB)
     hog = None
     try:
-        args = ["--size", "2G"] + (["--reserve", f"{reserve_mib}M"] if reserve_mib else [])
+        args = ["--size", "2G", *extra] + (["--reserve", f"{reserve_mib}M"] if reserve_mib else [])
         upped = cg.popen([sys.executable, "-m", "vswapfs", "up", mnt, *args],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         text = upped.communicate(timeout=120)[0].decode().strip()

@@ -283,7 +283,18 @@ class BackingFile:
             return  # the free clusters stay in free_clusters; the next free tries again
         del self.used[n:]
         del self.rmap[n * CLUSTER_SLOTS:]
-        linux.punch_hole(self.csum_fd, 8 * n * CLUSTER_SLOTS, 8 * (len(self.csum) - n * CLUSTER_SLOTS))
+        if n < self.max_clusters:
+            linux.punch_hole(self.csum_fd, 8 * n * CLUSTER_SLOTS, 8 * (len(self.csum) - n * CLUSTER_SLOTS))
+
+    def prefault(self, clusters: int = 2) -> None:
+        """Fault in the checksum pages of the next ``clusters`` clusters the
+        file would grow by (a page per cluster), so that growing it faults
+        no memory in on the serving path.  No lock needed: a page fault."""
+        c = len(self.used)
+        n = min(clusters, self.max_clusters - c)
+        if n > 0:
+            linux.populate(linux.buffer_address(self._csum_map) + c * CLUSTER_SLOTS * 8,
+                           n * CLUSTER_SLOTS * 8)
 
     def adopt(self, slots: dict[int, int]) -> None:
         """Rebuild the rmap and the allocator of a file taken over, from

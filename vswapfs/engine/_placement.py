@@ -30,9 +30,11 @@ from .._consts import CLUSTER_SLOTS, PAGE
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
 from ._codec import Codec
-from ._pool import CHUNK_BYTES, Pool, PoolExhausted, size_class
+from ._pool import CHUNK_BYTES, SPARE_HIGH, Pool, PoolExhausted, size_class
 from ._stats import Counters
 from ._table import CLUSTER_FOOTPRINT, Table
+from ._table import SPARE_HIGH as TABLE_SPARE_HIGH
+from ._table import SPARE_LOW as TABLE_SPARE_LOW
 
 DEFAULT_ACCEPT_THRESHOLD: Final = 90
 WRITEBACK_BATCH: Final = 256
@@ -50,11 +52,11 @@ class Placement:
     """The pool, the backing files and the policy between them."""
 
     def __init__(self, pool: Pool, codec: Codec, counters: Counters, nslots: int, *,
-                 writeback_enabled: bool = True, table_fd: int | None = None) -> None:
+                 writeback_enabled: bool = True, table_fds: tuple[int, int] | None = None) -> None:
         self.pool = pool
         self.codec = codec
         self.counters = counters
-        self.table = Table(self.release, counters, nslots, table_fd)
+        self.table = Table(self.release, counters, nslots, table_fds, dynamic=pool.dynamic)
         # a backing file's most pages: every slot once, plus what a reader's
         # quarantine and a write in flight may hold besides
         self.max_backing_slots = 2 * nslots + 2 * CLUSTER_SLOTS
@@ -173,6 +175,9 @@ class Placement:
         docstring for the policy).  All or nothing: whatever was stored
         before a failure is released."""
         self.short_of_spares = False
+        if not self.table.ready(self.table.new_clusters(first, len(pages))):
+            self.short_of_spares = True  # a new cluster needs a page faulted in beforehand
+            raise NoSpaceError("no spare table page is ready for a new cluster")
         words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
         self.counters.reject_compress_poor += len(poor)
@@ -376,18 +381,29 @@ class Placement:
         without it.  Writers waiting on ``added`` are woken."""
         with added:
             offs = self.pool.refill_wanted(mark)
-        if not offs:
+            pages = self.table.refill_wanted(TABLE_SPARE_HIGH if mark >= SPARE_HIGH else TABLE_SPARE_LOW)
+            files = [bf for bf in self.backing if bf is not None]
+        if not offs and not pages and not files:
             return 0
+        for bf in files:  # the checksums of the next clusters a file grows by
+            bf.prefault()
+        try:
+            self.table.fault_in(pages)
+        except OSError:
+            with added:
+                self.table.give_back(pages)
+            pages = []
         try:
             self.pool.fault_in(offs)
         except PoolExhausted:
             with added:
                 self.pool.give_back_slots(offs)
-            return 0
+            offs = []
         with added:
             self.pool.add_spare(offs)
+            self.table.add_spare(pages)
             added.notify_all()
-        return len(offs) * CHUNK_BYTES
+        return len(offs) * CHUNK_BYTES + len(pages) * PAGE
 
     # -- state -----------------------------------------------------------------
 
@@ -467,7 +483,7 @@ class Placement:
 
     def fds(self) -> dict[str, int]:
         """Every fd a new process needs to take the space over, by name."""
-        out = {"table": self.table.fd, **self.pool.fds}
+        out = {**self.table.fds, **self.pool.fds}
         for bf in self.backing:
             if bf is not None:
                 out.update(bf.fds)

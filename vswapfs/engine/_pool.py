@@ -143,6 +143,7 @@ class Pool:
         self._dir_map = mmap.mmap(self.dir_fd, 8 * self._slots)
         # arena slot -> (chunk number << DIR_NO_SHIFT) | (class index + 1); 0: not a chunk
         self._dir = memoryview(self._dir_map).cast("Q")
+        self._dir_base = linux.buffer_address(self._dir_map)
         self._next_slot = 0  # slots below this have been used at least once
         self._free_slots = array("Q")  # offsets of slots below _next_slot not in use (holes)
         self._spare = array("Q")  # offsets of faulted-in slots not in use
@@ -197,6 +198,8 @@ class Pool:
         PoolExhausted if the kernel has no memory for them."""
         for off in offs:
             self._populate(off)
+            # and the directory's page that names it, which a new chunk writes
+            linux.populate(self._dir_base + (off // CHUNK_BYTES * 8 // _PAGE * _PAGE), _PAGE)
 
     def _populate(self, off: int) -> None:
         try:
@@ -483,7 +486,8 @@ class Pool:
             self._next_slot = self._slots
         else:
             self._free_slots.extend(s * CHUNK_BYTES for s in holes)
-            self._punch(self._next_slot * CHUNK_BYTES, self.capacity - self._next_slot * CHUNK_BYTES)
+            if self._next_slot < self._slots:
+                self._punch(self._next_slot * CHUNK_BYTES, self.capacity - self._next_slot * CHUNK_BYTES)
             for s in holes:
                 self._punch(s * CHUNK_BYTES)
         return [(c, no * self._classes[c].per_chunk + k) for (c, no), ks in objects.items()

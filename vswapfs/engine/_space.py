@@ -139,7 +139,7 @@ class SwapSpace:
                     fds=(fds["pool"], fds["pool.dir"]) if fds is not None else None)
         self._place = Placement(pool, self._codec, self.counters, self.nslots,
                                 writeback_enabled=writeback_enabled,
-                                table_fd=fds["table"] if fds is not None else None)
+                                table_fds=(fds["table"], fds["table.owners"]) if fds is not None else None)
         self._table = self._place.table
         self._pool = self._place.pool
         if self._pool.reserve and not pool_limit:
@@ -459,6 +459,7 @@ class SwapSpace:
                 bf.release_buffers()
                 bf.tidy()
             self._pool.shed()
+            self._table.shed()
 
     # -- state ---------------------------------------------------------------
 

@@ -28,7 +28,7 @@ COUNTERS: Final[dict[str, str]] = {
     "clusters_freed": "virtual clusters dropped after their last slot was freed",
     "evacuated_pages": "pages moved out of a backing file being removed",
     "recovered_pages": "pages this process took over from the tables of a daemon that died or was restarted",
-    "recovery_lost_pages": "table words at takeover whose data was gone (cleared; never seen: a bug if not 0)",
+    "recovery_lost_pages": "table words at takeover whose data was gone (cleared; a bug if not 0)",
 }
 
 # Gauges: the state now.

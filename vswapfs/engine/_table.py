@@ -5,22 +5,35 @@ one of its slots holds data: it is created by the first word stored in it
 and dropped when its last slot is freed, so unused capacity costs nothing
 (a dict keyed by cluster index plays the kernel's xarray).  Each
 cluster's ``table`` is one 64-bit entry word per slot (see ``_entry``),
-8 bytes a slot: one 4 KiB page of a sparse memfd that spans the whole
-space, so a cluster's words cost a page of memory only while it exists
-(dropping it punches the page out) and they outlive the process that
-wrote them: a new daemon maps the same memfd again (see ``_recover``).
+8 bytes a slot: one 4 KiB page.
+
+**Pages that outlive the process, and are ready before they are needed.**
+The pages live in a memfd, the *table arena*, with a small second memfd,
+the *owners*, that says which cluster each page of the arena holds (8
+bytes a page, faulted in whole at start: 8 bytes per 2 MiB of space).  A
+new daemon maps both again and finds every cluster (:meth:`Table.adopt`).
+A new cluster takes a page from a list of *spares*, faulted in beforehand
+(:meth:`Table.refill_wanted` and the housekeeping thread, as for the pool's
+chunks), because a thread that serves the kernel must not fault memory in
+(see ``_daemon``); a dropped cluster's page, zeroed, becomes a spare again,
+or is punched out beyond the spare list's mark.  ``dynamic`` False (a
+library user, a reserve): a page is faulted in on the spot when no spare
+is left.
 
 Crash order.  A word is the commit point of everything it points at: the
 data is stored first, then the word (one aligned 8-byte store), and what
-the old word pointed at is released only after.  A process killed at any
-instruction leaves every word pointing at data that is whole.
+the old word pointed at is released only after.  A cluster's owner entry
+is written before its first word and cleared before what its words held
+is released.  A process killed at any instruction leaves every word that
+an owner entry makes visible pointing at data that is whole.
 
 The dict's order is the writeback LRU: a cluster written to moves to the
 young end (:meth:`Table.touch`), writeback starts at the old end.
 
 The table does not own the backends: replacing or freeing a word calls
 the ``release`` function it was made with, which frees what the word
-pointed at.  Every method runs with the engine lock held.
+pointed at.  Every method runs with the engine lock held, except
+:meth:`fault_in`.
 """
 
 from __future__ import annotations
@@ -38,46 +51,143 @@ from . import _inject
 from ._stats import Counters
 
 TABLE_PAGE: Final = 8 * CLUSTER_SLOTS  # bytes of one cluster's words: one 4 KiB page
+SPARE_LOW: Final = 8  # dynamic mode: spare pages kept while idle
+SPARE_HIGH: Final = 64  # dynamic mode: spare pages refilled to while busy (128 MiB of new space)
+_ZERO_PAGE: Final = memoryview(bytes(TABLE_PAGE)).cast("Q")
+
+
+class TableExhausted(MemoryError):
+    """No spare page is ready for a new cluster (dynamic mode)."""
 
 
 class Cluster:
     """A dynamic cluster: its virtual_table and how many slots are in use."""
 
-    __slots__ = ("table", "used", "pool")
+    __slots__ = ("table", "page", "used", "pool")
 
-    def __init__(self, table: memoryview) -> None:
-        self.table = table  # the virtual_table, 8 bytes a slot, in the table memfd
+    def __init__(self, table: memoryview, page: int) -> None:
+        self.table = table  # the virtual_table, 8 bytes a slot, in the table arena
+        self.page = page  # which page of the arena
         self.used = 0  # slots whose word is not NONE
         self.pool = 0  # slots whose word is POOL (writeback skips clusters at 0)
 
 
 # Bytes one live cluster costs: its page of words, the object, its view and its dict entry.
-CLUSTER_FOOTPRINT: Final = (TABLE_PAGE + sys.getsizeof(Cluster(memoryview(b""))) + 200 + 3 * 8)
-
-
-def table_bytes(nslots: int) -> int:
-    """Size of the table memfd of a space of ``nslots`` slots."""
-    return -(-nslots // CLUSTER_SLOTS) * TABLE_PAGE
+CLUSTER_FOOTPRINT: Final = (TABLE_PAGE + sys.getsizeof(Cluster(memoryview(b""), 0)) + 200 + 3 * 8)
 
 
 class Table:
     """Every live cluster, and the per-backend gauges kept from their words."""
 
     def __init__(self, release: Callable[[int], None], counters: Counters, nslots: int,
-                 fd: int | None = None) -> None:
-        """A table for ``nslots`` slots in a new memfd, or, given ``fd``, in
-        that one as a previous process left it (then :meth:`adopt` its clusters)."""
-        if fd is None:
-            fd = os.memfd_create("vswapfs-table", os.MFD_CLOEXEC)
-            os.ftruncate(fd, table_bytes(nslots))
-        self.fd = fd  # the memfd the words live in
-        self._map = mmap.mmap(fd, table_bytes(nslots))
-        self._words = memoryview(self._map).cast("Q")  # every slot's word, 0 where no cluster
+                 fds: tuple[int, int] | None = None, *, dynamic: bool = False) -> None:
+        """A table for ``nslots`` slots in new memfds, or, given ``fds``
+        (arena, owners), in those as a previous process left them (then
+        :meth:`adopt` its clusters)."""
+        self.npages = -(-nslots // CLUSTER_SLOTS)  # at most one page per cluster
+        if fds is None:
+            fds = (os.memfd_create("vswapfs-table", os.MFD_CLOEXEC),
+                   os.memfd_create("vswapfs-table-owners", os.MFD_CLOEXEC))
+            os.ftruncate(fds[0], self.npages * TABLE_PAGE)
+            os.ftruncate(fds[1], self.npages * 8)
+        self.fd, self.owners_fd = fds  # the arena, the owners
+        self.dynamic = dynamic
+        self._map = mmap.mmap(self.fd, self.npages * TABLE_PAGE)
+        self._base = linux.buffer_address(self._map)
+        self._words = memoryview(self._map).cast("Q")
+        self._owner_map = mmap.mmap(self.owners_fd, self.npages * 8)
+        linux.populate(linux.buffer_address(self._owner_map), self.npages * 8)
+        self._owner = memoryview(self._owner_map).cast("Q")  # page -> cluster index + 1, 0: free
+        self._spare: list[int] = []  # pages faulted in, zero, owned by no cluster
+        self._holes: list[int] = []  # pages below _next_page owned by nothing, not faulted in
+        self._next_page = 0  # pages from here on were never used
         self.clusters: dict[int, Cluster] = {}  # cluster index -> cluster, oldest write first
         self.tag_pages = [0, 0, 0, 0]  # slots per backend, indexed by tag
         self.huge_pages = 0  # POOL pages kept raw (4096 bytes)
         self._release = release  # frees what a word points at; never raises
         self._counters = counters
+
+    @property
+    def fds(self) -> dict[str, int]:
+        """The memfds the table lives in, by name."""
+        return {"table": self.fd, "table.owners": self.owners_fd}
+
+    # -- pages ------------------------------------------------------------
+
+    def _take_pages(self, n: int) -> list[int]:
+        out: list[int] = []
+        while self._holes and len(out) < n:
+            out.append(self._holes.pop())
+        while len(out) < n and self._next_page < self.npages:
+            out.append(self._next_page)
+            self._next_page += 1
+        return out
+
+    def refill_wanted(self, mark: int = SPARE_HIGH) -> list[int]:
+        """Pages to fault in so that the spares reach ``mark`` (dynamic
+        mode); fault them in with :meth:`fault_in` without the lock, then
+        :meth:`add_spare`."""
+        if not self.dynamic or len(self._spare) >= mark * 3 // 4:
+            return []
+        return self._take_pages(mark - len(self._spare))
+
+    def fault_in(self, pages: list[int]) -> None:
+        """Fault pages in (no lock needed: they belong to no one yet)."""
+        for p in pages:
+            linux.populate(self._base + p * TABLE_PAGE, TABLE_PAGE)
+
+    def add_spare(self, pages: list[int]) -> None:
+        self._spare.extend(pages)
+
+    def give_back(self, pages: list[int]) -> None:
+        """Pages from :meth:`refill_wanted` that could not be faulted in."""
+        for p in pages:
+            self._punch(p)
+
+    def shed(self, keep: int = SPARE_LOW) -> None:
+        """Give spare pages beyond ``keep`` back (when idle)."""
+        while len(self._spare) > keep:
+            self._punch(self._spare.pop())
+
+    def new_clusters(self, first: int, count: int) -> int:
+        """How many clusters storing slots ``first .. first+count-1`` creates."""
+        return sum(1 for ci in range(first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS + 1)
+                   if ci not in self.clusters)
+
+    def ready(self, n: int) -> bool:
+        """True if ``n`` new clusters get a page without faulting memory in."""
+        return not self.dynamic or n <= len(self._spare)
+
+    def _new_cluster(self, ci: int) -> Cluster:
+        if self._spare:
+            page = self._spare.pop()
+        else:
+            if self.dynamic:
+                raise TableExhausted("no spare table page is ready (the refill is behind)")
+            pages = self._take_pages(1)
+            if not pages:
+                raise TableExhausted("the table arena is full")  # one page per cluster: never
+            page = pages[0]
+        self._owner[page] = ci + 1  # before its first word: the page now names the cluster
+        return Cluster(self._words[page * CLUSTER_SLOTS:(page + 1) * CLUSTER_SLOTS], page)
+
+    def _retire(self, cl: Cluster, clear: bool) -> None:
+        """Give a dropped cluster's page back: zeroed, as a spare, or punched."""
+        if len(self._spare) < SPARE_HIGH and (self.dynamic or not clear):
+            if clear:
+                cl.table[:] = _ZERO_PAGE
+            self._spare.append(cl.page)
+        else:
+            self._punch(cl.page)
+
+    def _punch(self, page: int) -> None:
+        try:
+            linux.punch_hole(self.fd, page * TABLE_PAGE, TABLE_PAGE)
+        except OSError:  # shmem always can; if not, zero it: the page stays until reused
+            self._words[page * CLUSTER_SLOTS:(page + 1) * CLUSTER_SLOTS] = _ZERO_PAGE
+        self._holes.append(page)
+
+    # -- words ------------------------------------------------------------
 
     def word(self, slot: int) -> int:
         """The word of ``slot`` (0, NONE, if its cluster does not exist)."""
@@ -98,7 +208,7 @@ class Table:
         if cl is None:
             if not word:
                 return
-            cl = self.clusters[ci] = self._cluster(ci)
+            cl = self.clusters[ci] = self._new_cluster(ci)
             self._counters.clusters_created += 1
         old = cl.table[idx]
         cl.table[idx] = word  # the commit point: the data is in place, the old still whole
@@ -115,7 +225,8 @@ class Table:
             cl.pool += (word & E.TAG_MASK) == E.POOL
         elif not cl.used:
             del self.clusters[ci]
-            self._punch(ci)
+            self._owner[cl.page] = 0
+            self._retire(cl, clear=False)  # every word is 0 already
             self._counters.clusters_freed += 1
 
     def forget(self, slot: int, word: int) -> None:
@@ -128,18 +239,8 @@ class Table:
         cl.pool -= (word & E.TAG_MASK) == E.POOL
         if not cl.used:
             del self.clusters[ci]
-            self._punch(ci)
-
-    def _cluster(self, ci: int) -> Cluster:
-        return Cluster(self._words[ci * CLUSTER_SLOTS:(ci + 1) * CLUSTER_SLOTS])
-
-    def _punch(self, ci: int) -> None:
-        """Give a dropped cluster's page of words back (they read as 0)."""
-        try:
-            linux.punch_hole(self.fd, ci * TABLE_PAGE, TABLE_PAGE)
-        except OSError:  # shmem always can; if not, zeros cost the page until reused
-            self._words[ci * CLUSTER_SLOTS:(ci + 1) * CLUSTER_SLOTS] = memoryview(
-                bytes(TABLE_PAGE)).cast("Q")
+            self._owner[cl.page] = 0
+            self._retire(cl, clear=False)
 
     def touch(self, first: int, count: int) -> None:
         """Move the clusters of slots ``first .. first+count-1`` to the
@@ -181,7 +282,7 @@ class Table:
         huge = 0
         words = cl.table.tolist()
         del self.clusters[ci]
-        self._punch(ci)  # every word 0 at once, before anything they held is released
+        self._owner[cl.page] = 0  # the whole cluster is gone at once, before what it held
         if _inject.armed:
             _inject.point("table.drop")
         for w in words:
@@ -193,6 +294,7 @@ class Table:
         for t, n in enumerate(per_tag):
             self.tag_pages[t] -= n
         self.huge_pages -= huge
+        self._retire(cl, clear=True)
         self._counters.clusters_freed += 1
         return cl.used
 
@@ -234,34 +336,36 @@ class Table:
         return bad
 
     def adopt(self) -> Iterator[tuple[int, int]]:
-        """Take over the clusters a previous process left in the memfd:
-        yields every (slot, word) that holds data, oldest cluster first
-        by index, and rebuilds the gauges.  Pages of words that are all 0
-        (a process killed between the last free and the punch) are
-        punched now."""
-        size = len(self._words) * 8
-        off = 0
-        while off < size:
-            try:
-                off = os.lseek(self.fd, off, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after off
-                break
-            end = os.lseek(self.fd, off, os.SEEK_HOLE)
-            for ci in range(off // TABLE_PAGE, -(-end // TABLE_PAGE)):
-                cl = self._cluster(ci)
-                words = cl.table.tolist()
-                if not any(words):
-                    self._punch(ci)
-                    continue
-                self.clusters[ci] = cl
-                base = ci * CLUSTER_SLOTS
-                for idx, w in enumerate(words):
-                    if w:
-                        cl.used += 1
-                        cl.pool += (w & E.TAG_MASK) == E.POOL
-                        self._account(w, 1)
-                        yield base + idx, w
-            off = end
+        """Take over the clusters a previous process left: yields every
+        (slot, word) that holds data, by cluster index, and rebuilds the
+        gauges and the page lists.  A page whose owner entry is set but
+        whose words are all 0 (a process killed between the last free and
+        the owner's clear), or that names a cluster another page holds, is
+        given back."""
+        owned = sorted((ci - 1, p) for p, ci in enumerate(self._owner.tolist()) if ci)
+        used: set[int] = set()
+        for ci, p in owned:
+            cl = Cluster(self._words[p * CLUSTER_SLOTS:(p + 1) * CLUSTER_SLOTS], p)
+            words = cl.table.tolist()
+            if ci in self.clusters or ci >= self.npages or not any(words):
+                self._owner[p] = 0
+                continue
+            self.clusters[ci] = cl
+            used.add(p)
+            base = ci * CLUSTER_SLOTS
+            for idx, w in enumerate(words):
+                if w:
+                    cl.used += 1
+                    cl.pool += (w & E.TAG_MASK) == E.POOL
+                    self._account(w, 1)
+                    yield base + idx, w
+        self._next_page = max(used) + 1 if used else 0
+        if self._next_page < self.npages:
+            linux.punch_hole(self.fd, self._next_page * TABLE_PAGE,
+                             (self.npages - self._next_page) * TABLE_PAGE)
+        for p in range(self._next_page):
+            if p not in used:
+                self._punch(p)
 
     def clear(self) -> None:
         """Forget every cluster without releasing anything (at close), and
@@ -270,7 +374,8 @@ class Table:
         self.tag_pages = [0, 0, 0, 0]
         self.huge_pages = 0
         if self.fd >= 0:
-            linux.punch_hole(self.fd, 0, len(self._words) * 8)
+            linux.punch_hole(self.fd, 0, self.npages * TABLE_PAGE)
+            linux.punch_hole(self.owners_fd, 0, self.npages * 8)
 
     def close(self) -> None:
         """Unmap the words and close the memfd (after :meth:`clear`, or to
@@ -279,7 +384,10 @@ class Table:
         try:
             self._words.release()
             self._map.close()
+            self._owner.release()
+            self._owner_map.close()
         except BufferError:  # a view is still held somewhere: the GC unmaps it
             pass
         os.close(self.fd)
-        self.fd = -1
+        os.close(self.owners_fd)
+        self.fd = self.owners_fd = -1
