@@ -74,6 +74,7 @@ class Placement:
         self.writeback_enabled = writeback_enabled
         self.pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
         self.short_of_spares = False  # the last commit found no chunk ready (dynamic mode), not the limit
+        self.refill_stuck = False  # a write's wait for spares timed out; cleared by the next refill
 
     # -- freeing -------------------------------------------------------------
 
@@ -402,6 +403,8 @@ class Placement:
         with added:
             self.pool.add_spare(offs)
             self.table.add_spare(pages)
+            if offs or pages:
+                self.refill_stuck = False
             added.notify_all()
         return len(offs) * CHUNK_BYTES + len(pages) * PAGE
 

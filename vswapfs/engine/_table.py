@@ -51,8 +51,12 @@ from . import _inject
 from ._stats import Counters
 
 TABLE_PAGE: Final = 8 * CLUSTER_SLOTS  # bytes of one cluster's words: one 4 KiB page
-SPARE_LOW: Final = 8  # dynamic mode: spare pages kept while idle
-SPARE_HIGH: Final = 64  # dynamic mode: spare pages refilled to while busy (128 MiB of new space)
+# Dynamic mode: spare pages kept while idle (256 KiB, for 128 MiB of new clusters), and
+# refilled to while busy (4 MiB, for 2 GiB): under memory pressure housekeeping may wait
+# on reclaim for seconds, and every write that finds no page for its new cluster waits
+# and is refused meanwhile (a cluster's words used to come from the heap's headroom)
+SPARE_LOW: Final = 64
+SPARE_HIGH: Final = 1024
 _ZERO_PAGE: Final = memoryview(bytes(TABLE_PAGE)).cast("Q")
 
 
