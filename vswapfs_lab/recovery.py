@@ -11,7 +11,10 @@ Brings vswapfs up on a temporary mount point, then:
 
 A stall is the time from the kill (or the restart's signal) to the first
 request a new daemon answers: a read of ``control/pid`` sent right after
-the kill waits in the kernel's queue until then.  Prints each, their
+the kill waits in the kernel's queue until then.  Kills are more than
+YOUNG_S apart: a daemon that dies sooner after its start makes the
+supervisor pause before the next (a crash loop's back-off), which is not
+the stall of one crash.  Prints each, their
 medians, the pages taken over, the supervisor's memory (VmRSS, VmLck) and
 a last JSON line; exits 1 if the hog found a bad page.  Tears everything
 down, also on failure.
@@ -31,6 +34,7 @@ import tempfile
 import time
 
 from vswapfs import admin, linux
+from vswapfs._supervisor import YOUNG_S
 from vswapfs._units import parse_size
 from vswapfs.cgroup import MemCgroup
 
@@ -76,17 +80,17 @@ def main() -> int:
         with admin.swap_up(mnt, ["--size", a.size]):
             sup = admin.supervisor_pid(mnt)
             for _ in range(a.kills):
+                time.sleep(YOUNG_S + 0.5)
                 rows["idle"].append(_stall(mnt, "kill"))
-                time.sleep(0.5)
             with MemCgroup("vswapfs-recovery-bench", parse_size(a.limit)) as cg:
                 hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(a.mib),
-                                "--pattern", "mix", "--duration", str(8 + 3 * a.kills)],
+                                "--pattern", "mix", "--duration", str(10 + 13 * a.kills)],
                                stdout=subprocess.PIPE)
                 time.sleep(4)
                 for i in range(2 * a.kills):
+                    time.sleep(YOUNG_S + 0.5 + rng.random())
                     rows["loaded" if i % 2 == 0 else "restart"].append(
                         _stall(mnt, "kill" if i % 2 == 0 else "hup"))
-                    time.sleep(0.5 + rng.random())
                 out, _ = hog.communicate(timeout=900)
                 result = json.loads(out.decode().strip().splitlines()[-1])
                 bad = int(result["bad"]) + (hog.returncode != 0)
