@@ -596,7 +596,8 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     housekeeping's ``replenish`` brings them (then it is stored) or for at
     most SPARE_WAIT_S (then it is refused): a burst is not refused for a
     few milliseconds of faulting, and a housekeeper that cannot fault
-    cannot hang a write."""
+    cannot hang a write.  After a wait that came to nothing, writes short
+    of spares are refused at once until housekeeping brings some."""
     import time
 
     from vswapfs.engine._space import SPARE_WAIT_S

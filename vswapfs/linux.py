@@ -183,7 +183,7 @@ _libc.free.argtypes = [ctypes.c_void_p]
 
 def grow_heap(nbytes: int) -> None:
     """Fault ``nbytes`` into the malloc heap and free them again.  With
-    trimming off (see ``_daemon.DAEMON_ENV``) the heap keeps them, so later
+    trimming off (see ``_consts.DAEMON_ENV``) the heap keeps them, so later
     allocations up to that size fault nothing in."""
     p = _libc.malloc(nbytes)
     if not p:
