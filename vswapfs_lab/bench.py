@@ -156,6 +156,7 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
         values = zswap.wanted(None, zswap_pool_percent, zswap_shrinker) if front else None
         admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
         st["pid"] = admin.daemon_pid(mnt)
+        st["sup"] = admin.supervisor_pid(mnt) or 0
 
     def down() -> None:
         mnt = str(st.pop("mnt"))
@@ -167,7 +168,11 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
         return data + (meminfo("Zswapped") if front else 0)
 
     def memory() -> int:
-        return rss(int(st["pid"])) + (meminfo("Zswap") if front else 0)
+        # the daemon, and what its supervisor holds of its own (its interpreter's
+        # file pages are the daemon's too)
+        sup = int(st.get("sup") or 0)
+        own = linux.process_status(sup, "RssAnon") * 1024 if sup else 0
+        return rss(int(st["pid"])) + own + (meminfo("Zswap") if front else 0)
 
     def served() -> dict[str, tuple[int, int, int]]:
         return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
