@@ -176,7 +176,7 @@ class Placement:
         docstring for the policy).  All or nothing: whatever was stored
         before a failure is released."""
         self.short_of_spares = False
-        if not self.table.ready(self.table.new_clusters(first, len(pages))):
+        if not self.table.ready(first, len(pages)):
             self.short_of_spares = True  # a new cluster needs a page faulted in beforehand
             raise NoSpaceError("no spare table page is ready for a new cluster")
         words = [w for w, _ in encoded]

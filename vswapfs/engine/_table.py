@@ -153,14 +153,13 @@ class Table:
         while len(self._spare) > keep:
             self._punch(self._spare.pop())
 
-    def new_clusters(self, first: int, count: int) -> int:
-        """How many clusters storing slots ``first .. first+count-1`` creates."""
-        return sum(1 for ci in range(first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS + 1)
-                   if ci not in self.clusters)
-
-    def ready(self, n: int) -> bool:
-        """True if ``n`` new clusters get a page without faulting memory in."""
-        return not self.dynamic or n <= len(self._spare)
+    def ready(self, first: int, count: int) -> bool:
+        """True if storing slots ``first .. first+count-1`` gets a page for
+        every cluster it creates without faulting memory in."""
+        span = range(first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS + 1)
+        if not self.dynamic or len(self._spare) >= len(span):  # the usual case: no counting
+            return True
+        return sum(1 for ci in span if ci not in self.clusters) <= len(self._spare)
 
     def _new_cluster(self, ci: int) -> Cluster:
         if self._spare:
@@ -176,8 +175,9 @@ class Table:
         return Cluster(self._words[page * CLUSTER_SLOTS:(page + 1) * CLUSTER_SLOTS], page)
 
     def _retire(self, cl: Cluster, clear: bool) -> None:
-        """Give a dropped cluster's page back: zeroed, as a spare, or punched."""
-        if len(self._spare) < SPARE_HIGH and (self.dynamic or not clear):
+        """Give a dropped cluster's page back: zeroed (``clear``: its words
+        are not all 0 yet), as a spare, or punched beyond the spare mark."""
+        if len(self._spare) < SPARE_HIGH:
             if clear:
                 cl.table[:] = _ZERO_PAGE
             self._spare.append(cl.page)
