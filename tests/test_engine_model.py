@@ -2,8 +2,8 @@
 
 Small limits (a 256 KiB pool, files that come and go) push every path:
 same-filled, compressed and raw pages, automatic and on-demand writeback,
-evacuation to another file or into the pool, compaction and refusal at the
-limit.  Faults are injected at every allocation and I/O point the engine
+evacuation to another file or into the pool, compaction, recompression
+and refusal at the limit.  Faults are injected at every allocation and I/O point the engine
 has (``_inject``), with every errno it can meet: an operation that fails
 must leave the space as it was, and any difference from the model is a
 bug.  After every step the engine's own consistency check
@@ -38,10 +38,13 @@ def page_of(kind: str, seed: int) -> bytes:
         return (seed * 0x9E3779B97F4A7C15 % (1 << 64)).to_bytes(8, "little") * (PAGE // 8)
     if kind == "text":
         return (b"page %d of the model; " % seed * 300)[:PAGE]
+    if kind == "words":  # denser at the level than at the first level: recompression moves it
+        rng = random.Random(seed)
+        return b" ".join(b"w%d" % rng.randrange(300) for _ in range(1200))[:PAGE]
     return os.urandom(PAGE)
 
 
-kinds = st.sampled_from(["zero", "same", "text", "random"])
+kinds = st.sampled_from(["zero", "same", "text", "words", "random"])
 
 
 class SpaceModel(RuleBasedStateMachine):
@@ -175,6 +178,10 @@ class SpaceModel(RuleBasedStateMachine):
     def compact(self) -> None:
         self.space.compact()
 
+    @rule()
+    def recompress(self) -> None:
+        self.space.recompress()
+
     @rule(enabled=st.booleans())
     def toggle_writeback(self, enabled: bool) -> None:
         self.space.configure(writeback_enabled=enabled)
@@ -239,7 +246,7 @@ def _owner(space: SwapSpace, first: int, slots: int, seed: int, steps: int, erro
 
 def _mover(space: SwapSpace, workdir: str, seed: int, stop: threading.Event, errors: list[str]) -> None:
     """Move pages between backends under the owners' feet: writeback,
-    compaction, a backing file added and evacuated now and then."""
+    compaction, recompression, a backing file added and evacuated now and then."""
     rng = random.Random(seed)
     n = 0
     try:
@@ -250,8 +257,10 @@ def _mover(space: SwapSpace, workdir: str, seed: int, stop: threading.Event, err
                     space.writeback(rng.choice([None, 16, 200]))
                 except OSError:
                     pass  # no backing file right now
-            elif op < 0.6:
+            elif op < 0.5:
                 space.compact()
+            elif op < 0.6:
+                space.recompress()
             elif op < 0.8 and len(space.backing_files()) < 3:
                 n += 1
                 space.add_backing(os.path.join(workdir, f"m{seed}-{n}"))

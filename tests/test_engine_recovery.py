@@ -48,6 +48,8 @@ def page_of(rng: random.Random, kind: str) -> bytes:
         return rng.getrandbits(64).to_bytes(8, "little") * (PAGE // 8)
     if kind == "text":
         return (b"page %d of the recovery model; " % rng.getrandbits(20) * 200)[:PAGE]
+    if kind == "words":  # what recompression makes denser
+        return b" ".join(b"w%d" % rng.randrange(300) for _ in range(1200))[:PAGE]
     return rng.randbytes(PAGE)
 
 
@@ -135,12 +137,12 @@ def test_crash_at_every_step_recovers_every_page(seed: int, monkeypatch: pytest.
     try:
         for _ in range(24):
             op = rng.choice(["write", "write", "write", "discard", "writeback", "compact",
-                             "rewrite"])
+                             "rewrite", "recompress"])
             if op in ("write", "rewrite"):
                 # a few hot spots, so that writes replace pages and free what they held
                 first = rng.choice([0, 512, 1024]) + rng.randrange(24)
                 n = rng.randint(1, 8)
-                kinds = ["zero", "same", "text", "text", "random"]
+                kinds = ["zero", "same", "text", "words", "words", "random"]
                 data = b"".join(page_of(rng, rng.choice(kinds)) for _ in range(n))
                 touched = range(first, first + n)
                 new = bytearray(model)
@@ -165,6 +167,8 @@ def test_crash_at_every_step_recovers_every_page(seed: int, monkeypatch: pytest.
                 def do(op: str = op) -> None:
                     if op == "writeback":
                         space.writeback(rng.randint(1, 40))
+                    elif op == "recompress":
+                        space.recompress()
                     else:
                         space.compact()
 

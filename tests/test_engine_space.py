@@ -636,3 +636,88 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     assert s.read(0, PAGE) == text_page(0)
     assert s.stats()["failed_writes"] == 2 and s.check() == []
     s.close()
+
+
+_WORDS = b"the of and to in is swap page kernel memory cluster slot table pool daemon zstd".split()
+
+
+def _text(i: int) -> bytes:
+    """Text that zstd's level 1 packs a fifth denser than its level -1."""
+    r = random.Random(i)
+    return b" ".join(r.choice(_WORDS) + b"%d" % r.randrange(100) for _ in range(900))[:PAGE]
+
+
+def test_recompression_makes_first_level_pages_denser_and_keeps_them() -> None:
+    space = SwapSpace(8 * MiB)  # defaults: stored at level -1, recompressed to 1
+    assert (space.first_level, space.level) == (-1, 1)
+    pages = [_text(i) if i % 3 else os.urandom(PAGE) for i in range(600)]  # two clusters
+    space.write(0, b"".join(pages))
+    before = space.stats()
+    looked = 0
+    while n := space.recompress():
+        looked += n
+    after = space.stats()
+    text = sum(1 for i in range(600) if i % 3)
+    assert looked == text  # raw (random) pages are not looked at
+    assert 0 < after["recompressed_pages"] <= text
+    assert after["compr_data_size"] == before["compr_data_size"] - after["recompress_saved_bytes"]
+    assert after["recompress_saved_bytes"] > 0
+    assert space.read(0, 600 * PAGE) == b"".join(pages)
+    assert space.check() == []
+    assert space.recompress() == 0  # nothing written since: nothing to look at
+    space.write(5 * PAGE, _text(9999))  # a write marks its page again
+    assert space.recompress() == 1
+
+
+def test_recompression_is_off_with_one_level_or_lz4() -> None:
+    for space in (SwapSpace(4 * MiB, first_level=1), SwapSpace(4 * MiB, first_level=None),
+                  SwapSpace(4 * MiB, codec="lz4")):
+        space.write(0, b"".join(_text(i) for i in range(10)))
+        assert space.recompress() == 0 and space.first_level == space.level
+
+
+def test_first_level_is_never_denser_than_the_level_and_is_checked() -> None:
+    space = SwapSpace(4 * MiB)
+    space.configure(level=-5)
+    assert space.first_level == -5  # the final level is faster: one step
+    space.configure(level=3)
+    assert space.first_level == -1
+    with pytest.raises(ValueError):
+        space.configure(first_level=0)
+    with pytest.raises(ValueError):
+        SwapSpace(4 * MiB, first_level=-1000)
+
+
+def test_a_page_rewritten_while_it_was_recompressed_keeps_the_new_data() -> None:
+    space = SwapSpace(4 * MiB)
+    space.write(0, b"".join(_text(i) for i in range(8)))
+    codec = space._codec
+    real = codec.recompress
+
+    def rewrite_first(blob: bytes) -> bytes | None:
+        # another thread writes while the lock is not held; runs once
+        if space.read(3 * PAGE, PAGE) == _text(3):
+            space.write(3 * PAGE, _text(333))
+        return real(blob)
+
+    codec.recompress = rewrite_first  # type: ignore[method-assign]
+    while space.recompress():
+        pass
+    codec.recompress = real  # type: ignore[method-assign]
+    assert space.read(3 * PAGE, PAGE) == _text(333)
+    assert space.read(0, 3 * PAGE) == b"".join(_text(i) for i in range(3))
+    assert space.check() == []
+
+
+def test_settle_skips_a_word_whose_object_now_holds_other_bytes() -> None:
+    """The same word can come back (a freed object reused for a page of the
+    same length): the bytes decide, not the word."""
+    space = SwapSpace(4 * MiB)
+    space.write(0, _text(1))
+    word = space.entry(0)
+    dense = space._codec.recompress(space._pool.load(E.pool_object(word), E.pool_length(word)))
+    assert dense is not None
+    with space._lock:
+        assert space._place.settle([(0, word, b"not what the pool holds")], [dense])
+    assert space.entry(0) == word and space.read(0, PAGE) == _text(1)
+    assert space.stats()["recompressed_pages"] == 0

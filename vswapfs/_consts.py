@@ -16,6 +16,9 @@ MiB: Final = 1 << 20
 SERVING_THREAD: Final = "vswapfs-serve"  # the daemon's channel threads' name (comm), for ps and the checks
 CODECS: Final = ("zstd", "lz4")  # zstd for the ratio, lz4 for speed (zram's comp_algorithm)
 DEFAULT_CODEC: Final = "zstd"
+DEFAULT_LEVEL: Final = 1  # the zstd level pages end up at
+DEFAULT_FIRST_LEVEL: Final = -1  # the zstd level a page is stored at first, until recompressed
+ZSTD_LEVELS: Final = (-100, 22)  # the levels accepted (0 is not one): zstd's fast ones to its max
 VERSION: Final = "0.2.0"  # the package's version, as control/version reports it
 # The environment every daemon runs in: every Python object from glibc
 # malloc, one arena, no mmap'd blocks and no trimming on free, so memory

@@ -134,6 +134,10 @@ def _set_level(space: SwapSpace, text: str) -> None:
     space.configure(level=_int(text, "compression_level"))
 
 
+def _set_first_level(space: SwapSpace, text: str) -> None:
+    space.configure(first_level=_int(text, "first_compression_level"))
+
+
 def _set_accept(space: SwapSpace, text: str) -> None:
     space.configure(accept_threshold=_int(text, "accept_threshold_percent"))
 
@@ -214,6 +218,9 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
                     lambda s: " ".join(f"[{c}]" if c == s.codec else c for c in CODECS) + "\n"),
         _knob("compression_level", "zstd level (negative: faster); 0 with lz4, which has none",
               lambda s: f"{s.level}\n", _set_level),
+        _knob("first_compression_level", "zstd level a page is stored at first, recompressed to "
+              "compression_level when idle (the same: no recompression); never above it",
+              lambda s: f"{s.first_level}\n", _set_first_level),
         _knob("accept_threshold_percent", "after the limit is hit, accept again below this % of it",
               lambda s: f"{s.accept_threshold}\n", _set_accept),
         _knob("huge_threshold", "bytes: pages that compress worse are stored raw or on disk",

@@ -73,6 +73,8 @@ BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
 TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
 SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
+SETTLE_SLICE = 0.05  # seconds of recompression between looks for requests, when idle
+SETTLE_DUTY = 4  # ... and then a pause of (SETTLE_DUTY - 1) slices: at most a quarter of a CPU
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
 
 
@@ -165,6 +167,14 @@ class Housekeeping(threading.Thread):
     Chunks that empty are given back at once.  Not in reserve mode, whose
     memory is kept on purpose.
 
+    Recompression: once no read or write came for TRIM_AFTER, the pages
+    written since stored at the fast first level are compressed again at
+    the dense one (``SwapSpace.recompress``), in slices of SETTLE_SLICE
+    with pauses between them (a quarter of a CPU at most), stopping the
+    moment a request comes; what is left waits for the next idle spell.
+    Then memory is trimmed again: the first level's chunks emptied as
+    their pages moved.
+
     Swapoff: free the whole space (but the swap header) when swap goes
     off it.  The kernel clears SWP_WRITEOK before swapoff frees the slots,
     so it sends no discard for them: without this, every page swapoff
@@ -190,6 +200,7 @@ class Housekeeping(threading.Thread):
         heap_mark = linux.heap_end()  # where the heap ended after the last trim or top-up
         last_look = last_busy = last_free = 0.0
         shed = trimmed = True
+        settling = False  # pages were written since recompression last ran out of work
         tick = IDLE_TICK
         wanted = self.space.spares_wanted  # a write found no spare chunk: it waits for some
         while not self.stop.is_set():
@@ -204,6 +215,7 @@ class Housekeeping(threading.Thread):
                 busy, freed = self.busy(), self._freed()
                 if busy != seen_busy:  # reads and writes: keep the serving path supplied
                     seen_busy, last_busy, shed, trimmed, tick = busy, now, False, False, BUSY_TICK
+                    settling = True
                     if self.trim:
                         self.space.replenish()
                         # the heap keeps its trimmed pad for the serving threads; only
@@ -218,6 +230,13 @@ class Housekeeping(threading.Thread):
                         linux.malloc_trim(HEAP_HEADROOM)
                         heap_mark = linux.heap_end()
                     shed, tick = True, IDLE_TICK
+                elif shed and settling:
+                    settling = self._settle(seen_busy)
+                    tick = SETTLE_SLICE * (SETTLE_DUTY - 1) if settling else IDLE_TICK
+                    if not settling and self.trim:  # the first level's chunks that emptied
+                        self.space.trim()
+                        linux.malloc_trim(HEAP_HEADROOM)
+                        heap_mark = linux.heap_end()
                 if freed != seen_freed:  # discards, swapoff: the heap can shrink after them
                     seen_freed, last_free, trimmed = freed, now, False
                 elif not trimmed and shed and now - last_free >= TRIM_AFTER:
@@ -239,6 +258,19 @@ class Housekeeping(threading.Thread):
                     was_on = on
             except Exception:  # never let housekeeping die silently
                 log.exception("housekeeping")
+
+    def _settle(self, seen_busy: int) -> bool:
+        """Recompress for up to SETTLE_SLICE while no request comes; True
+        if there may be more to do."""
+        start = time.monotonic()
+        while time.monotonic() - start < SETTLE_SLICE:
+            if self.busy() != seen_busy or self.stop.is_set():
+                return True
+            if self.trim:  # dense objects go to chunks of their own size class
+                self.space.replenish(busy=False)
+            if not self.space.recompress():
+                return False
+        return True
 
     def _freed(self) -> int:
         c = self.space.counters
@@ -307,13 +339,13 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
         stop_log()
 
 
-SETTINGS = ("pool_limit", "accept_threshold", "huge_threshold", "writeback_enabled", "level")
+SETTINGS = ("pool_limit", "accept_threshold", "huge_threshold", "writeback_enabled", "level", "first_level")
 
 
 def settings_memfd(space: SwapSpace) -> int:
     """A memfd with the settings control/ can change, as JSON, for the
     daemon that takes over (:func:`apply_settings`)."""
-    values = {k: getattr(space, k) for k in SETTINGS if k != "level" or space.codec == "zstd"}
+    values = {k: getattr(space, k) for k in SETTINGS if "level" not in k or space.codec == "zstd"}
     fd = os.memfd_create("vswapfs-settings", os.MFD_CLOEXEC)
     os.write(fd, json.dumps(values).encode())
     return fd

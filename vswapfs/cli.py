@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import admin, zswap
-from ._consts import CODECS, DAEMON_ENV, DEFAULT_CODEC, PAGE
+from ._consts import CODECS, DAEMON_ENV, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
 from ._units import human, parse_limit, parse_size
 from .linux import mem_total
 
@@ -57,7 +57,12 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", choices=CODECS, default=DEFAULT_CODEC,
                    help=f"compressor, as zramctl's --algorithm (default {DEFAULT_CODEC}; lz4 is "
                         "about twice as fast and a quarter less dense on text)")
-    p.add_argument("--level", type=int, default=None, help="zstd level (default: engine default)")
+    p.add_argument("--level", type=int, default=None,
+                   help=f"zstd level pages end up at (default {DEFAULT_LEVEL})")
+    p.add_argument("--first-level", type=int, default=None,
+                   help=f"zstd level a page is stored at when swapped out, recompressed to --level "
+                        f"once the daemon is idle (default {DEFAULT_FIRST_LEVEL}; = --level: no "
+                        "recompression)")
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"threads that serve the image's I/O on their own /dev/fuse clone "
                         f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
@@ -91,8 +96,12 @@ def _check_mount_options(a: argparse.Namespace) -> None:
         raise admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
     if a.reserve and a.pool_limit and a.pool_limit > a.reserve:
         raise admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
-    if a.level is not None and a.algorithm != "zstd":
-        raise admin.AdminError(f"--level is a zstd setting; --algorithm {a.algorithm} has no levels")
+    for opt, v in (("--level", a.level), ("--first-level", a.first_level)):
+        if v is not None and a.algorithm != "zstd":
+            raise admin.AdminError(f"{opt} is a zstd setting; --algorithm {a.algorithm} has no levels")
+        lo, hi = ZSTD_LEVELS
+        if v is not None and (v == 0 or not lo <= v <= hi):
+            raise admin.AdminError(f"{opt} must be a non-zero zstd level in {lo}..{hi}, not {v}")
 
 
 def _zswap_values(a: argparse.Namespace) -> dict[str, str] | None:
@@ -121,6 +130,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--algorithm", a.algorithm]
     if a.level is not None:
         out += ["--level", str(a.level)]
+    if a.first_level is not None:
+        out += ["--first-level", str(a.first_level)]
     if a.reserve:
         out += ["--reserve", str(a.reserve)]
     if a.channels != DEFAULT_CHANNELS:
@@ -209,7 +220,7 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     import trio
 
     from . import _daemon
-    from .engine import DEFAULT_LEVEL, SwapSpace
+    from .engine import SwapSpace
 
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
@@ -221,7 +232,9 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     # the engine's fds, if a previous daemon left them (it takes the names it knows)
     engine_fds = inherited if "table" in inherited else {}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
-                      level=a.level if a.level is not None else DEFAULT_LEVEL, backing=a.backing,
+                      level=a.level if a.level is not None else DEFAULT_LEVEL,
+                      first_level=a.first_level if a.first_level is not None else DEFAULT_FIRST_LEVEL,
+                      backing=a.backing,
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,
                       fds=engine_fds or None)
     if keeper is not None:

@@ -78,6 +78,8 @@ from vswapfs import MiB, admin, linux, zswap
 from vswapfs.cgroup import MemCgroup
 from vswapfs.linux import meminfo
 
+from . import kv
+
 ZRAM = Path("/sys/block/zram0")
 REFERENCE = "zram-lzo-rle"
 BENCH_DIR = "/var/lib/vswapfs-bench"  # backing files: a directory only root can write (not /var/tmp)
@@ -421,8 +423,9 @@ def run_workload(b: Backend, limit_mib: int, cmd: list[str],
     return result, mem
 
 
-WORKLOADS = ("usemem", "memhog", "latency", "pyheap")
-SUSTAINED = {"limit": 512, "mib": 2048, "workloads": "usemem,latency"}  # 2 GiB through 512 MiB
+WORKLOADS = ("usemem", "memhog", "latency", "pyheap", "kv")
+SUSTAINED = {"limit": 512, "mib": 2048, "workloads": "usemem,latency,kv"}  # 2 GiB through 512 MiB
+KV_LIMIT = 256  # MiB: the key-value server's cgroup (its heap 3x that) in every run
 
 
 def one_round(b: Backend, limit_mib: int, mib: int | None = None,
@@ -448,6 +451,8 @@ def one_round(b: Backend, limit_mib: int, mib: int | None = None,
             row.update(pyheap_s=round(float(r["seconds"]), 3))
         except RuntimeError as e:  # the cgroup's OOM killer can end it on any backend: record, go on
             print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
+    if "kv" in workloads:
+        row.update(kv.run(KV_LIMIT))
     return row
 
 
@@ -506,6 +511,9 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "swapin_p50_us": ("random swap-in p50 (µs)", True, 7.7),
     "swapin_p99_us": ("random swap-in p99 (µs)", True, 0.5),
     "pyheap_s": ("Python heap program (s)", True, None),
+    "kv_rps": ("redis random GETs per second (heap 3x its cgroup)", False, None),
+    "kv_p99_ms": ("redis GET p99 (ms)", True, None),
+    "kv_load_s": ("redis load of the heap (s)", True, None),
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
@@ -590,9 +598,42 @@ def verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vs
     return out
 
 
+# The targets of the sustained run (2 GiB through 512 MiB): against the C
+# floor measured in the same run (the loop+FUSE path's own cost) or zram.
+FLOOR_TARGETS = {  # metric -> (bound on the ratio, measured against)
+    "usemem_write_s": (1.25, FLOOR),
+    "usemem_verify_s": (1.25, FLOOR),
+    "swapin_p50_us": (1.2, FLOOR),
+    "swapin_p99_us": (0.6, REFERENCE),
+    "peak_mem_mib": (1.1, REFERENCE),
+    "kv_rps": (0.9, FLOOR),
+}
+
+
+def floor_verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vswapfs") -> list[str]:
+    """One line per sustained-run target whose figures are all in ``summary``:
+    the ratio of medians, the bound, and how far from it."""
+    out = []
+    s = summary.get(backend, {})
+    for m, (bound, against) in FLOOR_TARGETS.items():
+        base = summary.get(against, {}).get(m, {}).get("median")
+        if m not in s or not base:
+            continue
+        label, lower, _ = METRICS[m]
+        r = s[m]["median"] / base
+        ok = r <= bound if lower else r >= bound
+        sign = "≤" if lower else "≥"
+        name = "the floor" if against == FLOOR else against
+        gap = "" if ok else f", {abs(r / bound - 1) * 100:.0f}% {'over' if lower else 'short of'} it"
+        out.append(f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x {name} (target {sign} {bound}x{gap})")
+    return out
+
+
 def all_verdicts(summary: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """The verdicts for vswapfs, then for the other compressor if it ran."""
     lines = verdicts(summary)
+    if sustained := floor_verdicts(summary):
+        lines += ["", "against the floor (the sustained run's targets):", *sustained]
     if "vswapfs-lz4" in summary:
         lines += ["", "vswapfs-lz4 (--algorithm lz4):", *verdicts(summary, "vswapfs-lz4")]
     return lines
@@ -655,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown_w := [w for w in workloads if w not in WORKLOADS]:
         print(f"bench: no workload {', '.join(unknown_w)}; there are {', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
+    if "kv" in workloads and not a.render and (why := kv.available()):
+        print(f"bench: no kv workload: {why}", file=sys.stderr)
+        workloads = tuple(w for w in workloads if w != "kv")
     if a.render:
         try:
             render(Path(a.render), Path(a.out))

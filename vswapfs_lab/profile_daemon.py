@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
 """Where the daemon's time goes under swap load: py-spy on a live daemon.
 
-Brings vswapfs up (2 GiB image, no backing file), runs the usemem-like
-workload (192 MiB of zero / real-file / random pages, 3 rounds) in a
-64 MiB memory cgroup, samples the daemon with ``py-spy record --idle
---threads --format raw`` meanwhile, and prints, per thread, the share of
-samples by leaf function (what the thread was doing, waiting included).
-Needs root and py-spy (``pip install py-spy``).
+Brings vswapfs up (default options but the image size), runs the
+usemem-like workload (zero / real-file / random pages) in a memory cgroup,
+samples the daemon with ``py-spy record --idle --threads --format raw``
+meanwhile, and prints, per thread, the share of samples by leaf function
+(what the thread was doing, waiting included) and, for the threads that
+serve, by function anywhere on the stack (where the time of a request
+goes, callees included).  ``--sustained`` is the sustained bench's size:
+2 GiB through 512 MiB, sampled for its whole write and verify.  Needs root
+and py-spy (``pip install py-spy``).
 
     python3 -m vswapfs_lab.profile_daemon [--seconds 12] [--channels 1] > docs/profile-usemem.txt
+    python3 -m vswapfs_lab.profile_daemon --sustained > docs/profile-sustained.txt
 """
 
 import argparse
@@ -26,35 +30,49 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=int, default=12)
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--sustained", action="store_true",
+                   help="2 GiB through a 512 MiB cgroup, one round, sampled for --seconds (default 70)")
     a = p.parse_args()
+    mib, limit, rounds = (2048, 512, 1) if a.sustained else (192, 64, 3)
+    if a.sustained and a.seconds == 12:
+        a.seconds = 70
     mnt = tempfile.mkdtemp(prefix="vswapfs-profile-")
     raw = os.path.join(tempfile.mkdtemp(), "daemon.txt")
     try:
-        with admin.swap_up(mnt, ["--size", "2G", "--channels", str(a.channels)]), \
-                MemCgroup(f"vswapfs-profile-{os.getpid()}", 64 * MiB) as cg:
+        with admin.swap_up(mnt, ["--size", "4G", "--channels", str(a.channels)]), \
+                MemCgroup(f"vswapfs-profile-{os.getpid()}", limit * MiB) as cg:
             pid = admin.daemon_pid(mnt)
-            load = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "192", "--files",
-                             "--rounds", "3"], stdout=subprocess.DEVNULL)
+            load = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(mib), "--files",
+                             "--rounds", str(rounds)], stdout=subprocess.PIPE)
             subprocess.run(["py-spy", "record", "--pid", str(pid), "--format", "raw", "--idle",
                             "--threads", "-r", "200", "-d", str(a.seconds), "-o", raw],
                            check=True, capture_output=True)
-            load.wait(600)
+            out, _ = load.communicate(timeout=900)
     finally:
         os.rmdir(mnt)
     threads: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    anywhere: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     with open(raw) as f:
         for line in f:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             frames = stack.split(";")
             threads[frames[0]][frames[-1]] += int(count)
+            for fn in {fr.split(" (")[0] for fr in frames[1:]}:  # each function once per sample
+                anywhere[frames[0]][fn] += int(count)
     print(f"py-spy record --pid <daemon> --format raw --idle --threads -r 200 -d {a.seconds}, during")
-    print("python3 -m vswapfs.workload --mib 192 --files --rounds 3 in a 64 MiB cgroup "
+    print(f"python3 -m vswapfs.workload --mib {mib} --files --rounds {rounds} in a {limit} MiB cgroup "
           f"(vswapfs up --channels {a.channels}, no backing file)")
+    last = out.decode().strip().splitlines()[-1:] or ["nothing"]
+    print("the workload printed: " + last[0])
     for thread, leaves in sorted(threads.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(leaves.values())
         print(f"\n{thread}: {total} samples; share by leaf function (waiting included)")
         for fn, n in leaves.most_common(8):
             print(f"  {100 * n / total:5.1f}%  {fn}")
+        if "fuse-channel" in thread:
+            print("  by function anywhere on the stack (callees included):")
+            for fn, n in anywhere[thread].most_common(24):
+                print(f"  {100 * n / total:5.1f}%  {fn}")
     return 0
 
 

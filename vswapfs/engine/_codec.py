@@ -1,10 +1,18 @@
 """The codec: what a page becomes before it is stored, and back.
 
 A page is either same-filled (one 8-byte value repeated: it then lives in
-its table word, see ``_entry``), or compressed with zstd (level 1 by
-default) or lz4, or, when it compresses worse than ``huge_threshold``,
-"poor" and kept raw.  The codec is fixed for a space's life: the pool
-holds its output.
+its table word, see ``_entry``), or compressed with zstd or lz4, or, when
+it compresses worse than ``huge_threshold``, "poor" and kept raw.  The
+codec is fixed for a space's life: the pool holds its output.
+
+zstd stores in two steps.  A page being swapped out is compressed at
+``first_level`` (-1 by default: half the time of level 1 on real-file
+pages here, a fifth larger); :meth:`Codec.recompress` later makes it
+``level`` (1 by default), in the background, once the daemon is idle (see
+``SwapSpace.recompress``).  Any zstd frame decodes the same way whatever
+level made it, so nothing records which level a page has: a page is worth
+recompressing if the result is smaller.  With ``first_level`` equal to
+``level`` (or lz4) there is one step.
 
 No lock: compression runs on the caller's thread, outside the engine lock
 (zstandard and lz4 release the GIL).  zstd contexts are shared through a
@@ -21,13 +29,12 @@ from typing import Final
 
 import zstandard
 
-from .._consts import CODECS, DEFAULT_CODEC, PAGE
+from .._consts import CODECS, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
 from . import _entry as E
 from . import _inject
 
-DEFAULT_LEVEL: Final = 1
-MIN_LEVEL: Final = -100  # zstd's fast levels (negative) trade ratio for speed
-MAX_LEVEL: Final = zstandard.MAX_COMPRESSION_LEVEL
+MIN_LEVEL, MAX_LEVEL = ZSTD_LEVELS  # zstd's fast levels (negative) trade ratio for speed
+assert MAX_LEVEL == zstandard.MAX_COMPRESSION_LEVEL, "ZSTD_LEVELS is not this zstd's"
 DEFAULT_HUGE_THRESHOLD: Final = PAGE * 3 // 4
 
 _ZERO_PAGE: Final = bytes(PAGE)
@@ -59,7 +66,8 @@ class Codec:
     """
 
     def __init__(self, name: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL,
-                 huge_threshold: int = DEFAULT_HUGE_THRESHOLD) -> None:
+                 huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
+                 first_level: int | None = DEFAULT_FIRST_LEVEL) -> None:
         if name not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {name!r}")
         self.name = name
@@ -69,8 +77,11 @@ class Codec:
             import lz4.block
             self._lz4 = lz4.block
         self.level = level if name == "zstd" else 0
+        # the first store's level as set (None: ``level``); see first_level
+        self.fast_level = first_level if name == "zstd" else None
         self.huge_threshold = huge_threshold
-        self._cctxs: list[tuple[int, zstandard.ZstdCompressor]] = []  # idle (level, compressor)
+        # idle compressors by level: the first store's and recompression's
+        self._cctxs: dict[int, list[zstandard.ZstdCompressor]] = {}
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
 
     def warm(self) -> None:
@@ -78,19 +89,34 @@ class Codec:
         blob = self.encode(_WARM_PAGE)[1]
         if blob is not None:
             self.decode(blob)
+            self.recompress(blob)
 
-    def compress(self, page: bytes) -> bytes:
-        """The page compressed (may be longer than the page)."""
+    @property
+    def first_level(self) -> int:
+        """The level a page is stored at first: ``fast_level``, never denser than ``level``."""
+        fast = self.fast_level
+        return self.level if fast is None or fast > self.level else fast
+
+    @property
+    def two_step(self) -> bool:
+        """True if pages are first stored at a faster level than their final one."""
+        return self.first_level != self.level
+
+    def compress(self, page: bytes, level: int | None = None) -> bytes:
+        """The page compressed (may be longer than the page), at
+        ``first_level`` unless ``level`` says otherwise."""
         if _inject.armed:
             _inject.point("codec.compress")
         if self._lz4:  # stateless: no context to pool
             out: bytes = self._lz4.compress(page, store_size=False)
             return out
-        level = self.level
+        if level is None:
+            level = self.first_level
+        idle = self._cctxs.get(level)
+        if idle is None:
+            idle = self._cctxs.setdefault(level, [])  # atomic under the GIL, as pop and append
         try:
-            lv, c = self._cctxs.pop()  # list.pop and append are atomic under the GIL
-            if lv != level:
-                c = _compressor(level)
+            c = idle.pop()
         except IndexError:
             c = _compressor(level)
         try:
@@ -98,7 +124,8 @@ class Codec:
         except zstandard.ZstdError as e:  # zstd fails only when it cannot allocate
             raise MemoryError(f"zstd: {e}") from None
         finally:
-            self._cctxs.append((level, c))
+            if level in (self.first_level, self.level):  # contexts of a former level go
+                idle.append(c)
 
     def decode(self, blob: bytes) -> bytes:
         """The page a pool object holds.  A corrupt object is an I/O error
@@ -127,6 +154,15 @@ class Codec:
         if len(page) != PAGE:
             raise OSError(errno.EIO, "pool object did not decompress to a page")
         return page
+
+    def recompress(self, blob: bytes) -> bytes | None:
+        """A pool object compressed again at ``level``: the new object, or
+        None if that is not smaller (it was stored at ``level`` already, or
+        the page gains nothing).  A corrupt object raises OSError(EIO)."""
+        if len(blob) >= PAGE or not self.two_step:
+            return None
+        out = self.compress(self.decode(blob), self.level)
+        return out if len(out) < len(blob) else None
 
     def encode(self, page: bytes) -> tuple[int, bytes | None]:
         """(SAME word, None) for a same-filled page, else (0, payload) where

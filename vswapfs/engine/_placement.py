@@ -65,6 +65,7 @@ class Placement:
         self.keep_fds: Callable[[dict[str, int]], None] | None = None
         self.drop_fds: Callable[[list[str]], None] | None = None
         self.backing: list[BackingFile | None] = [None] * E.MAX_BACKING_FILES
+        self.files = 0  # backing files in ``backing`` (kept by _set_backing)
         self.evacuating: set[int] = set()  # backing-file indices being emptied
         self.phys_readers = 0  # reads of backing pages in flight outside the lock
         self.deferred: list[tuple[BackingFile, int]] = []  # physical slots freed meanwhile
@@ -105,8 +106,14 @@ class Placement:
 
     # -- backing files ---------------------------------------------------------
 
+    def _set_backing(self, index: int, bf: BackingFile | None) -> None:
+        self.backing[index] = bf
+        self.files = sum(1 for b in self.backing if b is not None)
+
     def target(self) -> BackingFile | None:
         """The backing file new physical pages go to, if any."""
+        if not self.files:
+            return None
         for bf in self.backing:
             if bf is not None and bf.index not in self.evacuating:
                 return bf
@@ -127,7 +134,7 @@ class Placement:
             except BaseException:
                 bf.close()
                 raise
-        self.backing[index] = bf
+        self._set_backing(index, bf)
         return index
 
     def to_backing(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
@@ -174,14 +181,64 @@ class Placement:
     def commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
         """Store encoded pages and point their slots at them (see the module
         docstring for the policy).  All or nothing: whatever was stored
-        before a failure is released."""
+        before a failure is released.
+
+        The usual case, pages for the pool far from its limit, takes the
+        short way: the objects are stored at once and only if a chunk
+        turns out not to be ready is the store undone and the policy's
+        full path (room, writeback, the backing file) taken."""
         self.short_of_spares = False
-        if not self.table.ready(first, len(pages)):
+        table = self.table
+        if not table.ready(first, len(pages)):
             self.short_of_spares = True  # a new cluster needs a page faulted in beforehand
             raise NoSpaceError("no spare table page is ready for a new cluster")
         words = [w for w, _ in encoded]
         poor = [i for i, (w, b) in enumerate(encoded) if not w and b is None]
-        self.counters.reject_compress_poor += len(poor)
+        if poor:
+            self.counters.reject_compress_poor += len(poor)
+        if (poor and self.files and self.writeback_enabled) or not self._store_short(pages, encoded, words):
+            self._store_policy(first, pages, encoded, words, poor)
+        table.set_run(first, words, self.codec.two_step)
+        self.note_mem()
+
+    def _store_short(self, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
+                     words: list[int]) -> bool:
+        """Store the pool pages of a commit when that needs no decision: the
+        pool is well under its limit (every object in a new chunk of its
+        own would still fit) and each object's chunk is ready.  False, with
+        nothing stored, when the full path must decide."""
+        limit = self.pool_limit
+        todo = [i for i, w in enumerate(words) if not w]
+        if self.pool_full or (limit and self.pool.mem_used + len(todo) * CHUNK_BYTES > limit):
+            return False
+        store = self.pool.store
+        done: list[int] = []
+        try:
+            for i in todo:
+                blob = encoded[i][1]
+                if blob is None:  # poor: kept raw, a huge page
+                    blob = pages[i]
+                words[i] = E.pool_word(store(blob), len(blob))
+                done.append(i)
+        except PoolExhausted:
+            for i in done:
+                self.release(words[i])
+                words[i] = 0
+            return False
+        except BaseException:
+            for i in done:
+                self.release(words[i])
+            self.note_mem()
+            raise
+        self.counters.huge_pages_since += sum(1 for i in todo if encoded[i][1] is None)
+        return True
+
+    def _store_policy(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
+                      words: list[int], poor: list[int]) -> None:
+        """The store policy's full path: poorly compressing pages to a
+        backing file, the rest to the pool if there is room (after
+        writeback), else to the backing file, else NoSpaceError.  Fills
+        ``words``; on failure releases what it stored."""
         target = self.target() if self.writeback_enabled else None
         stored: list[int] = []  # words made here, released again if anything fails
 
@@ -219,10 +276,6 @@ class Placement:
                 self.release(w)
             self.note_mem()
             raise
-        for i, w in enumerate(words):
-            self.table.set(first + i, w)
-        self.table.touch(first, len(words))
-        self.note_mem()
 
     def store_pool(self, blob: bytes) -> int:
         """Copy ``blob`` into the pool; its POOL word."""
@@ -251,6 +304,39 @@ class Placement:
             return True
         self.short_of_spares = True
         return False
+
+    def settle(self, batch: list[tuple[int, int, bytes]], dense: list[bytes | None]) -> bool:
+        """Put recompressed objects in place: for each (slot, word, blob)
+        of ``batch`` whose ``dense`` object is not None, if the slot still
+        holds that word and the pool still holds ``blob`` under it (the
+        page was not rewritten meanwhile, even into the same object: the
+        bytes say so), store the dense object and point the slot at it,
+        in the order of every store (data, word, then the old freed).
+        Stops at the first object no chunk is ready for, or that fails to
+        store (the rest is marked again for a later look): then returns
+        False."""
+        pages = saved = 0
+        table, pool = self.table, self.pool
+        for k, ((slot, word, blob), new) in enumerate(zip(batch, dense, strict=True)):
+            if new is None or table.word(slot) != word:
+                continue
+            if pool.load(E.pool_object(word), E.pool_length(word)) != blob:
+                continue
+            try:
+                w = E.pool_word(pool.store(new), len(new))
+            except (MemoryError, OSError):  # no chunk ready (PoolExhausted): the rest waits
+                for later, _, _ in batch[k:]:
+                    table.mark_fresh(later, 1)
+                break
+            table.set(slot, w)
+            pages += 1
+            saved += len(blob) - len(new)
+        else:
+            k = len(batch)
+        self.counters.recompressed_pages += pages
+        self.counters.recompress_saved_bytes += saved
+        self.note_mem()
+        return k == len(batch)
 
     def make_room(self, need: int) -> bool:
         """True if ``need`` more pool bytes fit under the limit, after writing
@@ -366,7 +452,7 @@ class Placement:
             self.note_mem()
         # quarantined slots may still be read: the file goes when the readers are done
         self.deferred = [(b, p) for b, p in self.deferred if b is not bf]
-        self.backing[bf.index] = None
+        self._set_backing(bf.index, None)
         if self.drop_fds is not None:
             self.drop_fds(list(bf.fds))
         if self.phys_readers:
@@ -445,7 +531,7 @@ class Placement:
         Everything else (allocators, rmaps, gauges) is rebuilt from the
         words; a word whose data is gone is cleared and counted."""
         for i, (path, fds) in files.items():
-            self.backing[i] = BackingFile(path, i, self.max_backing_slots, fds)
+            self._set_backing(i, BackingFile(path, i, self.max_backing_slots, fds))
         objects: dict[tuple[int, int], dict[int, int]] = {}
         phys: dict[int, dict[int, int]] = {i: {} for i in files}
         lost: list[int] = []
@@ -500,7 +586,7 @@ class Placement:
         for i, bf in enumerate(self.backing):
             if bf is not None:
                 bf.close()
-                self.backing[i] = None
+                self._set_backing(i, None)
         for bf in self.retired:
             bf.close()
         self.retired = []

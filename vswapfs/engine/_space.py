@@ -58,16 +58,17 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, PAGE
+from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE
 from . import _entry as E
 from ._backing import BackingFile
 from ._check import check
-from ._codec import DEFAULT_HUGE_THRESHOLD, DEFAULT_LEVEL, ZERO_WORD, Codec, check_level
+from ._codec import DEFAULT_HUGE_THRESHOLD, ZERO_WORD, Codec, check_level
 from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Placement
 from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool
 from ._stats import Counters
 
 SPARE_WAIT_S: Final = 0.1  # longest a write waits for spare pool chunks (dynamic mode)
+RECOMPRESS_BATCH: Final = 64  # pages per recompress() call: ~2.5 ms of zstd here, one lock hold each side
 
 
 def backing_of(fds: Mapping[str, int]) -> dict[int, tuple[str, tuple[int, int, int]]]:
@@ -116,6 +117,7 @@ class SwapSpace:
         *,
         pool_limit: int = 0,
         level: int = DEFAULT_LEVEL,
+        first_level: int | None = DEFAULT_FIRST_LEVEL,
         accept_threshold: int = DEFAULT_ACCEPT_THRESHOLD,
         huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
         writeback_enabled: bool = True,
@@ -149,6 +151,9 @@ class SwapSpace:
         self._pool = self._place.pool
         if self._pool.reserve and not pool_limit:
             pool_limit = self._pool.reserve
+        if first_level is not None and codec == "zstd":
+            check_level(codec, first_level)
+        self._codec.fast_level = first_level if codec == "zstd" else None
         self.configure(pool_limit=pool_limit, level=level if codec == "zstd" else None,
                        accept_threshold=accept_threshold, huge_threshold=huge_threshold)
         if fds is not None:
@@ -168,6 +173,11 @@ class SwapSpace:
     @property
     def level(self) -> int:
         return self._codec.level
+
+    @property
+    def first_level(self) -> int:
+        """The zstd level pages are stored at first (``level``: one step)."""
+        return self._codec.first_level
 
     @property
     def huge_threshold(self) -> int:
@@ -190,6 +200,7 @@ class SwapSpace:
         *,
         pool_limit: int | None = None,
         level: int | None = None,
+        first_level: int | None = None,
         accept_threshold: int | None = None,
         huge_threshold: int | None = None,
         writeback_enabled: bool | None = None,
@@ -202,6 +213,8 @@ class SwapSpace:
             raise ValueError(f"pool_limit must be 1..{reserve} bytes (the reserve), not {pool_limit}")
         if level is not None:
             check_level(self.codec, level)
+        if first_level is not None:
+            check_level(self.codec, first_level)
         if accept_threshold is not None and not 0 < accept_threshold <= 100:
             raise ValueError(f"accept_threshold must be a percentage in 1..100, not {accept_threshold}")
         if huge_threshold is not None and not 0 < huge_threshold <= PAGE:
@@ -213,6 +226,8 @@ class SwapSpace:
                 place.pool_full = False
             if level is not None:
                 self._codec.level = level
+            if first_level is not None:
+                self._codec.fast_level = first_level
             if accept_threshold is not None:
                 place.accept_threshold = accept_threshold
             if huge_threshold is not None:
@@ -442,6 +457,36 @@ class SwapSpace:
         path = os.path.abspath(path)
         with self._lock:
             return self._place.remove(path)
+
+    def recompress(self, pages: int = RECOMPRESS_BATCH) -> int:
+        """Make up to ``pages`` pool pages written since the last call denser:
+        stored at ``first_level``, they are compressed again at ``level``
+        (oldest cluster first; a page already at ``level`` gains nothing and
+        stays).  The words and object copies are taken under the lock, the
+        compression runs outside it, and each page is put in place only if
+        it was not rewritten meanwhile (``Placement.settle``): a read or
+        write waits for neither.  Returns the pages looked at, 0 when there
+        is nothing left to look at (or one step only) or no pool chunk was
+        ready for a dense object (the pages left keep their mark).  Memory
+        comes back once chunks empty or :meth:`compact` packs them."""
+        codec = self._codec
+        if not codec.two_step:
+            return 0
+        with self._lock:
+            pool = self._pool
+            batch = [(slot, w, pool.load(E.pool_object(w), E.pool_length(w)))
+                     for slot, w in self._table.fresh_words(pages)]
+        dense: list[bytes | None] = []
+        for _, _, blob in batch:
+            try:
+                dense.append(codec.recompress(blob))
+            except (OSError, MemoryError):  # a corrupt object stays as it is: reads report it
+                dense.append(None)
+        if any(d is not None for d in dense):
+            with self._lock:
+                if not self._place.settle(batch, dense):
+                    return 0
+        return len(batch)
 
     def compact(self) -> int:
         """Pack sparse pool chunks together; returns 4 KiB pages freed.  A

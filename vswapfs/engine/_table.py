@@ -67,13 +67,14 @@ class TableExhausted(MemoryError):
 class Cluster:
     """A dynamic cluster: its virtual_table and how many slots are in use."""
 
-    __slots__ = ("table", "page", "used", "pool")
+    __slots__ = ("table", "page", "used", "pool", "fresh")
 
     def __init__(self, table: memoryview, page: int) -> None:
         self.table = table  # the virtual_table, 8 bytes a slot, in the table arena
         self.page = page  # which page of the arena
         self.used = 0  # slots whose word is not NONE
         self.pool = 0  # slots whose word is POOL (writeback skips clusters at 0)
+        self.fresh = 0  # bit i: slot i was written since recompression last looked
 
 
 # Bytes one live cluster costs: its page of words, the object, its view and its dict entry.
@@ -224,14 +225,59 @@ class Table:
             cl.used -= 1
             cl.pool -= (old & E.TAG_MASK) == E.POOL
         if word:
-            self._account(word, 1)
+            t = word & E.TAG_MASK  # _account(word, 1), inline: once per page written
+            self.tag_pages[t] += 1
+            if t == E.POOL:
+                cl.pool += 1
+                if E.pool_length(word) == PAGE:
+                    self.huge_pages += 1
             cl.used += 1
-            cl.pool += (word & E.TAG_MASK) == E.POOL
         elif not cl.used:
             del self.clusters[ci]
             self._owner[cl.page] = 0
             self._retire(cl, clear=False)  # every word is 0 already
             self._counters.clusters_freed += 1
+
+    def set_run(self, first: int, words: list[int], fresh: bool = False) -> None:
+        """:meth:`set` the slots from ``first`` on to ``words``, then make
+        their clusters the youngest (:meth:`touch`): what a write does.
+        ``fresh``: mark the slots for recompression (:meth:`fresh_words`)."""
+        put = self.set
+        for i, w in enumerate(words):
+            put(first + i, w)
+        if fresh:
+            self.mark_fresh(first, len(words))
+        self.touch(first, len(words))
+
+    def mark_fresh(self, first: int, count: int) -> None:
+        """Mark slots ``first .. first+count-1`` for :meth:`fresh_words`."""
+        clusters = self.clusters
+        for slot in range(first, first + count):
+            cl = clusters.get(slot // CLUSTER_SLOTS)
+            if cl is not None:  # None: the slot holds nothing
+                cl.fresh |= 1 << (slot % CLUSTER_SLOTS)
+
+    def fresh_words(self, want: int) -> list[tuple[int, int]]:
+        """Up to ``want`` (slot, word) of compressed pool pages written since
+        the last look, oldest cluster first; their marks are cleared (a
+        write marks its slots again)."""
+        out: list[tuple[int, int]] = []
+        for ci, cl in self.clusters.items():
+            m = cl.fresh
+            if not m:
+                continue
+            base, table = ci * CLUSTER_SLOTS, cl.table
+            while m and len(out) < want:
+                low = m & -m
+                m ^= low
+                idx = low.bit_length() - 1
+                w = table[idx]
+                if w & E.TAG_MASK == E.POOL and E.pool_length(w) < PAGE:
+                    out.append((base + idx, w))
+            cl.fresh = m
+            if len(out) >= want:
+                break
+        return out
 
     def forget(self, slot: int, word: int) -> None:
         """Take back the gauges of a word that was cleared without release
@@ -249,7 +295,10 @@ class Table:
     def touch(self, first: int, count: int) -> None:
         """Move the clusters of slots ``first .. first+count-1`` to the
         young end of the writeback LRU."""
-        for ci in range(first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS + 1):
+        lo, hi = first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS
+        if lo == hi and self.clusters and next(reversed(self.clusters)) == lo:
+            return  # the youngest already: a write next to the last one
+        for ci in range(lo, hi + 1):
             cl = self.clusters.pop(ci, None)
             if cl is not None:
                 self.clusters[ci] = cl
@@ -356,6 +405,7 @@ class Table:
                 continue
             self.clusters[ci] = cl
             used.add(p)
+            cl.fresh = (1 << CLUSTER_SLOTS) - 1  # which pages are dense is not kept: look at all
             base = ci * CLUSTER_SLOTS
             for idx, w in enumerate(words):
                 if w:

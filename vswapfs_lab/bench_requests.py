@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""What one request costs the daemon beyond the kernel: the serving path alone.
+
+Feeds WRITE requests of swap's shape (2 pages each, the mean the sustained
+bench sees; the workload's zero / real-file / random mix), then READs of
+them, through the same code a channel thread runs
+(``Session._serve_here`` on the file system over a dynamic ``SwapSpace``),
+with replies written to /dev/null.  Prints the microseconds per request,
+how many of them compression and decompression take (timed alone over the
+same pages), and the rest: parsing, the engine's bookkeeping, replies,
+tallies.  Every page read back is compared with what was written.
+
+    python3 -m vswapfs_lab.bench_requests [--requests 40000] [--pages 2] [--profile]
+
+``--profile`` adds a cProfile of the write and read loops, by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+
+from vswapfs import workload
+from vswapfs._consts import PAGE
+from vswapfs._fs import SWAP_INO, SwapFS
+from vswapfs.engine import SwapSpace
+from vswapfs.engine._codec import Codec
+from vswapfs.fuse._abi import IN_HEADER, READ_IN, WRITE_IN, WRITE_IN_SIZE, Opcode
+from vswapfs.fuse._session import Session, _Tally
+
+
+def write_request(unique: int, offset: int, data: bytes) -> bytes:
+    body = WRITE_IN.pack(0, offset, len(data), 0).ljust(WRITE_IN_SIZE, b"\0") + data
+    return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.WRITE, unique, SWAP_INO, 0, 0, 1, 0, 0) + body
+
+
+def read_request(unique: int, offset: int, size: int) -> bytes:
+    body = READ_IN.pack(0, offset, size, 0) + bytes(16)
+    return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.READ, unique, SWAP_INO, 0, 0, 1, 0, 0) + body
+
+
+def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
+    workload.use_file_corpus()
+    n = requests * pages
+    size = (n * PAGE + (64 << 20)) & ~((1 << 21) - 1)
+    space = SwapSpace(size, dynamic=True)
+    fs = SwapFS(space, threads=0)
+    null = os.open("/dev/null", os.O_WRONLY)
+    r, w = os.pipe()
+    session = Session(r, fs, buffers=1)
+    tally = _Tally()
+    page_data = [workload.page(i, 1) for i in range(n)]
+    writes = [memoryview(write_request(k + 1, k * pages * PAGE,
+                                       b"".join(page_data[k * pages:(k + 1) * pages])))
+              for k in range(requests)]
+    reads = [memoryview(read_request(k + 1, k * pages * PAGE, pages * PAGE)) for k in range(requests)]
+
+    def refill() -> None:  # housekeeping's part, outside the timed loop
+        while space.spares_wanted.is_set() or space.replenish(busy=True):
+            space.spares_wanted.clear()
+            space.replenish(busy=True)
+
+    def write_all() -> float:
+        t = 0.0
+        for lo in range(0, requests, 256):
+            refill()
+            t0 = time.perf_counter()
+            for req in writes[lo:lo + 256]:
+                if not session._serve_here(null, req, tally):
+                    raise RuntimeError("a WRITE was handed over")
+            t += time.perf_counter() - t0
+        return t
+
+    def read_all() -> float:
+        t0 = time.perf_counter()
+        for req in reads:
+            session._serve_here(null, req, tally)
+        return time.perf_counter() - t0
+
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    wt = write_all()
+    rt = read_all()
+    if prof:
+        prof.disable()
+    if space.stats()["failed_writes"]:
+        raise RuntimeError(f"{space.stats()['failed_writes']} writes failed")
+    got = space.read(0, n * PAGE)
+    bad = sum(bytes(got[i * PAGE:(i + 1) * PAGE]) != page_data[i] for i in range(n))
+    if bad:
+        raise RuntimeError(f"{bad} pages read back wrong")
+    codec = Codec()
+    t0 = time.perf_counter()
+    blobs = [codec.encode(p) for p in page_data]
+    enc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _, b in blobs:
+        if b is not None:
+            codec.decode(b)
+    dec = time.perf_counter() - t0
+    space.close()
+    for fd in (null, r, w):
+        os.close(fd)
+    if prof:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(40)
+    us = 1e6 / requests
+    return {"pages_per_request": pages, "write_us": round(wt * us, 2), "read_us": round(rt * us, 2),
+            "encode_us": round(enc * us, 2), "decode_us": round(dec * us, 2),
+            "write_rest_us": round((wt - enc) * us, 2), "read_rest_us": round((rt - dec) * us, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=40000)
+    p.add_argument("--pages", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--profile", action="store_true")
+    a = p.parse_args(argv)
+    rows = [run(a.requests, a.pages, a.profile) for _ in range(a.rounds)]
+    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
