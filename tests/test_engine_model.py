@@ -174,9 +174,9 @@ class SpaceModel(RuleBasedStateMachine):
         except OSError:
             assert armed  # an injected read or write fault: pages stay
 
-    @rule()
-    def compact(self) -> None:
-        self.space.compact()
+    @rule(yielding=st.booleans())
+    def compact(self, yielding: bool) -> None:
+        self.space.compact(yielding=yielding)
 
     @rule()
     def recompress(self) -> None:
@@ -258,7 +258,7 @@ def _mover(space: SwapSpace, workdir: str, seed: int, stop: threading.Event, err
                 except OSError:
                     pass  # no backing file right now
             elif op < 0.5:
-                space.compact()
+                space.compact(yielding=rng.random() < 0.5)
             elif op < 0.6:
                 space.recompress()
             elif op < 0.8 and len(space.backing_files()) < 3:

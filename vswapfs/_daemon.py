@@ -43,6 +43,7 @@ good, for those who want it committed.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import logging.handlers
@@ -172,8 +173,8 @@ class Housekeeping(threading.Thread):
     the dense one (``SwapSpace.recompress``), in slices of SETTLE_SLICE
     with pauses between them (a quarter of a CPU at most), stopping the
     moment a request comes; what is left waits for the next idle spell.
-    Then memory is trimmed again: the first level's chunks emptied as
-    their pages moved.
+    Then the pool is compacted, a cluster at a time (the dense objects
+    left the first level's chunks sparse), and memory trimmed again.
 
     Swapoff: free the whole space (but the swap header) when swap goes
     off it.  The kernel clears SWP_WRITEOK before swapoff frees the slots,
@@ -233,10 +234,12 @@ class Housekeeping(threading.Thread):
                 elif shed and settling:
                     settling = self._settle(seen_busy)
                     tick = SETTLE_SLICE * (SETTLE_DUTY - 1) if settling else IDLE_TICK
-                    if not settling and self.trim:  # the first level's chunks that emptied
-                        self.space.trim()
-                        linux.malloc_trim(HEAP_HEADROOM)
-                        heap_mark = linux.heap_end()
+                    if not settling:  # the dense objects left the first level's chunks sparse
+                        self.space.compact(yielding=True, until=functools.partial(self._came, seen_busy))
+                        if self.trim:
+                            self.space.trim()
+                            linux.malloc_trim(HEAP_HEADROOM)
+                            heap_mark = linux.heap_end()
                 if freed != seen_freed:  # discards, swapoff: the heap can shrink after them
                     seen_freed, last_free, trimmed = freed, now, False
                 elif not trimmed and shed and now - last_free >= TRIM_AFTER:
@@ -259,12 +262,16 @@ class Housekeeping(threading.Thread):
             except Exception:  # never let housekeeping die silently
                 log.exception("housekeeping")
 
+    def _came(self, seen_busy: int) -> bool:
+        """True if a read or write came since ``busy()`` said ``seen_busy``."""
+        return self.busy() != seen_busy
+
     def _settle(self, seen_busy: int) -> bool:
         """Recompress for up to SETTLE_SLICE while no request comes; True
         if there may be more to do."""
         start = time.monotonic()
         while time.monotonic() - start < SETTLE_SLICE:
-            if self.busy() != seen_busy or self.stop.is_set():
+            if self._came(seen_busy) or self.stop.is_set():
                 return True
             if self.trim:  # dense objects go to chunks of their own size class
                 self.space.replenish(busy=False)

@@ -45,7 +45,9 @@ def read_request(unique: int, offset: int, size: int) -> bytes:
     return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.READ, unique, SWAP_INO, 0, 0, 1, 0, 0) + body
 
 
-def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
+def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> dict[str, float]:
+    """``distinct``: that many different page contents, cycled (0: every page
+    its own), so that a run the size of the sustained bench fits in memory."""
     workload.use_file_corpus()
     n = requests * pages
     size = (n * PAGE + (64 << 20)) & ~((1 << 21) - 1)
@@ -55,10 +57,12 @@ def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
     r, w = os.pipe()
     session = Session(r, fs, buffers=1)
     tally = _Tally()
-    page_data = [workload.page(i, 1) for i in range(n)]
-    writes = [memoryview(write_request(k + 1, k * pages * PAGE,
-                                       b"".join(page_data[k * pages:(k + 1) * pages])))
-              for k in range(requests)]
+    kinds = distinct or n
+    page_data = [workload.page(i, 1) for i in range(kinds)]
+
+    def data_of(k: int) -> bytes:
+        return b"".join(page_data[i % kinds] for i in range(k * pages, (k + 1) * pages))
+
     reads = [memoryview(read_request(k + 1, k * pages * PAGE, pages * PAGE)) for k in range(requests)]
 
     def refill() -> None:  # housekeeping's part, outside the timed loop
@@ -70,9 +74,11 @@ def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
         t = 0.0
         for lo in range(0, requests, 256):
             refill()
+            batch = [memoryview(write_request(k + 1, k * pages * PAGE, data_of(k)))
+                     for k in range(lo, min(lo + 256, requests))]
             t0 = time.perf_counter()
-            for req in writes[lo:lo + 256]:
-                if not session._serve_here(null, req, tally):
+            for req in batch:
+                if not session._serve_here(tally, null, req):
                     raise RuntimeError("a WRITE was handed over")
             t += time.perf_counter() - t0
         return t
@@ -80,7 +86,7 @@ def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
     def read_all() -> float:
         t0 = time.perf_counter()
         for req in reads:
-            session._serve_here(null, req, tally)
+            session._serve_here(tally, null, req)
         return time.perf_counter() - t0
 
     prof = cProfile.Profile() if profile else None
@@ -92,13 +98,12 @@ def run(requests: int, pages: int, profile: bool = False) -> dict[str, float]:
         prof.disable()
     if space.stats()["failed_writes"]:
         raise RuntimeError(f"{space.stats()['failed_writes']} writes failed")
-    got = space.read(0, n * PAGE)
-    bad = sum(bytes(got[i * PAGE:(i + 1) * PAGE]) != page_data[i] for i in range(n))
+    bad = sum(bytes(space.read(i * PAGE, PAGE)) != page_data[i % kinds] for i in range(n))
     if bad:
         raise RuntimeError(f"{bad} pages read back wrong")
     codec = Codec()
     t0 = time.perf_counter()
-    blobs = [codec.encode(p) for p in page_data]
+    blobs = [codec.encode(page_data[i % kinds]) for i in range(n)]
     enc = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _, b in blobs:
@@ -122,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pages", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--distinct", type=int, default=0,
+                   help="different page contents, cycled (default: every page its own)")
     a = p.parse_args(argv)
-    rows = [run(a.requests, a.pages, a.profile) for _ in range(a.rounds)]
+    rows = [run(a.requests, a.pages, a.profile, a.distinct) for _ in range(a.rounds)]
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(json.dumps(out))
     return 0

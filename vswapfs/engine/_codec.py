@@ -61,8 +61,9 @@ def check_level(codec: str, level: int) -> None:
 class Codec:
     """Encodes pages for the table and the pool, and decodes pool objects.
 
-    ``level`` and ``huge_threshold`` may change at any time (a plain
-    attribute store); a page in flight uses the value it read.
+    The levels (:meth:`set_levels`) and ``huge_threshold`` (a plain
+    attribute store) may change at any time; a page in flight uses the
+    values it read.
     """
 
     def __init__(self, name: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL,
@@ -76,13 +77,15 @@ class Codec:
             # point of the memory returned after a burst in the bench (98.7% vs 99.7%)
             import lz4.block
             self._lz4 = lz4.block
-        self.level = level if name == "zstd" else 0
-        # the first store's level as set (None: ``level``); see first_level
-        self.fast_level = first_level if name == "zstd" else None
+        self.level = 0  # the level pages end up at (0 with lz4), see set_levels
+        self.fast_level: int | None = None  # the first store's level as set (None: ``level``)
+        self.first_level = 0  # the first store's level in effect: never denser than ``level``
         self.huge_threshold = huge_threshold
         # idle compressors by level: the first store's and recompression's
         self._cctxs: dict[int, list[zstandard.ZstdCompressor]] = {}
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
+        if name == "zstd":
+            self.set_levels(level, first_level)
 
     def warm(self) -> None:
         """Make the first contexts now, not in the first burst."""
@@ -91,11 +94,13 @@ class Codec:
             self.decode(blob)
             self.recompress(blob)
 
-    @property
-    def first_level(self) -> int:
-        """The level a page is stored at first: ``fast_level``, never denser than ``level``."""
-        fast = self.fast_level
-        return self.level if fast is None or fast > self.level else fast
+    def set_levels(self, level: int, fast_level: int | None) -> None:
+        """Set the final level and the first store's (None: the final one;
+        never denser than it).  A store in flight uses the levels it read;
+        contexts of levels no longer used are dropped."""
+        self.level, self.fast_level = level, fast_level
+        self.first_level = level if fast_level is None or fast_level > level else fast_level
+        self._cctxs = {lv: self._cctxs.get(lv, []) for lv in {self.level, self.first_level}}
 
     @property
     def two_step(self) -> bool:
@@ -124,8 +129,7 @@ class Codec:
         except zstandard.ZstdError as e:  # zstd fails only when it cannot allocate
             raise MemoryError(f"zstd: {e}") from None
         finally:
-            if level in (self.first_level, self.level):  # contexts of a former level go
-                idle.append(c)
+            idle.append(c)
 
     def decode(self, blob: bytes) -> bytes:
         """The page a pool object holds.  A corrupt object is an I/O error

@@ -213,11 +213,13 @@ class Placement:
             return False
         store = self.pool.store
         done: list[int] = []
+        raw = 0
         try:
             for i in todo:
                 blob = encoded[i][1]
                 if blob is None:  # poor: kept raw, a huge page
                     blob = pages[i]
+                    raw += 1
                 words[i] = E.pool_word(store(blob), len(blob))
                 done.append(i)
         except PoolExhausted:
@@ -230,7 +232,7 @@ class Placement:
                 self.release(words[i])
             self.note_mem()
             raise
-        self.counters.huge_pages_since += sum(1 for i in todo if encoded[i][1] is None)
+        self.counters.huge_pages_since += raw
         return True
 
     def _store_policy(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
@@ -414,26 +416,39 @@ class Placement:
     def compact(self) -> int:
         """Pack sparse pool chunks together; returns the bytes freed.  A move
         that finds no chunk ready ends the compaction early."""
-        pool = self.pool
-        before = pool.mem_used
+        before = self.pool.mem_used
         try:
-            if pool.plan_compaction():
-                for cl in self.table.clusters.values():
-                    if not cl.pool:
-                        continue
-                    table = cl.table
-                    for idx, w in enumerate(table):
-                        if w & E.TAG_MASK == E.POOL:
-                            obj, length = E.pool_object(w), E.pool_length(w)
-                            if pool.draining(obj, length):
-                                table[idx] = E.pool_word(pool.copy(obj, length), length)
-                                pool.free(obj, length)  # after the word: see ``_table``
-        except MemoryError:  # PoolExhausted too: what moved stays moved, the rest stays put
-            pass
+            if self.pool.plan_compaction():
+                for ci in list(self.table.clusters):
+                    if not self.compact_cluster(ci):
+                        break
         finally:
-            pool.end_compaction()
+            self.end_compaction()
+        return max(before - self.pool.mem_used, 0)
+
+    def compact_cluster(self, ci: int) -> bool:
+        """Move cluster ``ci``'s pool objects out of the chunks that
+        ``Pool.plan_compaction`` marked (each: copy, word, then free, see
+        ``_table``).  False if a move found no chunk ready: what moved
+        stays moved, the rest stays put, the compaction should end."""
+        cl = self.table.clusters.get(ci)
+        if cl is None or not cl.pool:
+            return True
+        pool, table = self.pool, cl.table
+        try:
+            for idx, w in enumerate(table):
+                if w & E.TAG_MASK == E.POOL:
+                    obj, length = E.pool_object(w), E.pool_length(w)
+                    if pool.draining(obj, length):
+                        table[idx] = E.pool_word(pool.copy(obj, length), length)
+                        pool.free(obj, length)  # after the word: see ``_table``
+        except MemoryError:  # PoolExhausted too
+            return False
+        return True
+
+    def end_compaction(self) -> None:
+        self.pool.end_compaction()
         self.note_mem()
-        return max(before - pool.mem_used, 0)
 
     def remove(self, path: str) -> int:
         """Evacuate the backing file at ``path`` and drop it (see

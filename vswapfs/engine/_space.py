@@ -153,7 +153,9 @@ class SwapSpace:
             pool_limit = self._pool.reserve
         if first_level is not None and codec == "zstd":
             check_level(codec, first_level)
-        self._codec.fast_level = first_level if codec == "zstd" else None
+            self._codec.set_levels(self._codec.level, first_level)
+        elif codec == "zstd":
+            self._codec.set_levels(self._codec.level, None)
         self.configure(pool_limit=pool_limit, level=level if codec == "zstd" else None,
                        accept_threshold=accept_threshold, huge_threshold=huge_threshold)
         if fds is not None:
@@ -224,10 +226,10 @@ class SwapSpace:
             if pool_limit is not None:
                 place.pool_limit = pool_limit
                 place.pool_full = False
-            if level is not None:
-                self._codec.level = level
-            if first_level is not None:
-                self._codec.fast_level = first_level
+            if level is not None or first_level is not None:
+                codec = self._codec
+                codec.set_levels(codec.level if level is None else level,
+                                 codec.fast_level if first_level is None else first_level)
             if accept_threshold is not None:
                 place.accept_threshold = accept_threshold
             if huge_threshold is not None:
@@ -488,13 +490,39 @@ class SwapSpace:
                     return 0
         return len(batch)
 
-    def compact(self) -> int:
+    def compact(self, *, yielding: bool = False, until: Callable[[], bool] | None = None) -> int:
         """Pack sparse pool chunks together; returns 4 KiB pages freed.  A
-        move that finds no chunk ready ends the compaction early."""
+        move that finds no chunk ready ends the compaction early.
+
+        ``yielding``: take the lock for one cluster's moves at a time, so
+        that reads and writes go on between them (for housekeeping; chunks
+        being drained take no new objects meanwhile, see ``_pool``), and
+        stop early once ``until()`` is true."""
+        if not yielding:
+            with self._lock:
+                freed = self._place.compact() // PAGE
+                self.counters.pages_compacted += freed
+                return freed
+        place, pool = self._place, self._pool
         with self._lock:
-            freed = self._place.compact() // PAGE
-            self.counters.pages_compacted += freed
-            return freed
+            if not pool.plan_compaction():
+                place.end_compaction()
+                return 0
+            clusters = list(self._table.clusters)
+        freed = 0  # bytes, counted per step: what others free between steps is theirs
+        try:
+            for ci in clusters:
+                with self._lock:
+                    before = pool.mem_used
+                    ok = place.compact_cluster(ci)
+                    freed += max(before - pool.mem_used, 0)
+                if not ok or (until is not None and until()):
+                    break
+        finally:
+            with self._lock:
+                place.end_compaction()
+                self.counters.pages_compacted += freed // PAGE
+        return freed // PAGE
 
     # -- memory kept for the serving path (dynamic mode) ---------------------
 

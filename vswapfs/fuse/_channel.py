@@ -132,11 +132,12 @@ def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memor
     while True:
         try:
             n = os.readv(fd, [buf])
-            errors.ok()
         except OSError as e:
             if errors.gone(e, name):
                 return
             continue
+        if errors.pause:
+            errors.ok()
         if not n:
             return
         if not serve(fd, mv[:n]) and not hand_over(bytes(mv[:n]), fd):

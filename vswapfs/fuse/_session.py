@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -283,7 +284,7 @@ class Session:
         else:
             self._answer(r, result, tally)
 
-    def _serve_here(self, fd: int, req: memoryview, tally: _Tally) -> bool:
+    def _serve_here(self, tally: _Tally, fd: int, req: memoryview) -> bool:
         """Serve a request on this channel thread; False to hand it over."""
         r = self._open(req, fd, tally, thread=True)
         if r is HAND_OVER:
@@ -388,7 +389,7 @@ class Session:
                         tally = _Tally()
                         self._tallies.append(tally)
                         C.serve_thread(fd, buf, threading.current_thread().name,
-                                       lambda fd, req: self._serve_here(fd, req, tally), hand_over)
+                                       functools.partial(self._serve_here, tally), hand_over)
                     finally:
                         try:
                             trio.from_thread.run_sync(done.release, trio_token=token)
