@@ -99,3 +99,46 @@ def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(
         assert s["stored_pages"] <= 1 and s["notify_free"] >= peak["stored_pages"] - 1, s
         assert s["mem_used_total"] <= 64 * 1024, s
     assert s["failed_reads"] == 0 and s["failed_writes"] == 0
+
+
+def test_idle_recompression_makes_swapped_pages_denser_and_loses_none(
+        swap_mnt: tuple[Path, str]) -> None:
+    """Pages swapped out are stored at the fast first level; once the daemon
+    is idle its housekeeping recompresses them at the level and compacts
+    the pool: less payload and less pool memory, and every page still reads
+    back as written."""
+    mnt, _ = swap_mnt
+    assert (mnt / "control" / "first_compression_level").read_text().strip() == "-1"
+    with MemCgroup(f"vswapfs-test-{os.getpid()}", LIMIT_MIB * MiB) as cg:
+        proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(3 * LIMIT_MIB),
+                         "--files", "--hold"], stdin=-1, stdout=-1, stderr=-1)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == b"filled"
+            held = stats(mnt)  # the pages are out, the daemon about to be idle
+            deadline = time.monotonic() + 60
+            settled = held
+            while time.monotonic() < deadline:
+                time.sleep(1)
+                now = stats(mnt)
+                if now["recompressed_pages"] and now["recompressed_pages"] == settled["recompressed_pages"] \
+                        and now["mem_used_total"] == settled["mem_used_total"]:
+                    break  # recompression and the compaction after it are done
+                settled = now
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            out, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err.decode()[-500:]
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["bad"] == 0 and result["verified"] == 3 * LIMIT_MIB * MiB // 4096, result
+    assert settled["recompressed_pages"] > held["pool_pages"] // 10, (held, settled)
+    assert settled["recompress_saved_bytes"] > 0
+    assert settled["compr_data_size"] < held["compr_data_size"], (held, settled)
+    assert settled["mem_used_total"] <= held["mem_used_total"], (held, settled)
+    assert settled["failed_reads"] == 0 and settled["failed_writes"] == 0
+    print({k: (held[k], settled[k]) for k in ("pool_pages", "recompressed_pages", "compr_data_size",
+                                             "mem_used_total")})
