@@ -10,7 +10,10 @@ daemon stays outside it) and verify every page:
 - latency: after swap-out, touch random swapped-out pages one at a time
   (pagemap says which): p50 and p99 in microseconds;
 - pyheap: a Python program with a heap over the limit (1.5x: build, sort,
-  sum a list of objects): wall time.
+  sum a list of objects): wall time;
+- kv: redis (Debian's ``redis-server``) with a heap 3x its 256 MiB cgroup,
+  loaded with real-file text, then random GETs from ``redis-benchmark``:
+  requests per second and p99, a sample of values checked (``kv``).
 
 For each backend the memory it holds is sampled: the daemon's RSS for
 vswapfs, ``mm_stat`` for zram, the zswap pool (``Zswap:`` in meminfo);
@@ -32,7 +35,9 @@ also say how far vswapfs is from it.  ``vswapfs-fastest`` (zstd level
 compression costs and what the rest of the daemon does;
 ``vswapfs-lz4`` (also only when named) is vswapfs with ``--algorithm lz4``;
 ``fuse-floor-c-uring`` (also only when named) is the yardstick served over
-FUSE-over-io_uring, the other transport this kernel has.
+FUSE-over-io_uring, the other transport this kernel has; ``vswapfs-onestep``
+(also only when named) stores pages at zstd level 1 at once, without the
+fast first store and the recompression when idle.
 
 With zswap: ``zswap-swapfile`` is zswap in front of a preallocated
 swapfile, ``vswapfs-zswap`` is ``vswapfs up --zswap`` (the RFC's setup),
@@ -43,7 +48,9 @@ restored after each.  The memory a zswap backend holds is zswap's pool
 (``Zswap:``) plus the daemon's RSS.
 
 ``--sustained`` runs the size that shows where the time goes: 2 GiB of
-pages through a 512 MiB cgroup (usemem and latency); small runs hide it.
+pages through a 512 MiB cgroup (usemem and latency), and kv; small runs
+hide it.  Its targets are against the C floor (and zram) of the same run,
+printed under "against the floor".
 
 Rounds are interleaved across backends (the order rotates each round) so
 the machine's drift cancels; medians are compared (single runs swing by a
@@ -321,7 +328,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 # Run only when named in --only: what the default run's figures are made of.
 EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring", "vswapfs-zswap-tier-noshrink",
-         "vswapfs-zswap-tier-disk")
+         "vswapfs-zswap-tier-disk", "vswapfs-onestep")
 
 
 def backends() -> list[Backend]:
@@ -348,6 +355,8 @@ def backends() -> list[Backend]:
         floor_backend(uring=True),
         # the cold tier without zswap's shrinker: zswap writes back only when its pool is full
         vswapfs_backend("vswapfs-zswap-tier-noshrink", ["--size", "4G"], zswap_pool_percent=1),
+        # zstd in one step (--first-level = --level): no fast first store, no recompression
+        vswapfs_backend("vswapfs-onestep", ["--size", "4G", "--first-level", "1"]),
         # the cold tier on disk: past a 128 MiB pool, the oldest pages go to a backing file
         vswapfs_backend("vswapfs-zswap-tier-disk", ["--size", "4G", "--pool-limit", "128M",
                                                     "--backing", f"{BENCH_DIR}/tier0"],
