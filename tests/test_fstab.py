@@ -28,6 +28,7 @@ def test_fstab_options_translate_and_unknown_ones_are_named() -> None:
     assert options_to_args("zswap,zswap_max_pool_percent=5,zswap_shrinker") == [
         "--zswap", "--zswap-max-pool-percent", "5", "--zswap-shrinker"]
     assert options_to_args("zswap=lzo-rle") == ["--zswap", "lzo-rle"]
+    assert options_to_args("level=3,first_level=-2") == ["--level", "3", "--first-level", "-2"]
     with pytest.raises(ValueError, match="zswap_shrinker=1"):
         options_to_args("zswap_shrinker=1")
     assert helper_main(["vswapfs", "/mnt/x", "-o", "rw,size=1G"]) == ["mount", "/mnt/x", "--size", "1G"]

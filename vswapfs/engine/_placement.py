@@ -327,8 +327,9 @@ class Placement:
             try:
                 w = E.pool_word(pool.store(new), len(new))
             except (MemoryError, OSError):  # no chunk ready (PoolExhausted): the rest waits
-                for later, _, _ in batch[k:]:
-                    table.mark_fresh(later, 1)
+                for (later, _, _), d in zip(batch[k:], dense[k:], strict=True):
+                    if d is not None:
+                        table.mark_fresh(later, 1)
                 break
             table.set(slot, w)
             pages += 1
