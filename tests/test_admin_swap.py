@@ -140,5 +140,3 @@ def test_idle_recompression_makes_swapped_pages_denser_and_loses_none(
     assert settled["compr_data_size"] < held["compr_data_size"], (held, settled)
     assert settled["mem_used_total"] <= held["mem_used_total"], (held, settled)
     assert settled["failed_reads"] == 0 and settled["failed_writes"] == 0
-    print({k: (held[k], settled[k]) for k in ("pool_pages", "recompressed_pages", "compr_data_size",
-                                             "mem_used_total")})
