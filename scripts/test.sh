@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for tool in fio:fio stress-ng:stress-ng mkfs.ext4:e2fsprogs losetup:util-linux mkswap:util-linux cc:gcc; do
+for tool in fio:fio stress-ng:stress-ng mkfs.ext4:e2fsprogs losetup:util-linux mkswap:util-linux cc:gcc \
+            redis-server:redis-server redis-benchmark:redis-tools; do
   command -v "${tool%%:*}" >/dev/null || need+=("${tool##*:}")
 done
 if ((${#need[@]})); then

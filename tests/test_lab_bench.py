@@ -156,3 +156,22 @@ def test_unknown_backend_is_refused_and_extras_run_only_when_named(
     names = [b.name for b in bench.backends()]
     assert "vswapfs-fastest" in bench.EXTRA and set(bench.EXTRA) <= set(names)
     assert names[-len(bench.EXTRA):] == [n for n in names if n in bench.EXTRA]  # extras last
+
+
+def test_floor_verdicts_say_how_far_each_sustained_target_is() -> None:
+    s = bench.summarize({"zram-lzo-rle": rows(swapin_p99_us=40.0, peak_mem_mib=800),
+                         "fuse-floor-c": rows(usemem_write_s=8.0, usemem_verify_s=10.0, kv_rps=10000),
+                         "vswapfs": rows(usemem_write_s=9.0, usemem_verify_s=25.0, swapin_p99_us=20.0,
+                                         peak_mem_mib=1000, kv_rps=5000)})
+    lines = bench.floor_verdicts(s)
+    by = {m: next(line for line in lines if bench.METRICS[m][0] in line) for m in
+          ("usemem_write_s", "usemem_verify_s", "swapin_p99_us", "peak_mem_mib", "kv_rps")}
+    assert by["usemem_write_s"].startswith("MET") and "1.12x the floor" in by["usemem_write_s"]
+    assert by["usemem_verify_s"].startswith("MISSED") and "2.50x the floor" in by["usemem_verify_s"]
+    assert "100% over it" in by["usemem_verify_s"]
+    assert by["swapin_p99_us"].startswith("MET") and "0.50x zram-lzo-rle" in by["swapin_p99_us"]
+    assert by["peak_mem_mib"].startswith("MISSED") and "1.25x zram-lzo-rle" in by["peak_mem_mib"]
+    assert by["kv_rps"].startswith("MISSED") and "0.50x the floor (target ≥ 0.9x, 44% short of it)" \
+        in by["kv_rps"]
+    assert not any("p50" in line for line in lines)  # no figure, no verdict
+    assert "against the floor" in "\n".join(bench.all_verdicts(s))
