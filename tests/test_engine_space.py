@@ -13,6 +13,7 @@ import pytest
 from vswapfs import MiB
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
 from vswapfs.engine import entry as E
+from vswapfs.engine._codec import Codec
 from vswapfs.engine._inject import armed
 
 
@@ -721,3 +722,19 @@ def test_settle_skips_a_word_whose_object_now_holds_other_bytes() -> None:
         assert space._place.settle([(0, word, b"not what the pool holds")], [dense])
     assert space.entry(0) == word and space.read(0, PAGE) == _text(1)
     assert space.stats()["recompressed_pages"] == 0
+
+
+def test_past_half_the_pool_limit_pages_are_stored_dense_at_once() -> None:
+    dense_len = len(Codec().compress(_text(7), 1))
+    fast_len = len(Codec().compress(_text(7), -1))
+    assert fast_len > dense_len
+    space = SwapSpace(8 * MiB, pool_limit=1 * MiB)
+    space.write(0, _text(7))
+    assert E.pool_length(space.entry(0)) == fast_len  # far from the limit: the fast level
+    i = 1
+    while space.stats()["mem_used_total"] * 2 < 1 * MiB:
+        space.write(i * PAGE, os.urandom(PAGE))  # raw pages fill the pool
+        i += 1
+    space.write(i * PAGE, _text(7))
+    assert E.pool_length(space.entry(i)) == dense_len  # past half: dense at once
+    assert space.read(i * PAGE, PAGE) == _text(7) and space.check() == []

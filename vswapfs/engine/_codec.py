@@ -12,7 +12,9 @@ pages here, a fifth larger); :meth:`Codec.recompress` later makes it
 ``SwapSpace.recompress``).  Any zstd frame decodes the same way whatever
 level made it, so nothing records which level a page has: a page is worth
 recompressing if the result is smaller.  With ``first_level`` equal to
-``level`` (or lz4) there is one step.
+``level`` (or lz4) there is one step; once the pool is past half its limit,
+``SwapSpace.write`` stores at ``level`` at once (density matters more than
+speed there).
 
 No lock: compression runs on the caller's thread, outside the engine lock
 (zstandard and lz4 release the GIL).  zstd contexts are shared through a
@@ -168,9 +170,10 @@ class Codec:
         out = self.compress(self.decode(blob), self.level)
         return out if len(out) < len(blob) else None
 
-    def encode(self, page: bytes) -> tuple[int, bytes | None]:
+    def encode(self, page: bytes, level: int | None = None) -> tuple[int, bytes | None]:
         """(SAME word, None) for a same-filled page, else (0, payload) where
-        the payload is the compressed page, or None if it compresses poorly."""
+        the payload is the compressed page (at ``first_level`` unless
+        ``level`` says otherwise), or None if it compresses poorly."""
         if page == _ZERO_PAGE:
             return ZERO_WORD, None
         head = page[:8]
@@ -178,7 +181,7 @@ class Codec:
             word = E.same_word(int.from_bytes(head, "little"))
             if word is not None:
                 return word, None
-        blob = self.compress(page)
+        blob = self.compress(page, level)
         if len(blob) > self.huge_threshold or len(blob) >= PAGE:  # a 4096-byte object is a raw page
             return 0, None
         return 0, blob

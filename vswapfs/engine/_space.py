@@ -300,7 +300,12 @@ class SwapSpace:
                         page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
                         pages.append(bytes(page))
             encode = self._codec.encode  # outside the lock
-            encoded = [encode(p) for p in pages]
+            # the fast first level only while the pool is far from its limit:
+            # past half of it, pages are stored dense at once (read without
+            # the lock: a stale look only picks the other level for this write)
+            limit = self._place.pool_limit
+            level = self._codec.level if limit and self._pool.mem_used * 2 >= limit else None
+            encoded = [encode(p, level) for p in pages]
             with self._lock:
                 try:
                     self._place.commit(first, pages, encoded)
