@@ -135,7 +135,10 @@ class SwapSpace:
             raise ValueError(f"size must be a positive multiple of {PAGE}, not {size}")
         self.size = size
         self.nslots = size // PAGE
-        self._codec = Codec(codec)  # fixed for the space's life: the pool's objects are in it
+        if first_level is not None and codec == "zstd":
+            check_level(codec, first_level)
+        # fixed for the space's life: the pool's objects are in it (its levels are not)
+        self._codec = Codec(codec, first_level=first_level)
         self.counters = Counters()
         self._lock = threading.Lock()  # the engine lock: see the module docstring
         # dynamic mode: a write short of spare chunks sets spares_wanted (housekeeping
@@ -151,11 +154,6 @@ class SwapSpace:
         self._pool = self._place.pool
         if self._pool.reserve and not pool_limit:
             pool_limit = self._pool.reserve
-        if first_level is not None and codec == "zstd":
-            check_level(codec, first_level)
-            self._codec.set_levels(self._codec.level, first_level)
-        elif codec == "zstd":
-            self._codec.set_levels(self._codec.level, None)
         self.configure(pool_limit=pool_limit, level=level if codec == "zstd" else None,
                        accept_threshold=accept_threshold, huge_threshold=huge_threshold)
         if fds is not None:

@@ -101,15 +101,13 @@ def p_fh(body: memoryview) -> tuple[int]:
 
 
 def p_read(body: memoryview) -> tuple[int, int, int]:
-    if len(body) < A.READ_IN.size:
-        need(body, A.READ_IN.size)
+    need(body, A.READ_IN.size)
     fh, offset, size, _ = A.READ_IN.unpack_from(body)
     return fh, offset, size
 
 
 def p_write(body: memoryview) -> tuple[int, int, memoryview]:
-    if len(body) < A.WRITE_IN.size:  # need(), inline: a WRITE is what swap sends most
-        need(body, A.WRITE_IN.size)
+    need(body, A.WRITE_IN.size)
     fh, offset, size, _ = A.WRITE_IN.unpack_from(body)
     data = body[A.WRITE_IN_SIZE:A.WRITE_IN_SIZE + size]
     if len(data) != size:
