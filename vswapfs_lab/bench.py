@@ -37,7 +37,9 @@ compression costs and what the rest of the daemon does;
 ``fuse-floor-c-uring`` (also only when named) is the yardstick served over
 FUSE-over-io_uring, the other transport this kernel has; ``vswapfs-onestep``
 (also only when named) stores pages at zstd level 1 at once, without the
-fast first store and the recompression when idle.
+fast first store and the recompression when idle; ``vswapfs-small-image``
+(also only when named) is vswapfs on a 2.5 GiB image instead of 4 GiB, which
+the sustained run fills past half (see docs/sustained.md, "Memory").
 
 With zswap: ``zswap-swapfile`` is zswap in front of a preallocated
 swapfile, ``vswapfs-zswap`` is ``vswapfs up --zswap`` (the RFC's setup),
@@ -328,7 +330,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 # Run only when named in --only: what the default run's figures are made of.
 EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring", "vswapfs-zswap-tier-noshrink",
-         "vswapfs-zswap-tier-disk", "vswapfs-onestep")
+         "vswapfs-zswap-tier-disk", "vswapfs-onestep", "vswapfs-small-image")
 
 
 def backends() -> list[Backend]:
@@ -357,6 +359,9 @@ def backends() -> list[Backend]:
         vswapfs_backend("vswapfs-zswap-tier-noshrink", ["--size", "4G"], zswap_pool_percent=1),
         # zstd in one step (--first-level = --level): no fast first store, no recompression
         vswapfs_backend("vswapfs-onestep", ["--size", "4G", "--first-level", "1"]),
+        # an image the sustained run fills past half: the kernel then frees the slot of a
+        # page it reads back (vm_swap_full), and the daemon that page's copy
+        vswapfs_backend("vswapfs-small-image", ["--size", "2560M"]),
         # the cold tier on disk: past a 128 MiB pool, the oldest pages go to a backing file
         vswapfs_backend("vswapfs-zswap-tier-disk", ["--size", "4G", "--pool-limit", "128M",
                                                     "--backing", f"{BENCH_DIR}/tier0"],
