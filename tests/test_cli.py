@@ -33,6 +33,16 @@ def one_clear_line(r: subprocess.CompletedProcess[str], *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
+@pytest.mark.parametrize("command", ["", "mount", "up", "restart", "down", "stress",
+                                     "install-helpers", "status"])
+def test_cli_help_of_every_command_prints_and_exits_0(command: str) -> None:
+    r = cli(*([command] if command else []), "--help")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-500:]
+    assert r.stdout.startswith("usage: ")
+    if command in ("mount", "up"):  # the options' defaults, % signs included
+        assert "default 20% (zswap's max_pool_percent)" in " ".join(r.stdout.split())
+
+
 @needs_root
 @pytest.mark.parametrize(("size", "word"), [("12Q", "not a size"), ("-1G", "not a size"),
                                             ("100", "smaller than one"), ("lots", "not a size")])

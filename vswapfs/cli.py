@@ -53,7 +53,8 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="backing file to create (sparse); repeatable")
     p.add_argument("--pool-limit", type=_limit, default=None, metavar="S|P%",
                    help=f"compressed pool limit: bytes (512M) or percent of RAM (20%%); 0 for none; "
-                        f"default {DEFAULT_POOL_LIMIT} (zswap's max_pool_percent), or the reserve")
+                        f"default {DEFAULT_POOL_LIMIT.replace('%', '%%')} (zswap's max_pool_percent), "
+                        "or the reserve")
     p.add_argument("--algorithm", choices=CODECS, default=DEFAULT_CODEC,
                    help=f"compressor, as zramctl's --algorithm (default {DEFAULT_CODEC}; lz4 is "
                         "about twice as fast and a quarter less dense on text)")
