@@ -86,6 +86,11 @@ def test_cli_down_on_something_that_is_not_vswapfs(tmp_path: Path) -> None:
     one_clear_line(cli("down", "/proc"), "not a vswapfs mount", "proc")
 
 
+def test_cli_status_of_something_that_is_not_vswapfs(tmp_path: Path) -> None:
+    one_clear_line(cli("status", str(tmp_path)), "not a vswapfs mount")
+    one_clear_line(cli("status", "/proc", "--json"), "not a vswapfs mount", "proc")
+
+
 @needs_root
 def test_cli_not_root(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o777)

@@ -364,6 +364,9 @@ def algorithm(mnt: str) -> str:
 
 def status(mnt: str) -> dict[str, int]:
     """Every counter and gauge of the mount (``control/stats.json``)."""
+    kind = mount_type(mnt)
+    if kind != f"fuse.{FSTYPE}":
+        raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
     try:
         stats: dict[str, int] = json.loads(Path(mnt, "control", "stats.json").read_text())
         return stats
