@@ -92,6 +92,12 @@ def test_cli_status_of_something_that_is_not_vswapfs(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_cli_restart_and_stress_on_something_that_is_not_vswapfs(tmp_path: Path) -> None:
+    one_clear_line(cli("restart", str(tmp_path)), "not a vswapfs mount")
+    one_clear_line(cli("stress", str(tmp_path), "--rounds", "1"), "not a vswapfs mount")
+
+
+@needs_root
 def test_cli_not_root(tmp_path: Path) -> None:
     os.chmod(tmp_path, 0o777)
     for cmd in (("mount", str(tmp_path)), ("up", str(tmp_path)), ("down", str(tmp_path))):

@@ -53,6 +53,13 @@ def mount_type(path: str) -> str | None:
     return found
 
 
+def require_mount(mnt: str) -> None:
+    """Raise AdminError unless a vswapfs file system is mounted at ``mnt``."""
+    kind = mount_type(mnt)
+    if kind != f"fuse.{FSTYPE}":
+        raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
+
+
 def image_of(mnt: str) -> str:
     return os.path.join(canonical(mnt), IMAGE)
 
@@ -140,8 +147,7 @@ def restart(mnt: str, timeout: float = 30.0) -> str:
     swapped-out pages over (swap stays on); returns what happened once the
     new daemon answers."""
     check_root()
-    if mount_type(mnt) != f"fuse.{FSTYPE}":
-        raise AdminError(f"{mnt}: not a vswapfs mount")
+    require_mount(mnt)
     sup = supervisor_pid(mnt)
     if sup is None:
         raise AdminError(f"{mnt}: no supervisor runs for it (mounted with --no-supervisor?): "
@@ -309,9 +315,7 @@ def down(mnt: str, force: bool = False) -> list[str]:
     the FUSE connection (swapoff then fails fast on pages nobody can read
     back) and unmounts lazily if it must."""
     check_root()
-    kind = mount_type(mnt)
-    if kind != f"fuse.{FSTYPE}":
-        raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
+    require_mount(mnt)
     done = []
     pid = daemon_pid_alive(mnt)
     sup = supervisor_pid(mnt)
@@ -364,9 +368,7 @@ def algorithm(mnt: str) -> str:
 
 def status(mnt: str) -> dict[str, int]:
     """Every counter and gauge of the mount (``control/stats.json``)."""
-    kind = mount_type(mnt)
-    if kind != f"fuse.{FSTYPE}":
-        raise AdminError(f"{mnt}: not a vswapfs mount" + (f" ({kind})" if kind else ""))
+    require_mount(mnt)
     try:
         stats: dict[str, int] = json.loads(Path(mnt, "control", "stats.json").read_text())
         return stats

@@ -39,6 +39,7 @@ def stress(mnt: str, *, workers: int = 2, limit: int = 64 * MiB, multiple: float
            pattern: str = "mix", duration: float = 60.0, rounds: int = 0, mix: str = "1:1:1",
            quiet: bool = False) -> dict[str, object]:
     """Run the stress load against the swapped-on vswapfs at ``mnt``."""
+    admin.require_mount(mnt)
     devs = [d for d in admin.loops_of(mnt) if d in admin.swaps()]
     if not devs:
         raise admin.AdminError(f"{mnt}: no swap is on this vswapfs (run 'vswapfs up {mnt}' first)")
