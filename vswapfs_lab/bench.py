@@ -360,7 +360,7 @@ def backends() -> list[Backend]:
         # zstd in one step (--first-level = --level): no fast first store, no recompression
         vswapfs_backend("vswapfs-onestep", ["--size", "4G", "--first-level", "1"]),
         # an image the sustained run fills past half: the kernel then frees the slot of a
-        # page it reads back (vm_swap_full), and the daemon that page's copy
+        # page it reads back (vm_swap_full), and the slot's reuse frees the daemon's copy
         vswapfs_backend("vswapfs-small-image", ["--size", "2560M"]),
         # the cold tier on disk: past a 128 MiB pool, the oldest pages go to a backing file
         vswapfs_backend("vswapfs-zswap-tier-disk", ["--size", "4G", "--pool-limit", "128M",
