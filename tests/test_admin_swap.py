@@ -20,6 +20,7 @@ import pytest
 from conftest import needs_root, stats, swap_on
 
 from vswapfs import MiB, admin, linux
+from vswapfs._units import human
 from vswapfs.cgroup import MemCgroup
 
 pytestmark = needs_root
@@ -66,6 +67,35 @@ def test_swap_up_checks_direct_io_and_discard(swap_mnt: tuple[Path, str]) -> Non
     assert admin.loop_attrs(dev)[0] == "1" and int(admin.loop_attrs(dev)[1]) > 0
     with pytest.raises(admin.AdminError, match="already up"):
         admin.up(str(mnt))
+
+
+def test_up_of_an_image_past_one_swap_area_warns_of_the_kernels_cost_and_the_cut(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A 20 TiB image: mkswap's header addresses 16 TiB at most and this
+    kernel swaps on less; up says so, and says what the kernel's per-slot
+    arrays take, which the kernel is seen to allocate at swapon and give
+    back at swapoff."""
+    before = linux.meminfo("VmallocUsed")
+    for _, dev in swap_on(["--size", "20T"]):
+        area = linux.swap_area_sizes()[dev] * 1024
+        during = linux.meminfo("VmallocUsed")
+        err = capfd.readouterr().err
+    cost = admin.swapon_cost(area)
+    assert area < 16 << 40
+    assert f"the kernel swaps on {human(area + 4096)} of the 20T image" in err, err
+    assert f"the kernel keeps {human(cost)} of RAM" in err, err
+    assert during - before >= 0.8 * cost, (during - before, cost)
+    assert linux.meminfo("VmallocUsed") - before < 0.2 * cost
+
+
+def test_area_warnings_none_for_the_default_size_and_a_cost_past_one_percent_of_ram() -> None:
+    ram = 24 << 30
+    assert admin.area_warnings(2 * ram, None, ram) == []  # up's default size: 2x RAM
+    assert admin.area_warnings(2 * ram, 2 * ram // 1024 - 4, ram) == []
+    one_pct = int(ram * admin.SWAPON_WARN_SHARE) * 10 // admin.SWAPON_TENTHS_PER_SLOT * 4096
+    assert admin.area_warnings(one_pct, None, ram) == []
+    (w,) = admin.area_warnings(one_pct + (1 << 30), None, ram)
+    assert w.startswith("the kernel would keep 246.6M of RAM (1.0%) for this 308.2G swap area")
 
 
 def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(

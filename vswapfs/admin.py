@@ -20,11 +20,23 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import linux, zswap
-from ._consts import FSTYPE
+from ._consts import FSTYPE, PAGE
+from ._units import human
 
 RUN_DIR = Path("/run/vswapfs")
 ZSWAP_STATE = RUN_DIR / "zswap.json"  # zswap's settings as found, and the mounts that want it
 IMAGE = "swap"
+
+
+# What swapon costs the kernel, whatever the area will hold: per 4 KiB slot one
+# byte of swap_map, two of swap_cgroup and a share of the cluster table,
+# vmalloc'ed at swapon and kept until swapoff (VmallocUsed grew by 3.0 bytes a
+# slot for 64 GiB here, 3.19 for 1 and 4 TiB: `python3 -m
+# vswapfs_lab.swapon_cost`). The daemon holds nothing for capacity never
+# written; the kernel's arrays stay static until the in-kernel virtual swap
+# space makes them dynamic.
+SWAPON_TENTHS_PER_SLOT = 32  # 3.2 bytes a slot, in tenths
+SWAPON_WARN_SHARE = 0.01  # of RAM: above this, up says what the area costs the kernel
 
 
 class AdminError(Exception):
@@ -263,8 +275,15 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
             claim_zswap(mnt, zswap_values)
         # --discard: once (the whole area at swapon) and pages (each freed cluster)
         cmd = ["swapon", "--discard"] + (["-p", str(priority)] if priority is not None else [])
-        _run([*cmd, dev])
+        image_bytes = os.stat(image_of(mnt)).st_size
+        try:
+            _run([*cmd, dev])
+        except AdminError as e:  # e.g. ENOMEM: say what the area would have cost
+            hints = area_warnings(image_bytes, None, linux.mem_total())
+            raise AdminError("; ".join([str(e), *hints])) from None
         swapped = True
+        for w in area_warnings(image_bytes, linux.swap_area_sizes().get(dev), linux.mem_total()):
+            print(f"vswapfs: warning: {w}", file=sys.stderr)
         return dev
     finally:
         if not swapped:
@@ -274,6 +293,31 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
                 subprocess.run(["losetup", "-d", dev], check=False)
             if mounted_here:
                 _unmount_and_wait(mnt)
+
+
+def swapon_cost(area_bytes: int) -> int:
+    """Bytes of kernel memory swapon takes for an area of ``area_bytes``."""
+    return area_bytes // PAGE * SWAPON_TENTHS_PER_SLOT // 10
+
+
+def area_warnings(image_bytes: int, area_kib: int | None, ram: int) -> list[str]:
+    """What ``up`` warns of for an image of ``image_bytes`` that the kernel
+    swaps on as ``area_kib`` (from /proc/swaps; None before swapon): the
+    memory the kernel's per-slot arrays take when that is over
+    SWAPON_WARN_SHARE of ``ram``, and an area smaller than the image."""
+    usable = image_bytes - PAGE  # the header page
+    area = image_bytes if area_kib is None else area_kib * 1024 + PAGE
+    out = []
+    cost = swapon_cost(area)
+    if cost > ram * SWAPON_WARN_SHARE:
+        keeps = "would keep" if area_kib is None else "keeps"
+        out.append(f"the kernel {keeps} {human(cost)} of RAM ({100 * cost / ram:.1f}%) for this "
+                   f"{human(area)} swap area, used or not (about {SWAPON_TENTHS_PER_SLOT / 10} bytes "
+                   "a 4 KiB slot: swap_map, swap_cgroup, clusters); a smaller --size costs less")
+    if area_kib is not None and area_kib * 1024 < usable:
+        out.append(f"the kernel swaps on {human(area)} of the {human(image_bytes)} image (the "
+                   "most one swap area takes here): the rest is never used")
+    return out
 
 
 def _unmount_and_wait(mnt: str) -> None:

@@ -53,6 +53,14 @@ def swap_areas() -> dict[str, int]:
         return {p[0]: int(p[3]) for p in (line.split() for line in f.readlines()[1:])}
 
 
+def swap_area_sizes() -> dict[str, int]:
+    """Active swap areas from /proc/swaps: device -> KiB the kernel uses
+    (the area less its header page, and less what the kernel cannot
+    address)."""
+    with open("/proc/swaps") as f:
+        return {p[0]: int(p[2]) for p in (line.split() for line in f.readlines()[1:])}
+
+
 def meminfo(key: str) -> int:
     """A /proc/meminfo field in bytes (0 if the kernel has no such field)."""
     with open("/proc/meminfo") as f:
