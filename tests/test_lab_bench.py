@@ -116,6 +116,7 @@ def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
         "usemem_read_requests": 10.0, "usemem_read_pages_per_request": 2.0,
         "usemem_read_busy_s": 0.001}
     assert bench.served_delta(after, after)["usemem_write_requests"] == 0.0
+    assert bench.served_delta(before, after, "kv")["kv_read_pages_per_request"] == 2.0
     s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0),
                          "vswapfs": rows(usemem_write_s=1.0, usemem_write_busy_s=0.5,
                                          usemem_write_requests=17503.0)})
@@ -123,6 +124,8 @@ def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
     assert "| usemem: WRITE requests the daemon answered | - | 17,503 ± " in md
     busy = next(line for line in md.splitlines() if "daemon busy on WRITE" in line)
     assert busy.startswith("| usemem: daemon busy on WRITE (s) | - | 0.5 ± ") and "x)" not in busy
+    s = bench.summarize({"vswapfs": rows(kv_write_pages_per_request=49.9)})
+    assert "| redis: pages per WRITE | 49.9 ± " in bench.markdown(s, {})
 
 
 def test_the_lz4_variant_gets_its_own_verdicts_when_it_ran() -> None:

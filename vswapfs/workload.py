@@ -38,6 +38,7 @@ _TEXT = b"".join(b"line %04d: the quick brown fox jumps over the lazy swap daemo
 
 
 _FILL = False  # memhog-like: every page one repeated 8-byte value (see use_fill)
+_KIND_RUN = 1  # pages of one kind in a row (see use_kind_run)
 
 
 def use_file_corpus(mib: int = 8) -> None:
@@ -65,9 +66,20 @@ def use_fill() -> None:
     _FILL = True
 
 
+def use_kind_run(pages: int) -> None:
+    """Pages of one kind come in runs of ``pages`` (default 1: the kind
+    changes from page to page).  The kernel writes no zero page to swap, so
+    with runs of 1 and the 1:1:1 mix every third page is a gap, and no swap
+    write can carry more than 2 pages; longer runs let it merge more."""
+    global _KIND_RUN
+    if pages < 1:
+        raise ValueError(f"a kind run is at least 1 page, not {pages}")
+    _KIND_RUN = pages
+
+
 def kind_of(index: int, gen: int, mix: tuple[int, int, int] = (1, 1, 1)) -> str:
     """Which kind page ``index`` is at generation ``gen`` (zero:text:random = mix)."""
-    k = (index * 2654435761 + gen * 40503) % sum(mix)
+    k = (index // _KIND_RUN * 2654435761 + gen * 40503) % sum(mix)
     return "zero" if k < mix[0] else "text" if k < mix[0] + mix[1] else "random"
 
 
@@ -215,12 +227,17 @@ def main() -> None:
                    help="after the first fill, time N swap-ins of random swapped-out pages")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--mix", default="1:1:1", help="zero:text:random weights")
+    p.add_argument("--kind-run", type=int, default=1, metavar="PAGES",
+                   help="pages of one kind in a row (default 1: the kind changes every page)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hold", action="store_true", help="after filling, wait for a line on stdin")
     a = p.parse_args()
     mix = tuple(int(x) for x in a.mix.split(":"))
     if len(mix) != 3 or sum(mix) <= 0 or min(mix) < 0:
         p.error("--mix takes three non-negative weights like 1:1:1")
+    if a.kind_run < 1:
+        p.error(f"--kind-run takes a number of pages of at least 1, not {a.kind_run}")
+    use_kind_run(a.kind_run)
     if a.files:
         use_file_corpus()
     if a.fill:

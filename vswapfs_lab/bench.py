@@ -443,12 +443,15 @@ KV_LIMIT = 256  # MiB: the key-value server's cgroup (its heap 3x that) in every
 
 
 def one_round(b: Backend, limit_mib: int, mib: int | None = None,
-              workloads: tuple[str, ...] = WORKLOADS) -> dict[str, float]:
+              workloads: tuple[str, ...] = WORKLOADS, kind_run: int = 1) -> dict[str, float]:
+    """One round of ``workloads`` on ``b``; ``kind_run``: usemem's pages of one
+    kind (zero, text, random) come in runs of that many (see
+    ``vswapfs.workload.use_kind_run``)."""
     py = sys.executable
     mib = mib or 3 * limit_mib
     row: dict[str, float] = {}
     if "usemem" in workloads:
-        row.update(_usemem(b, limit_mib, mib))
+        row.update(_usemem(b, limit_mib, mib, kind_run))
     if "memhog" in workloads:
         r, _ = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--fill"])
         if r["bad"]:
@@ -466,18 +469,21 @@ def one_round(b: Backend, limit_mib: int, mib: int | None = None,
         except RuntimeError as e:  # the cgroup's OOM killer can end it on any backend: record, go on
             print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
     if "kv" in workloads:
+        served = b.served() if b.served else {}
         row.update(kv.run(KV_LIMIT))
+        if b.served:
+            row.update(served_delta(served, b.served(), "kv"))
     return row
 
 
-def _usemem(b: Backend, limit_mib: int, mib: int) -> dict[str, float]:
+def _usemem(b: Backend, limit_mib: int, mib: int, kind_run: int = 1) -> dict[str, float]:
     """Write ``mib`` of zero, file and random pages, verify, free; with the
     memory the backend held and gave back, and what the daemon served."""
     py = sys.executable
     row: dict[str, float] = {}
     served = b.served() if b.served else {}
-    r, mem = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--files"],
-                          sample_held=True)
+    r, mem = run_workload(b, limit_mib, [py, "-m", "vswapfs.workload", "--mib", str(mib), "--files",
+                                         "--kind-run", str(kind_run)], sample_held=True)
     if r["bad"]:
         raise RuntimeError(f"{b.name}: usemem found {r['bad']} bad pages")
     if b.served:
@@ -492,29 +498,32 @@ def _usemem(b: Backend, limit_mib: int, mib: int) -> dict[str, float]:
 
 
 def served_delta(before: dict[str, tuple[int, int, int]],
-                 after: dict[str, tuple[int, int, int]]) -> dict[str, float]:
+                 after: dict[str, tuple[int, int, int]], workload: str = "usemem") -> dict[str, float]:
     """What the daemon answered between two fuse_stat readings: WRITE and
     READ requests, pages per request and the seconds it was busy with them."""
     row = {}
     for op, key in (("WRITE", "write"), ("READ", "read")):
         n0, b0, us0 = before.get(op, (0, 0, 0))
         n1, b1, us1 = after.get(op, (0, 0, 0))
-        row[f"usemem_{key}_requests"] = float(n1 - n0)
+        row[f"{workload}_{key}_requests"] = float(n1 - n0)
         if n1 > n0:
-            row[f"usemem_{key}_pages_per_request"] = round((b1 - b0) / 4096 / (n1 - n0), 2)
-        row[f"usemem_{key}_busy_s"] = round((us1 - us0) / 1e6, 3)
+            row[f"{workload}_{key}_pages_per_request"] = round((b1 - b0) / 4096 / (n1 - n0), 2)
+        row[f"{workload}_{key}_busy_s"] = round((us1 - us0) / 1e6, 3)
     return row
 
 
-# What the daemon itself spent during usemem (fuse_stat; vswapfs only): no
-# ratio to zram, no chart.
+# What the daemon itself spent during usemem and redis (fuse_stat; vswapfs
+# only): no ratio to zram, no chart.
 DAEMON_METRICS = {
-    "usemem_write_requests": ("usemem: WRITE requests the daemon answered", True, None),
-    "usemem_write_pages_per_request": ("usemem: pages per WRITE", False, None),
-    "usemem_write_busy_s": ("usemem: daemon busy on WRITE (s)", True, None),
-    "usemem_read_requests": ("usemem: READ requests the daemon answered", True, None),
-    "usemem_read_pages_per_request": ("usemem: pages per READ", False, None),
-    "usemem_read_busy_s": ("usemem: daemon busy on READ (s)", True, None),
+    f"{w}_{m}": (f"{label}: {what}", lower, None)
+    for w, label in (("usemem", "usemem"), ("kv", "redis"))
+    for m, what, lower in (
+        ("write_requests", "WRITE requests the daemon answered", True),
+        ("write_pages_per_request", "pages per WRITE", False),
+        ("write_busy_s", "daemon busy on WRITE (s)", True),
+        ("read_requests", "READ requests the daemon answered", True),
+        ("read_pages_per_request", "pages per READ", False),
+        ("read_busy_s", "daemon busy on READ (s)", True))
 }
 METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or None)
     "usemem_write_s": ("usemem write (s)", True, 1.0),
@@ -698,12 +707,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sustained", action="store_true",
                    help="the sustained size: 2 GiB of pages through a 512 MiB cgroup, usemem and "
                         "latency (--limit 512 --mib 2048 --workloads usemem,latency)")
+    p.add_argument("--kind-run", type=int, default=1, metavar="PAGES",
+                   help="usemem's pages of one kind in runs of PAGES (default 1: the kind changes every "
+                        "page, so the kernel, which writes no zero page, sends at most 2 pages a write)")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--only", help="comma-separated backend names (default: all but "
                    + ", ".join(EXTRA) + ")")
     p.add_argument("--render", metavar="BENCH_JSON",
                    help="measure nothing: write the report again from a saved run's bench.json")
     a = p.parse_args(argv)
+    if a.kind_run < 1:
+        p.error(f"--kind-run takes a number of pages of at least 1, not {a.kind_run}")
     if a.sustained:
         a.limit, a.mib, a.workloads = SUSTAINED["limit"], SUSTAINED["mib"], SUSTAINED["workloads"]
     workloads = tuple(w for w in str(a.workloads).split(",") if w)
@@ -739,28 +753,29 @@ def main(argv: list[str] | None = None) -> int:
         order = chosen[rnd % len(chosen):] + chosen[:rnd % len(chosen)]
         for b in order:
             with brought_up(b):
-                row = one_round(b, a.limit, a.mib, workloads)
+                row = one_round(b, a.limit, a.mib, workloads, a.kind_run)
             rows[b.name].append(row)
             print(f"round {rnd + 1}/{a.rounds} {b.name}: " + json.dumps(row), flush=True)
     machine = f"{os.uname().release}, {os.cpu_count()} CPUs, {meminfo('MemTotal') >> 30} GiB RAM"
-    report(Path(a.out), machine, a.limit, rows, missing, a.mib or 3 * a.limit)
+    report(Path(a.out), machine, a.limit, rows, missing, a.mib or 3 * a.limit, a.kind_run)
     return 0
 
 
 def report(out: Path, machine: str, limit_mib: int, rows: dict[str, list[dict[str, float]]],
-           missing: dict[str, str], mib: int | None = None) -> None:
+           missing: dict[str, str], mib: int | None = None, kind_run: int = 1) -> None:
     """Summarize the rounds and write bench.md, bench.json and bench.png to ``out``."""
     summary = summarize(rows)
     out.mkdir(exist_ok=True)
     table = markdown(summary, missing)
     n = max((len(rs) for rs in rows.values()), default=0)
     mib = mib or 3 * limit_mib
-    header = (f"Machine: {machine}. Limit {limit_mib} MiB, workloads {mib} MiB, {n} interleaved "
+    runs = f" (usemem: pages of one kind in runs of {kind_run})" if kind_run > 1 else ""
+    header = (f"Machine: {machine}. Limit {limit_mib} MiB, workloads {mib} MiB{runs}, {n} interleaved "
               f"rounds; median ± stdev, (ratio to {REFERENCE} median).\n\n")
     lines = all_verdicts(summary)
     (out / "bench.md").write_text(header + table + "\n" + "\n".join(lines) + "\n")
     (out / "bench.json").write_text(json.dumps({"machine": machine, "limit_mib": limit_mib, "mib": mib,
-                                                "rounds": rows,
+                                                "kind_run": kind_run, "rounds": rows,
                                                 "summary": summary, "missing": missing}, indent=1))
     drew = chart(summary, out / "bench.png")
     print("\n" + header + table)
@@ -772,7 +787,7 @@ def render(saved: Path, out: Path) -> None:
     """Write the report again from a saved bench.json's rounds, as this
     version of the harness summarizes them; nothing is measured."""
     d = json.loads(saved.read_text())
-    report(out, d["machine"], d["limit_mib"], d["rounds"], d["missing"], d.get("mib"))
+    report(out, d["machine"], d["limit_mib"], d["rounds"], d["missing"], d.get("mib"), d.get("kind_run", 1))
 
 
 if __name__ == "__main__":

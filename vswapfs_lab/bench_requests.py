@@ -72,10 +72,11 @@ def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> 
 
     def write_all() -> float:
         t = 0.0
-        for lo in range(0, requests, 256):
+        step = max(1, 512 // pages)  # requests between top-ups: about 2 MiB of pages
+        for lo in range(0, requests, step):
             refill()
             batch = [memoryview(write_request(k + 1, k * pages * PAGE, data_of(k)))
-                     for k in range(lo, min(lo + 256, requests))]
+                     for k in range(lo, min(lo + step, requests))]
             t0 = time.perf_counter()
             for req in batch:
                 if not session._serve_here(tally, null, req):
