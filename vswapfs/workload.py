@@ -69,8 +69,8 @@ def use_fill() -> None:
 def use_kind_run(pages: int) -> None:
     """Pages of one kind come in runs of ``pages`` (default 1: the kind
     changes from page to page).  The kernel writes no zero page to swap, so
-    with runs of 1 and the 1:1:1 mix every third page is a gap, and no swap
-    write can carry more than 2 pages; longer runs let it merge more."""
+    with runs of 1 and the 1:1:1 mix every third page is a gap, and a swap
+    write carries about 2 pages; longer runs let it merge more."""
     global _KIND_RUN
     if pages < 1:
         raise ValueError(f"a kind run is at least 1 page, not {pages}")

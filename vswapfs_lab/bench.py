@@ -709,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                         "latency (--limit 512 --mib 2048 --workloads usemem,latency)")
     p.add_argument("--kind-run", type=int, default=1, metavar="PAGES",
                    help="usemem's pages of one kind in runs of PAGES (default 1: the kind changes every "
-                        "page, so the kernel, which writes no zero page, sends at most 2 pages a write)")
+                        "page, so the kernel, which writes no zero page, sends about 2 pages a write)")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--only", help="comma-separated backend names (default: all but "
                    + ", ".join(EXTRA) + ")")
