@@ -47,18 +47,22 @@ def loop_devices(under: str) -> list[str]:
     return devs
 
 
+def _proc_swaps(column: int) -> dict[str, int]:
+    """One numeric column of /proc/swaps by device (2: Size, 3: Used, in KiB)."""
+    with open("/proc/swaps") as f:
+        return {p[0]: int(p[column]) for p in (line.split() for line in f.readlines()[1:])}
+
+
 def swap_areas() -> dict[str, int]:
     """Active swap areas from /proc/swaps: device -> KiB in use."""
-    with open("/proc/swaps") as f:
-        return {p[0]: int(p[3]) for p in (line.split() for line in f.readlines()[1:])}
+    return _proc_swaps(3)
 
 
 def swap_area_sizes() -> dict[str, int]:
     """Active swap areas from /proc/swaps: device -> KiB the kernel uses
     (the area less its header page, and less what the kernel cannot
     address)."""
-    with open("/proc/swaps") as f:
-        return {p[0]: int(p[2]) for p in (line.split() for line in f.readlines()[1:])}
+    return _proc_swaps(2)
 
 
 def meminfo(key: str) -> int:
