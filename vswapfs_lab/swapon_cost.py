@@ -27,7 +27,6 @@ from vswapfs._units import human, parse_size
 
 def one(size: int) -> dict[str, float]:
     mnt = tempfile.mkdtemp(prefix="vswapfs-swapon-cost-")
-    dev = None
     try:
         admin.start_daemon(mnt, ["--size", str(size)])
         dev = admin.attach_loop(mnt)
@@ -36,11 +35,7 @@ def one(size: int) -> dict[str, float]:
         subprocess.run(["swapon", "--discard", dev], check=True, capture_output=True)
         vm1 = linux.meminfo("VmallocUsed")
         area = linux.swap_area_sizes()[dev] * 1024 + 4096
-    finally:
-        if dev is not None:
-            if dev in linux.swap_areas():
-                subprocess.run(["swapoff", dev], check=False)
-            subprocess.run(["losetup", "-d", dev], check=False)
+    finally:  # down does swapoff and losetup -d of the mount's loops, then unmounts
         if admin.mount_type(mnt) is not None:
             admin.down(mnt, force=True)
         os.rmdir(mnt)
