@@ -668,6 +668,8 @@ def test_recompression_makes_first_level_pages_denser_and_keeps_them() -> None:
     assert space.recompress() == 0  # nothing written since: nothing to look at
     space.write(5 * PAGE, _text(9999))  # a write marks its page again
     assert space.recompress() == 1
+    space.write(510 * PAGE, b"".join(_text(i) for i in range(4)))  # two clusters' slots
+    assert space.recompress() == 4
 
 
 def test_recompression_is_off_with_one_level_or_lz4() -> None:

@@ -157,9 +157,10 @@ class Table:
     def ready(self, first: int, count: int) -> bool:
         """True if storing slots ``first .. first+count-1`` gets a page for
         every cluster it creates without faulting memory in."""
-        span = range(first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS + 1)
-        if not self.dynamic or len(self._spare) >= len(span):  # the usual case: no counting
+        lo, hi = first // CLUSTER_SLOTS, (first + count - 1) // CLUSTER_SLOTS
+        if not self.dynamic or len(self._spare) > hi - lo:  # the usual case: no counting
             return True
+        span = range(lo, hi + 1)
         return sum(1 for ci in span if ci not in self.clusters) <= len(self._spare)
 
     def _new_cluster(self, ci: int) -> Cluster:
@@ -252,10 +253,14 @@ class Table:
     def mark_fresh(self, first: int, count: int) -> None:
         """Mark slots ``first .. first+count-1`` for :meth:`fresh_words`."""
         clusters = self.clusters
-        for slot in range(first, first + count):
-            cl = clusters.get(slot // CLUSTER_SLOTS)
-            if cl is not None:  # None: the slot holds nothing
-                cl.fresh |= 1 << (slot % CLUSTER_SLOTS)
+        end = first + count
+        while first < end:  # a cluster's run of slots at a time
+            ci, idx = divmod(first, CLUSTER_SLOTS)
+            n = min(end - first, CLUSTER_SLOTS - idx)
+            cl = clusters.get(ci)
+            if cl is not None:  # None: its slots hold nothing
+                cl.fresh |= ((1 << n) - 1) << idx
+            first += n
 
     def fresh_words(self, want: int) -> list[tuple[int, int]]:
         """Up to ``want`` (slot, word) of compressed pool pages written since

@@ -76,10 +76,13 @@ OPS: dict[int, Op] = {
 }
 
 
+_WRITE, _READ = int(A.Opcode.WRITE), int(A.Opcode.READ)  # plain ints: compared per request
+
+
 def data_bytes(opcode: int, result: Any, payload: Any) -> int:
     """Bytes of file data a successful request moved: written or read."""
-    if opcode == A.Opcode.WRITE:
+    if opcode == _WRITE:
         return int(result)
-    if opcode == A.Opcode.READ:
+    if opcode == _READ:
         return len(payload)
     return 0

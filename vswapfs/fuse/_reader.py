@@ -37,16 +37,24 @@ class MalformedHeader(MalformedRequest):
         self.header = h
 
 
+_HEADER_SIZE = A.IN_HEADER.size
+_unpack_header = A.IN_HEADER.unpack_from
+_tuple_new = tuple.__new__  # a NamedTuple without its Python-level __new__: once per request
+
+
 def header(req: memoryview) -> Header:
     """The header of ``req``; MalformedRequest if it does not match the
     bytes read (a request too short for even a header has no ``unique``
     to answer: the caller drops it)."""
-    if len(req) < A.IN_HEADER.size:
-        raise MalformedRequest(f"request of {len(req)} bytes is shorter than its header")
-    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = A.IN_HEADER.unpack_from(req)
-    h = Header(opcode, unique, nodeid, Context(uid, gid, pid), length - extlen * 8)
-    if length != len(req) or h.body_end < A.IN_HEADER.size:
-        raise MalformedHeader(h, f"header says {length} bytes, got {len(req)}")
+    n = len(req)
+    if n < _HEADER_SIZE:
+        raise MalformedRequest(f"request of {n} bytes is shorter than its header")
+    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = _unpack_header(req)
+    body_end = length - extlen * 8
+    h: Header = _tuple_new(Header, (opcode, unique, nodeid, _tuple_new(Context, (uid, gid, pid)),
+                                    body_end))
+    if length != n or body_end < _HEADER_SIZE:
+        raise MalformedHeader(h, f"header says {length} bytes, got {n}")
     return h
 
 

@@ -71,6 +71,7 @@ FALLBACK_BUFFERS: Final = 16  # event-loop buffers when channels were asked for 
 WANTED_FLAGS: Final = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
 OPCODES_TALLIED: Final = 64  # opcodes below this are counted (fuse.h ends at 51; CUSE_INIT is 4096)
 HAND_OVER: Final[Any] = object()  # _open's answer on a channel thread: the event loop serves it
+_tuple_new = tuple.__new__  # a NamedTuple without its Python-level __new__: once per request
 
 
 class _Tally:
@@ -240,7 +241,7 @@ class Session:
         except MalformedRequest as e:
             self._fail(e, h.unique, h.opcode, fd, tally, t0, reply=op.reply is not None)
             return None
-        return _Request(h.opcode, h.unique, h.nodeid, h.ctx, op, args, fd, t0)
+        return _tuple_new(_Request, (h.opcode, h.unique, h.nodeid, h.ctx, op, args, fd, t0))
 
     def _answer(self, r: _Request, result: Any, tally: _Tally) -> None:
         """Build and write the reply to a method that returned ``result``."""

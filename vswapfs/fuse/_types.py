@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import stat
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 class FuseError(Exception):
@@ -15,9 +16,8 @@ class FuseError(Exception):
         self.errno = err
 
 
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Who sent a request."""
+class Context(NamedTuple):
+    """Who sent a request (a tuple: one is made for every request)."""
 
     uid: int
     gid: int
