@@ -13,6 +13,13 @@ tallies.  Every page read back is compared with what was written.
     python3 -m vswapfs_lab.bench_requests [--requests 40000] [--pages 2] [--profile]
 
 ``--profile`` adds a cProfile of the write and read loops, by own time.
+
+``--instructions`` counts instead of timing: the instructions one WRITE and
+one READ take, under valgrind's callgrind (the differences between a run
+that only sets up, one that also writes, one that also reads back).  The
+count is the same on every run, where time on a shared 2-CPU VM swings
+±30% from run to run: it shows a cut of a few percent that timing cannot.
+It includes compression, and says nothing of caches or the kernel.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import cProfile
 import json
 import os
 import pstats
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -45,18 +55,30 @@ def read_request(unique: int, offset: int, size: int) -> bytes:
     return IN_HEADER.pack(IN_HEADER.size + len(body), Opcode.READ, unique, SWAP_INO, 0, 0, 1, 0, 0) + body
 
 
+def _rig(pages: int) -> tuple[SwapSpace, Session, _Tally, list[int]]:
+    """A dynamic space for ``pages`` pages (and room to spare), its file
+    system and a session whose replies go to /dev/null; the fds to close."""
+    workload.use_file_corpus()
+    size = (pages * PAGE + (64 << 20)) & ~((1 << 21) - 1)
+    space = SwapSpace(size, dynamic=True)
+    null = os.open("/dev/null", os.O_WRONLY)
+    r, w = os.pipe()
+    return space, Session(r, SwapFS(space, threads=0), buffers=1), _Tally(), [null, r, w]
+
+
+def _refill(space: SwapSpace) -> None:
+    """Housekeeping's part: spare chunks and table pages faulted in."""
+    while space.spares_wanted.is_set() or space.replenish(busy=True):
+        space.spares_wanted.clear()
+        space.replenish(busy=True)
+
+
 def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> dict[str, float]:
     """``distinct``: that many different page contents, cycled (0: every page
     its own), so that a run the size of the sustained bench fits in memory."""
-    workload.use_file_corpus()
     n = requests * pages
-    size = (n * PAGE + (64 << 20)) & ~((1 << 21) - 1)
-    space = SwapSpace(size, dynamic=True)
-    fs = SwapFS(space, threads=0)
-    null = os.open("/dev/null", os.O_WRONLY)
-    r, w = os.pipe()
-    session = Session(r, fs, buffers=1)
-    tally = _Tally()
+    space, session, tally, fds = _rig(n)
+    null = fds[0]
     kinds = distinct or n
     page_data = [workload.page(i, 1) for i in range(kinds)]
 
@@ -65,16 +87,11 @@ def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> 
 
     reads = [memoryview(read_request(k + 1, k * pages * PAGE, pages * PAGE)) for k in range(requests)]
 
-    def refill() -> None:  # housekeeping's part, outside the timed loop
-        while space.spares_wanted.is_set() or space.replenish(busy=True):
-            space.spares_wanted.clear()
-            space.replenish(busy=True)
-
     def write_all() -> float:
         t = 0.0
         step = max(1, 512 // pages)  # requests between top-ups: about 2 MiB of pages
         for lo in range(0, requests, step):
-            refill()
+            _refill(space)  # outside the timed loop
             batch = [memoryview(write_request(k + 1, k * pages * PAGE, data_of(k)))
                      for k in range(lo, min(lo + step, requests))]
             t0 = time.perf_counter()
@@ -112,7 +129,7 @@ def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> 
             codec.decode(b)
     dec = time.perf_counter() - t0
     space.close()
-    for fd in (null, r, w):
+    for fd in fds:
         os.close(fd)
     if prof:
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(40)
@@ -122,15 +139,66 @@ def run(requests: int, pages: int, profile: bool = False, distinct: int = 0) -> 
             "write_rest_us": round((wt - enc) * us, 2), "read_rest_us": round((rt - dec) * us, 2)}
 
 
+def serve_phase(requests: int, pages: int, phase: str) -> None:
+    """Set up ``requests`` WRITEs of ``pages`` of the workload's pages each
+    and as many READs of them, then serve the WRITEs (``phase`` "write") and
+    the READs too ("read"), or nothing ("setup"): one run of
+    :func:`instructions`."""
+    space, session, tally, fds = _rig(requests * pages)
+    _refill(space)  # enough for the whole run: refills would count as requests' work
+    data = [b"".join(workload.page(k * pages + i, 1) for i in range(pages)) for k in range(requests)]
+    writes = [memoryview(write_request(k + 1, k * pages * PAGE, d)) for k, d in enumerate(data)]
+    reads = [memoryview(read_request(k + 1, k * pages * PAGE, pages * PAGE)) for k in range(requests)]
+    for todo in ([writes] if phase == "write" else [writes, reads] if phase == "read" else []):
+        for req in todo:
+            session._serve_here(tally, fds[0], req)
+    if space.stats()["failed_writes"]:
+        raise SystemExit("writes were refused: fewer requests (one refill must hold them all)")
+    if phase == "read" and bytes(space.read(0, requests * pages * PAGE)) != b"".join(data):
+        raise RuntimeError("pages read back wrong")
+
+
+def instructions(requests: int, pages: int) -> dict[str, int]:
+    """Instructions per WRITE and per READ, counted by callgrind (see the
+    module docstring)."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (apt install valgrind)")
+    total = {}
+    for phase in ("setup", "write", "read"):
+        done = subprocess.run(
+            [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
+             "vswapfs_lab.bench_requests", "--phase", phase, "--requests", str(requests),
+             "--pages", str(pages)], capture_output=True, text=True)
+        m = re.search(r"Collected : (\d+)", done.stderr)
+        if done.returncode or m is None:
+            raise SystemExit(f"callgrind run ({phase}) failed:\n{done.stderr[-2000:]}")
+        total[phase] = int(m.group(1))
+    return {"pages_per_request": pages,
+            "write_instructions": (total["write"] - total["setup"]) // requests,
+            "read_instructions": (total["read"] - total["write"]) // requests}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--requests", type=int, default=40000)
+    p.add_argument("--requests", type=int, help="default 40000; 1000 with --instructions")
     p.add_argument("--pages", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--distinct", type=int, default=0,
                    help="different page contents, cycled (default: every page its own)")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions per request under callgrind instead of timing")
+    p.add_argument("--phase", choices=("setup", "write", "read"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.requests is None:
+        a.requests = 1000 if a.instructions else 40000
+    if a.phase:
+        serve_phase(a.requests, a.pages, a.phase)
+        return 0
+    if a.instructions:
+        print(json.dumps(instructions(a.requests, a.pages)))
+        return 0
     rows = [run(a.requests, a.pages, a.profile, a.distinct) for _ in range(a.rounds)]
     out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(json.dumps(out))
