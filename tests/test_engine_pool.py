@@ -1,9 +1,13 @@
 """The zsmalloc-like pool: packing, freeing, compaction."""
 
+import errno
+import mmap
+import os
 import random
 
 import pytest
 
+from vswapfs import linux
 from vswapfs.engine._pool import CHUNK_BYTES, Pool, PoolExhausted, chunk_bytes_for
 
 
@@ -76,3 +80,51 @@ def test_reserved_pool_reuses_its_chunks_and_refuses_past_the_reserve() -> None:
     assert set(in_use) <= set(spare)  # no chunk came from outside the reserve
     for i, o in enumerate(objs[per_chunk:], start=per_chunk):
         assert pool.load(o, 4096) == bytes([i]) * 4096
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ranges of the file that hold pages (SEEK_DATA / SEEK_HOLE)."""
+    out, off = [], 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after off
+            break
+        off = os.lseek(fd, start, os.SEEK_HOLE)
+        out.append((start, off))
+    return out
+
+
+def test_populate_all_faults_in_every_piece_and_nothing_between() -> None:
+    page = 4096
+    fd = os.memfd_create("vswapfs-test-populate")
+    try:
+        os.ftruncate(fd, 64 * page)
+        with mmap.mmap(fd, 64 * page) as m:
+            # unsorted, adjacent pieces (one run), a lone one, a repeat
+            linux.populate_all(linux.buffer_address(m), [20 * page, 4 * page, 6 * page, 2 * page,
+                                                         40 * page, 4 * page], 2 * page)
+            assert _data_ranges(fd, 64 * page) == [(2 * page, 8 * page), (20 * page, 22 * page),
+                                                   (40 * page, 42 * page)]
+    finally:
+        os.close(fd)
+
+
+def test_populate_raises_what_the_kernel_refuses_instead_of_writing_there() -> None:
+    m = mmap.mmap(-1, 3 * 4096)
+    addr = linux.buffer_address(m)
+    m.close()  # unmapped now: the kernel says ENOMEM; touching it would be a SIGSEGV
+    with pytest.raises(OSError) as e:
+        linux.populate(addr, 4096)
+    assert e.value.errno == errno.ENOMEM
+
+
+def test_populate_touches_pages_by_reading_where_they_hold_data() -> None:
+    # a range the kernel will not advise (not page-aligned: EINVAL, as a kernel without
+    # MADV_POPULATE_WRITE says) is touched page by page instead; live memory only read
+    with mmap.mmap(-1, 3 * 4096) as m:
+        m[:] = b"\xa5" * len(m)
+        linux.populate(linux.buffer_address(m) + 1, 2 * 4096, owned=False)
+        assert m[:] == b"\xa5" * len(m)
+        linux.populate(linux.buffer_address(m) + 1, 2 * 4096)  # owned: a byte per page written
+        assert m[1] == 0 and m[4097] == 0 and m[2] == 0xa5

@@ -179,3 +179,12 @@ def test_floor_verdicts_say_how_far_each_sustained_target_is() -> None:
         in by["kv_rps"]
     assert not any("p50" in line for line in lines)  # no figure, no verdict
     assert "against the floor" in "\n".join(bench.all_verdicts(s))
+
+
+def test_the_instruction_counts_phases_serve_every_page_and_read_it_back() -> None:
+    from vswapfs_lab import bench_requests
+
+    bench_requests.serve_phase(40, 2, "read")  # raises if a page read back differs
+    bench_requests.serve_phase(40, 1, "write")
+    with pytest.raises(SystemExit, match="refused"):  # more than one refill holds: said, not miscounted
+        bench_requests.serve_phase(400, 32, "write")

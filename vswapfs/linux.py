@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import glob
 import os
 import struct
+from collections.abc import Iterable
 from typing import Final
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -224,13 +226,42 @@ def buffer_address(buf: object) -> int:
         del ref
 
 
-def populate(addr: int, length: int) -> None:
-    """Fault ``length`` bytes at ``addr`` in, writable, with the GIL released."""
+def populate(addr: int, length: int, *, owned: bool = True) -> None:
+    """Fault ``length`` bytes at ``addr`` in, writable, with the GIL
+    released.  OSError if the kernel cannot (ENOMEM: no memory for them).
+
+    Kernels before 5.14 have no MADV_POPULATE_WRITE (EINVAL): there every
+    page is touched instead, by writing a zero byte to it where ``owned``
+    (the range holds nobody's data yet: a fresh chunk, a freed heap block),
+    else by reading it (a live directory or owner page, a stack in use:
+    a write would destroy what is there).  No other failure falls back: a
+    write into memory the kernel just refused is a SIGBUS or a zeroed word."""
     try:
         madvise(addr, length, MADV_POPULATE_WRITE)
-    except OSError:  # older kernels: touch every page (ctypes.memset releases the GIL too)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
         for off in range(0, length, 4096):
-            ctypes.memset(addr + off, 0, 1)
+            if owned:
+                ctypes.memset(addr + off, 0, 1)
+            else:
+                ctypes.string_at(addr + off, 1)
+
+
+def populate_all(base: int, offsets: Iterable[int], length: int, *, owned: bool = True) -> None:
+    """:func:`populate` ``length`` bytes at each of ``base + offsets``, a
+    run of adjacent ones in one call.  Each call gives the GIL up and takes
+    it back, and a thread that serves requests meanwhile waits for it every
+    time: one call per run rather than per piece leaves it alone."""
+    start = end = -1
+    for off in sorted(set(offsets)):
+        if off != end:
+            if end > start:
+                populate(base + start, end - start, owned=owned)
+            start = off
+        end = off + length
+    if end > start:
+        populate(base + start, end - start, owned=owned)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -314,7 +345,7 @@ def prefault_stack() -> int:
         if _libc.pthread_attr_getstack(attr, ctypes.byref(addr), ctypes.byref(size)) or not addr.value:
             return 0
         # the lowest page may be the guard: start one page up
-        populate(addr.value + 4096, size.value - 4096)
+        populate(addr.value + 4096, size.value - 4096, owned=False)  # its top is in use
         return size.value - 4096
     except OSError:
         return 0

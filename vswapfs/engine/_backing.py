@@ -294,7 +294,7 @@ class BackingFile:
         n = min(clusters, self.max_clusters - c)
         if n > 0:
             linux.populate(linux.buffer_address(self._csum_map) + c * CLUSTER_SLOTS * 8,
-                           n * CLUSTER_SLOTS * 8)
+                           n * CLUSTER_SLOTS * 8, owned=False)
 
     def adopt(self, slots: dict[int, int]) -> None:
         """Rebuild the rmap and the allocator of a file taken over, from

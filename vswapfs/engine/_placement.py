@@ -21,6 +21,7 @@ retired; :meth:`readers_done` frees them when the last reader leaves.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from collections.abc import Callable
@@ -489,7 +490,8 @@ class Placement:
         if not offs and not pages and not files:
             return 0
         for bf in files:  # the checksums of the next clusters a file grows by
-            bf.prefault()
+            with contextlib.suppress(OSError):  # no memory now: growing the file faults them in
+                bf.prefault()
         try:
             self.table.fault_in(pages)
         except OSError:

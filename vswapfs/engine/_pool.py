@@ -196,10 +196,16 @@ class Pool:
         """Fault the given slots in.  Needs no lock (the slots belong to no
         one yet); the GIL is released while the kernel works.  Raises
         PoolExhausted if the kernel has no memory for them."""
-        for off in offs:
-            self._populate(off)
-            # and the directory's page that names it, which a new chunk writes
-            linux.populate(self._dir_base + (off // CHUNK_BYTES * 8 // _PAGE * _PAGE), _PAGE)
+        try:
+            if _inject.armed:
+                for _ in offs:
+                    _inject.point("pool.chunk")
+            linux.populate_all(self._base, offs, CHUNK_BYTES)  # adjacent chunks in one call
+            # and the directory's pages that name them, which a new chunk writes
+            linux.populate_all(self._dir_base, {off // CHUNK_BYTES * 8 // _PAGE * _PAGE for off in offs},
+                               _PAGE, owned=False)  # they name other chunks too
+        except (OSError, MemoryError) as e:
+            raise PoolExhausted(f"cannot fault a pool chunk in: {e}") from None
 
     def _populate(self, off: int) -> None:
         try:

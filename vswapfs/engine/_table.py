@@ -101,7 +101,7 @@ class Table:
         self._base = linux.buffer_address(self._map)
         self._words = memoryview(self._map).cast("Q")
         self._owner_map = mmap.mmap(self.owners_fd, self.npages * 8)
-        linux.populate(linux.buffer_address(self._owner_map), self.npages * 8)
+        linux.populate(linux.buffer_address(self._owner_map), self.npages * 8, owned=False)  # adopted: live
         self._owner = memoryview(self._owner_map).cast("Q")  # page -> cluster index + 1, 0: free
         self._spare: list[int] = []  # pages faulted in, zero, owned by no cluster
         self._holes: list[int] = []  # pages below _next_page owned by nothing, not faulted in
@@ -138,8 +138,7 @@ class Table:
 
     def fault_in(self, pages: list[int]) -> None:
         """Fault pages in (no lock needed: they belong to no one yet)."""
-        for p in pages:
-            linux.populate(self._base + p * TABLE_PAGE, TABLE_PAGE)
+        linux.populate_all(self._base, [p * TABLE_PAGE for p in pages], TABLE_PAGE)
 
     def add_spare(self, pages: list[int]) -> None:
         self._spare.extend(pages)
