@@ -5,19 +5,19 @@ The bench's latency workload (2 GiB of text and random pages through a
 512 MiB cgroup, then 2,000 single-page swap-ins of random pages), with the
 daemon's counters read just before and just after the swap-ins: the READs
 and WRITEs it answered meanwhile and how long it was busy with them
-(``control/fuse_stat``, from parsing a request to its reply written), and
-its serving thread's CPU time and time spent waiting for a CPU
-(``/proc/PID/task/TID/schedstat``).  The C floor runs alongside for its
-p50 (it has no counters).  Rounds alternate between the backends.
+(``control/fuse_stat``, from parsing a request to its reply written), its
+serving thread's time on a CPU and waiting for one (schedstat), and the
+pages the kernel swapped out meanwhile (pswpout, any backend).  The C
+floor runs alongside (it has no counters).  Rounds alternate between the
+backends.
 
     python3 -m vswapfs_lab.swapin_share [--rounds 3] [--only fuse-floor-c,vswapfs] [--settle]
 
-A swap-in's READ waits for what the daemon is doing when it arrives: the
-fill's writeback may still be in flight when the swap-ins start (as in the
-bench's latency workload), and the swap-ins push other pages out of the
-cgroup; those WRITEs are served by the same thread.  ``--settle`` starts
-the swap-ins only once the kernel has no writeback left (``Writeback`` in
-/proc/meminfo under 1 MiB).
+A swap-in's READ waits for what the daemon is doing when it arrives, and
+the swap-ins themselves push other pages out of the cgroup: those WRITEs
+are served by the same thread.  ``--settle`` starts the swap-ins only once
+the kernel has no writeback left (``Writeback`` in /proc/meminfo under
+1 MiB), to tell those from the fill's writeback still in flight.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from vswapfs._consts import PAGE, SERVING_THREAD
 from vswapfs.cgroup import MemCgroup
 
 from . import bench
+from .profile_daemon import thread_times
 
 LIMIT = 512 << 20  # the sustained bench's cgroup
 MIB = 2048  # its workload
@@ -55,26 +56,12 @@ sys.stdin.readline()
 """
 
 
-def serving_thread(pid: int) -> dict[str, int]:
-    """The serving thread's CPU time and time runnable but waiting (ns), and
-    its time slices, from schedstat."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            if f.read().strip() != SERVING_THREAD:
-                continue
-        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-            run_ns, wait_ns, slices = (int(x) for x in f.read().split())
-        return {"run_ns": run_ns, "wait_ns": wait_ns, "slices": slices}
+def serving_thread(pid: int) -> tuple[float, float]:
+    """The serving thread's seconds on a CPU and waiting for one (schedstat)."""
+    for name, (_, _, run_s, wait_s) in thread_times(pid).items():
+        if name.startswith(SERVING_THREAD + " "):
+            return run_s, wait_s
     raise RuntimeError(f"no {SERVING_THREAD} thread in {pid}")
-
-
-def pswpout() -> int:
-    """Pages the kernel has swapped out since boot (/proc/vmstat), any device."""
-    with open("/proc/vmstat") as f:
-        for line in f:
-            if line.startswith("pswpout "):
-                return int(line.split()[1])
-    return 0
 
 
 def settle(timeout: float = 120.0) -> float:
@@ -97,13 +84,13 @@ def one(b: bench.Backend, wait: bool = False) -> dict[str, float]:
                 raise RuntimeError(f"{b.name}: the workload did not fill")
             waited = settle() if wait else 0.0
             pid = int(str(b.state["pid"])) if b.served else 0
-            s0, t0 = (b.served(), serving_thread(pid)) if b.served else ({}, {})
-            out0 = pswpout()
+            s0, t0 = (b.served(), serving_thread(pid)) if b.served else ({}, (0.0, 0.0))
+            out0 = linux.vmstat()["pswpout"]
             p.stdin.write(b"\n")
             p.stdin.flush()
             lat = json.loads(p.stdout.readline())
-            swapped_out = pswpout() - out0
-            s1, t1 = (b.served(), serving_thread(pid)) if b.served else ({}, {})
+            swapped_out = linux.vmstat()["pswpout"] - out0
+            s1, t1 = (b.served(), serving_thread(pid)) if b.served else ({}, (0.0, 0.0))
             p.stdin.write(b"\n")
             p.stdin.flush()
             p.wait(timeout=600)
@@ -121,8 +108,8 @@ def one(b: bench.Backend, wait: bool = False) -> dict[str, float]:
                    daemon_us_per_read=round((s1["READ"][2] - r0[2]) / reads, 1),
                    writes=w1[0] - w0[0], pages_written=(w1[1] - w0[1]) // PAGE,
                    daemon_ms_on_writes=round((w1[2] - w0[2]) / 1000, 1),
-                   thread_cpu_us_per_read=round((t1["run_ns"] - t0["run_ns"]) / 1000 / reads, 1),
-                   thread_wait_us_per_read=round((t1["wait_ns"] - t0["wait_ns"]) / 1000 / reads, 1))
+                   thread_cpu_us_per_read=round((t1[0] - t0[0]) * 1e6 / reads, 1),
+                   thread_wait_us_per_read=round((t1[1] - t0[1]) * 1e6 / reads, 1))
     return row
 
 

@@ -58,7 +58,7 @@ from . import _channel as C
 from ._mount import open_and_mount
 from ._opcodes import OPS, Op, data_bytes
 from ._ops import DEFER, Operations
-from ._reader import MalformedHeader, MalformedRequest, header
+from ._reader import MalformedHeader, MalformedRequest, _tuple_new, header
 from ._replies import errno_of
 from ._types import Context, InitInfo
 
@@ -71,7 +71,6 @@ FALLBACK_BUFFERS: Final = 16  # event-loop buffers when channels were asked for 
 WANTED_FLAGS: Final = A.ASYNC_READ | A.BIG_WRITES | A.ASYNC_DIO | A.MAX_PAGES | A.PARALLEL_DIROPS
 OPCODES_TALLIED: Final = 64  # opcodes below this are counted (fuse.h ends at 51; CUSE_INIT is 4096)
 HAND_OVER: Final[Any] = object()  # _open's answer on a channel thread: the event loop serves it
-_tuple_new = tuple.__new__  # a NamedTuple without its Python-level __new__: once per request
 
 
 class _Tally:
