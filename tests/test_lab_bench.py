@@ -11,7 +11,7 @@ import pytest
 from conftest import needs_root
 
 from vswapfs import admin, zswap
-from vswapfs_lab import bench
+from vswapfs_lab import bench, bench_requests
 
 
 def rows(**medians: float) -> list[dict[str, float]]:
@@ -182,8 +182,6 @@ def test_floor_verdicts_say_how_far_each_sustained_target_is() -> None:
 
 
 def test_the_instruction_counts_phases_serve_every_page_and_read_it_back() -> None:
-    from vswapfs_lab import bench_requests
-
     bench_requests.serve_phase(40, 2, "read")  # raises if a page read back differs
     bench_requests.serve_phase(40, 1, "write")
     with pytest.raises(SystemExit, match="refused"):  # more than one refill holds: said, not miscounted
