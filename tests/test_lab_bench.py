@@ -182,7 +182,8 @@ def test_floor_verdicts_say_how_far_each_sustained_target_is() -> None:
 
 
 def test_the_instruction_counts_phases_serve_every_page_and_read_it_back() -> None:
-    bench_requests.serve_phase(40, 2, "read")  # raises if a page read back differs
+    bench_requests.serve_phase(40, 2, "verify")  # raises if a page read back differs
+    bench_requests.serve_phase(40, 2, "read")
     bench_requests.serve_phase(40, 1, "write")
     with pytest.raises(SystemExit, match="refused"):  # more than one refill holds: said, not miscounted
         bench_requests.serve_phase(400, 32, "write")
