@@ -207,14 +207,6 @@ class Pool:
         except (OSError, MemoryError) as e:
             raise PoolExhausted(f"cannot fault a pool chunk in: {e}") from None
 
-    def _populate(self, off: int) -> None:
-        try:
-            if _inject.armed:
-                _inject.point("pool.chunk")
-            linux.populate(self._base + off, CHUNK_BYTES)
-        except (OSError, MemoryError) as e:
-            raise PoolExhausted(f"cannot fault a pool chunk in: {e}") from None
-
     def add_spare(self, offs: list[int]) -> None:
         """Hand faulted-in slots to the spare list (with the owner's lock)."""
         self._spare.extend(offs)
@@ -307,7 +299,7 @@ class Pool:
             if not offs:
                 raise PoolExhausted(f"the {self.capacity}-byte pool arena is full")
             try:
-                self._populate(offs[0])
+                self.fault_in(offs)
             except PoolExhausted:
                 self.give_back_slots(offs)
                 raise
