@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats, swap_on
 
-from vswapfs import MiB, admin, linux
+from vswapfs import PAGE, MiB, admin, linux
 from vswapfs._units import human
 from vswapfs.cgroup import MemCgroup
 
@@ -88,9 +88,33 @@ def test_up_of_an_image_past_one_swap_area_warns_of_the_kernels_cost_and_the_cut
     assert linux.meminfo("VmallocUsed") - before < 0.2 * cost
 
 
+def test_default_size_is_what_the_pool_keeps_raw_unless_a_backing_file_or_no_limit() -> None:
+    ram = 24 << 30
+    assert admin.default_size(ram, 32 << 20, backing=False) == 28 << 20
+    assert admin.default_size(ram, 4915 << 20, backing=False) % PAGE == 0
+    assert admin.default_size(ram, 32 << 20, backing=True) == 2 * ram
+    assert admin.default_size(ram, 0, backing=False) == ram // 2  # no limit: zram-generator's size
+    assert admin.default_size(ram, 0, backing=True) == ram // 2  # no limit, no writeback: the same
+    assert admin.bounding_limit(0, 0) == 0
+    assert admin.bounding_limit(0, 1 << 30) == 1 << 30  # a reserve is its own limit
+    assert admin.bounding_limit(512 << 20, 1 << 30) == 512 << 20
+
+
+def test_pool_warnings_only_for_an_image_the_pool_cannot_keep_and_no_backing_file() -> None:
+    ram = 24 << 30
+    assert admin.pool_warnings(28 << 20, 32 << 20, 0, ram) == []
+    assert admin.pool_warnings(1 << 30, 32 << 20, 1, ram) == []
+    (w,) = admin.pool_warnings((28 << 20) + PAGE, 32 << 20, 0, ram)
+    assert "the pool's 32M keeps 28M of pages" in w and "leave --size out (then 28M)" in w
+    assert admin.pool_warnings(ram // 2, 0, 0, ram) == []  # no limit: the image bounds the pool
+    (w,) = admin.pool_warnings(2 * ram, 0, 1, ram)
+    assert w.startswith("the pool has no limit: pages that do not compress may take up to this 48G "
+                        "image's worth of RAM (200%)"), w
+
+
 def test_area_warnings_none_for_the_default_size_and_a_cost_past_one_percent_of_ram() -> None:
     ram = 24 << 30
-    assert admin.area_warnings(2 * ram, None, ram) == []  # up's default size: 2x RAM
+    assert admin.area_warnings(2 * ram, None, ram) == []  # up's default size with a backing file: 2x RAM
     assert admin.area_warnings(2 * ram, 2 * ram // 1024 - 4, ram) == []
     one_pct = int(ram * admin.SWAPON_WARN_SHARE) * 10 // admin.SWAPON_TENTHS_PER_SLOT * 4096
     assert admin.area_warnings(one_pct, None, ram) == []

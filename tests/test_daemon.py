@@ -125,6 +125,7 @@ def swap_with(request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
 @pytest.mark.parametrize("swap_with", [["--size", "1G", "--pool-limit", "8M"]], indirect=True)
 def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Path, str]) -> None:
     mnt, _ = swap_with
+    # An image larger than the pool keeps (up warns of it, see the next test).
     # The kernel gets ENOSPC for what does not fit, keeps those pages in RAM and
     # retries them (hundreds of thousands of times, for minutes, until the
     # cgroup's OOM killer acts), so the workload is stopped after 20 s.
@@ -141,6 +142,34 @@ def test_pool_limit_without_backing_is_a_clean_out_of_space(swap_with: tuple[Pat
     # and swap still works once there is room again
     r = run_in_cgroup(32, "--mib", "40", "--mix", "1:1:0")
     assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0
+
+
+def test_without_a_backing_file_the_default_image_fills_before_the_pool_and_nothing_is_refused(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The default size with no backing file is what the pool keeps if no
+    page compresses (7/8 of its limit): the kernel's swap area fills first,
+    so a hog that does not fit is OOM-killed at once, as with a full zram,
+    instead of the kernel retrying refused writes for minutes (the test
+    above).  An image larger than that draws a warning from up."""
+    for _ in swap_on(["--size", "1G", "--pool-limit", "32M"]):
+        err = capfd.readouterr().err
+        assert "with no backing file, the pool's 32M keeps 28M of pages that do not compress, " \
+               "less than this 1G image" in err, err
+    for mnt, _ in swap_on(["--pool-limit", "32M"]):
+        assert "no backing file" not in capfd.readouterr().err
+        assert stats(mnt)["disksize"] == 28 * MiB
+        start = time.monotonic()
+        r = run_in_cgroup(32, "--mib", "128", "--mix", "0:0:1", timeout=60)
+        took = time.monotonic() - start
+        s = stats(mnt)
+        # killed by the cgroup's OOM killer well before our timeout would have
+        assert r.returncode == -signal.SIGKILL and took < 30, (r.returncode, took)
+        assert s["failed_writes"] == 0 and s["pool_limit_hit"] == 0, s
+        assert 20 * MiB < s["mem_used_max"] <= 32 * MiB  # the area was filled, the pool not
+        # and swap works on: a workload that fits is swapped through intact
+        r = run_in_cgroup(32, "--mib", "40", "--mix", "0:1:1")
+        assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0, r.stderr.decode()[-500:]
+        assert stats(mnt)["failed_writes"] == 0
 
 
 @pytest.mark.parametrize("how", ["no-supervisor", "supervisor-killed-first"])

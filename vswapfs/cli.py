@@ -48,7 +48,9 @@ def _limit(text: str) -> int:
 
 
 def _add_mount_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=_size, help="virtual swap size (default: 2x RAM)")
+    p.add_argument("--size", type=_size,
+                   help="virtual swap size (default: 7/8 of the pool limit, what it keeps if no "
+                        "page compresses; 2x RAM with a backing file; half of RAM with no pool limit)")
     p.add_argument("--backing", action="append", default=[], metavar="PATH",
                    help="backing file to create (sparse); repeatable")
     p.add_argument("--pool-limit", type=_limit, default=None, metavar="S|P%",
@@ -226,10 +228,11 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
     _daemon.protect(reserve=bool(a.reserve))  # before any thread exists
-    size = a.size or mem_total() * 2 // PAGE * PAGE
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
+    size = a.size or admin.default_size(mem_total(), admin.bounding_limit(limit, a.reserve),
+                                        bool(a.backing))
     # the engine's fds, if a previous daemon left them (it takes the names it knows)
     engine_fds = inherited if "table" in inherited else {}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
