@@ -166,9 +166,9 @@ def test_without_a_backing_file_the_default_image_fills_before_the_pool_and_noth
         assert r.returncode == -signal.SIGKILL and took < 30, (r.returncode, took)
         assert s["failed_writes"] == 0 and s["pool_limit_hit"] == 0, s
         assert 20 * MiB < s["mem_used_max"] <= 32 * MiB  # the area was filled, the pool not
-        # and swap works on: a workload that fits is swapped through intact
-        r = run_in_cgroup(32, "--mib", "40", "--mix", "0:1:1")
-        assert r.returncode == 0 and json.loads(r.stdout)["bad"] == 0, r.stderr.decode()[-500:]
+        # the daemon serves on, every table word consistent with the pool
+        assert admin.daemon_pid_alive(str(mnt)) is not None
+        assert (mnt / "control" / "check").read_text().strip() == "ok"
         assert stats(mnt)["failed_writes"] == 0
 
 
