@@ -288,13 +288,13 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
         # --discard: once (the whole area at swapon) and pages (each freed cluster)
         cmd = ["swapon", "--discard"] + (["-p", str(priority)] if priority is not None else [])
         image_bytes = os.stat(image_of(mnt)).st_size
+        s = status(mnt)  # before swapon: a daemon that does not answer fails up here, undone
         try:
             _run([*cmd, dev])
         except AdminError as e:  # e.g. ENOMEM: say what the area would have cost
             hints = area_warnings(image_bytes, None, linux.mem_total())
             raise AdminError("; ".join([str(e), *hints])) from None
         swapped = True
-        s = status(mnt)
         for w in [*area_warnings(image_bytes, linux.swap_area_sizes().get(dev), linux.mem_total()),
                   *pool_warnings(image_bytes, bounding_limit(s["mem_limit"], s["pool_reserve"]),
                                  s["backing_files"], linux.mem_total())]:
