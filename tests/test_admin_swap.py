@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats, swap_on
 
-from vswapfs import PAGE, MiB, admin, linux
+from vswapfs import PAGE, MiB, _sizing, admin, linux
 from vswapfs._units import human
 from vswapfs.cgroup import MemCgroup
 
@@ -90,24 +90,33 @@ def test_up_of_an_image_past_one_swap_area_warns_of_the_kernels_cost_and_the_cut
 
 def test_default_size_is_what_the_pool_keeps_raw_unless_a_backing_file_or_no_limit() -> None:
     ram = 24 << 30
-    assert admin.default_size(ram, 32 << 20, backing=False) == 28 << 20
-    assert admin.default_size(ram, 4915 << 20, backing=False) % PAGE == 0
-    assert admin.default_size(ram, 32 << 20, backing=True) == 2 * ram
-    assert admin.default_size(ram, 0, backing=False) == ram // 2  # no limit: zram-generator's size
-    assert admin.default_size(ram, 0, backing=True) == ram // 2  # no limit, no writeback: the same
-    assert admin.bounding_limit(0, 0) == 0
-    assert admin.bounding_limit(0, 1 << 30) == 1 << 30  # a reserve is its own limit
-    assert admin.bounding_limit(512 << 20, 1 << 30) == 512 << 20
+    assert _sizing.default_size(ram, 32 << 20, backing=False) == 28 << 20
+    assert _sizing.default_size(ram, 4915 << 20, backing=False) % PAGE == 0
+    assert _sizing.default_size(ram, 32 << 20, backing=True) == 2 * ram
+    assert _sizing.default_size(ram, 0, backing=False) == ram // 2  # no limit: zram-generator's size
+    assert _sizing.default_size(ram, 0, backing=True) == ram // 2  # no limit, no writeback: the same
+    assert _sizing.bounding_limit(0, 0) == 0
+    assert _sizing.bounding_limit(0, 1 << 30) == 1 << 30  # a reserve is its own limit
+    assert _sizing.bounding_limit(512 << 20, 1 << 30) == 512 << 20
+
+
+
+def test_limit_for_is_the_least_whole_mib_limit_whose_pool_keeps_the_image() -> None:
+    for image in (PAGE, 28 * MiB, 28 * MiB + PAGE, 64 * MiB, 4 << 30, 4 << 40):
+        limit = _sizing.limit_for(image)
+        assert limit % MiB == 0
+        assert _sizing.pool_holds(limit) >= image > _sizing.pool_holds(limit - MiB), image
 
 
 def test_pool_warnings_only_for_an_image_the_pool_cannot_keep_and_no_backing_file() -> None:
     ram = 24 << 30
-    assert admin.pool_warnings(28 << 20, 32 << 20, 0, ram) == []
-    assert admin.pool_warnings(1 << 30, 32 << 20, 1, ram) == []
-    (w,) = admin.pool_warnings((28 << 20) + PAGE, 32 << 20, 0, ram)
-    assert "the pool's 32M keeps 28M of pages" in w and "leave --size out (then 28M)" in w
-    assert admin.pool_warnings(ram // 2, 0, 0, ram) == []  # no limit: the image bounds the pool
-    (w,) = admin.pool_warnings(2 * ram, 0, 1, ram)
+    assert _sizing.pool_warnings(28 << 20, 32 << 20, 0, ram) == []
+    assert _sizing.pool_warnings(1 << 30, 32 << 20, 1, ram) == []
+    (w,) = _sizing.pool_warnings((28 << 20) + PAGE, 32 << 20, 0, ram)
+    assert "the pool's 32M keeps 28M of pages" in w, w
+    assert "raise the pool's limit to 33M or more" in w and "use an image of 28M (leave --size out)" in w, w
+    assert _sizing.pool_warnings(ram // 2, 0, 0, ram) == []  # no limit: the image bounds the pool
+    (w,) = _sizing.pool_warnings(2 * ram, 0, 1, ram)
     assert w.startswith("the pool has no limit: pages that do not compress may take up to this 48G "
                         "image's worth of RAM (200%)"), w
 

@@ -1,14 +1,19 @@
-"""The control files (``_control``) on a real mount: knobs under concurrent writers."""
+"""The control files (``_control``) on a real mount: knobs under concurrent writers,
+warnings of a pool that can fill before the kernel's swap area."""
 
 from __future__ import annotations
 
 import errno
+import json
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 from conftest import needs_root
 
-from vswapfs import MiB
+from vswapfs import MiB, admin
 
 
 @needs_root
@@ -37,3 +42,44 @@ def test_concurrent_control_writers_leave_a_valid_value(mnt: Path) -> None:
     assert int(knob.read_text()) in {int(v[:-1]) * MiB for v in good}
 
 
+
+
+def _status(mnt: Path) -> tuple[list[str], list[str]]:
+    """``vswapfs status`` of ``mnt``: its warnings on stderr, and the same
+    from ``--json``."""
+    r = subprocess.run([sys.executable, "-m", "vswapfs", "status", str(mnt)], capture_output=True,
+                       text=True, timeout=60, check=True)
+    j = subprocess.run([sys.executable, "-m", "vswapfs", "status", "--json", str(mnt)],
+                       capture_output=True, text=True, timeout=60, check=True)
+    return r.stderr.splitlines(), json.loads(j.stdout)[str(mnt)]["warnings"]
+
+
+@needs_root
+def test_a_pool_limit_lowered_below_the_image_is_warned_of_by_status_and_the_log(
+        mnt: Path, tmp_path: Path) -> None:
+    """The pool must not fill before the kernel's swap area (see _sizing):
+    what ``up`` checks once, a lower limit or an evacuated backing file can
+    undo later; ``status`` and the daemon's log say so, and stop saying it
+    once the image fits again."""
+    control, log = mnt / "control", admin.log_path(str(mnt))
+    assert _status(mnt) == ([], [])  # 64 MiB against the default limit, 20% of RAM
+    logged = log.read_text().count("with no backing file")
+    (control / "pool_limit").write_text("16M")
+    lines, warnings = _status(mnt)
+    assert len(lines) == 1 and lines[0].startswith(f"vswapfs: warning: {mnt}: with no backing file, "
+                                                   "the pool's 16M keeps 14M of pages"), lines
+    assert "raise the pool's limit to 74M or more" in lines[0], lines[0]
+    assert lines[0].endswith(warnings[0]) and len(warnings) == 1
+    (control / "pool_limit").write_text("74M")  # 8/7 of 64 MiB, rounded up to a MiB
+    assert _status(mnt) == ([], [])
+    (control / "pool_limit").write_text("73M")
+    assert len(_status(mnt)[1]) == 1
+    (control / "add_backing").write_text(str(tmp_path / "backing"))
+    assert _status(mnt) == ([], [])  # pages past the limit go to disk
+    (control / "evacuate").write_text(str(tmp_path / "backing"))
+    assert len(_status(mnt)[1]) == 1
+    time.sleep(0.5)  # the log writer thread
+    text = log.read_text()
+    assert text.count("with no backing file") - logged == 3, text[-2000:]
+    assert "control/pool_limit: with no backing file, the pool's 16M" in text
+    assert "control/evacuate: with no backing file, the pool's 73M" in text

@@ -10,11 +10,13 @@ Knows the engine, not FUSE.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import zswap
+from . import linux, zswap
+from ._sizing import mount_warnings
 from ._units import parse_limit, parse_size
 from .engine import CODECS, COUNTERS, DESCRIPTIONS, SwapSpace
 
@@ -31,6 +33,8 @@ DAEMON_FILES = (
     ("supervisor_pid", "the pid of the supervisor that holds the state (0: none)", "0"),
     ("restarts", "daemons that served this mount before this one (crashes and restarts)", "0"),
 )
+
+log = logging.getLogger("vswapfs")
 
 Reader = Callable[[SwapSpace], str]
 Writer = Callable[[SwapSpace, str], str]  # returns what was done, for the log
@@ -126,8 +130,16 @@ def _knob(name: str, help: str, get: Reader, set_: Callable[[SwapSpace, str], No
     return ControlFile(name, help, get, write)
 
 
+def warn_of_the_pool(space: SwapSpace, what: str) -> None:
+    """Log what ``vswapfs status`` warns of (a pool that can fill before
+    the kernel's swap area does) after ``what`` changed it, or at start."""
+    for w in mount_warnings(space.stats(), linux.mem_total()):
+        log.warning("%s: %s", what, w)
+
+
 def _set_pool_limit(space: SwapSpace, text: str) -> None:
     space.configure(pool_limit=parse_limit(text))
+    warn_of_the_pool(space, "control/pool_limit")
 
 
 def _set_level(space: SwapSpace, text: str) -> None:
@@ -177,7 +189,9 @@ def _do_add_backing(space: SwapSpace, text: str) -> str:
 
 def _do_evacuate(space: SwapSpace, text: str) -> str:
     p = _path(text)
-    return f"evacuated {space.remove_backing(p)} pages from {p}, removed it"
+    moved = space.remove_backing(p)
+    warn_of_the_pool(space, "control/evacuate")
+    return f"evacuated {moved} pages from {p}, removed it"
 
 
 def _const(value: str) -> Reader:
@@ -240,4 +254,5 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
     return {f.name: f for f in files}
 
 
-__all__ = ["BD_STAT", "IO_STAT", "MM_STAT", "ControlFile", "build_control_files", "parse_size"]
+__all__ = ["BD_STAT", "IO_STAT", "MM_STAT", "ControlFile", "build_control_files", "parse_size",
+           "warn_of_the_pool"]

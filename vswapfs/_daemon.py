@@ -58,6 +58,7 @@ import trio
 
 from . import admin, linux
 from ._consts import FSTYPE, VERSION
+from ._control import warn_of_the_pool
 from ._fs import SwapFS
 from ._supervisor import Keeper
 from .engine import SwapSpace
@@ -324,6 +325,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
                          mountpoint, keeper.generation, space.stored_pages, len(space.backing_files()))
             log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
                      mountpoint, space.size, os.getpid(), len(space.backing_files()))
+            warn_of_the_pool(space, mountpoint)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
                 os.close(ready_fd)

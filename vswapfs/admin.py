@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import linux, zswap
 from ._consts import FSTYPE, PAGE
+from ._sizing import mount_warnings
 from ._units import human
 
 RUN_DIR = Path("/run/vswapfs")
@@ -38,17 +39,6 @@ IMAGE = "swap"
 SWAPON_TENTHS_PER_SLOT = 32  # 3.2 bytes a slot, in tenths
 SWAPON_WARN_SHARE = 0.01  # of RAM: above this, up says what the area costs the kernel
 
-# A pool with no backing file behind it must not fill before the kernel's swap
-# area does.  The kernel takes a refused swap write for a passing error: it
-# keeps the page dirty and writes it again, hundreds of thousands of times, for
-# minutes, before (if ever) the OOM killer acts; a full area instead makes it
-# stop swapping out, and the OOM killer acts at once, as with a full zram.  A
-# slot holds one page at most, so an image no larger than what the pool keeps
-# when no page compresses never meets the limit: 7/8 of it, the last eighth
-# for chunks partly filled.  (A 32 MiB pool: 128 MiB of random pages through a
-# 32 MiB cgroup with a 1 GiB image, 105,030 writes refused in 60 s and the
-# hog still alive; with 28 MiB, the hog OOM-killed after 0.2 s, none refused.)
-POOL_HOLDS_EIGHTHS = 7
 
 
 class AdminError(Exception):
@@ -296,8 +286,7 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
             raise AdminError("; ".join([str(e), *hints])) from None
         swapped = True
         for w in [*area_warnings(image_bytes, linux.swap_area_sizes().get(dev), linux.mem_total()),
-                  *pool_warnings(image_bytes, bounding_limit(s["mem_limit"], s["pool_reserve"]),
-                                 s["backing_files"], linux.mem_total())]:
+                  *mount_warnings(s, linux.mem_total())]:
             print(f"vswapfs: warning: {w}", file=sys.stderr)
         return dev
     finally:
@@ -333,55 +322,6 @@ def area_warnings(image_bytes: int, area_kib: int | None, ram: int) -> list[str]
         out.append(f"the kernel swaps on {human(area)} of the {human(image_bytes)} image (the "
                    "most one swap area takes here): the rest is never used")
     return out
-
-
-def pool_holds(limit: int) -> int:
-    """Bytes of image a pool limited to ``limit`` bytes keeps whole even if
-    no page compresses (see POOL_HOLDS_EIGHTHS), in whole pages."""
-    return limit * POOL_HOLDS_EIGHTHS // 8 // PAGE * PAGE
-
-
-def bounding_limit(pool_limit: int, reserve: int) -> int:
-    """What bounds the pool: its limit or its reserve (the smaller if both
-    are set), 0 if neither does."""
-    return min((v for v in (pool_limit, reserve) if v), default=0)
-
-
-def default_size(ram: int, bound: int, backing: bool) -> int:
-    """The image's size when none is given, for a pool bounded by
-    ``bound`` bytes (0: no bound).  Without a backing file, what the pool
-    keeps if no page compresses (``pool_holds``): the kernel then finds its
-    swap full before the pool refuses a write.  With one, 2x RAM: pages past
-    the pool's limit go to disk, and capacity never written costs nothing.
-    With no bound, half of RAM (zram-generator's zram-size): the pool may
-    grow to the image."""
-    if not bound:
-        return ram // 2 // PAGE * PAGE
-    if backing:
-        return ram * 2 // PAGE * PAGE
-    return pool_holds(bound)
-
-
-def pool_warnings(image_bytes: int, bound: int, backing_files: int, ram: int) -> list[str]:
-    """What ``up`` warns of for an image of ``image_bytes`` and a pool
-    bounded by ``bound`` (its limit or reserve, 0 for none): a pool that can
-    fill before the kernel's area does with no backing file to take what
-    does not fit, and a pool with no bound that may take more than half of
-    ``ram``."""
-    if not bound:
-        if image_bytes <= ram // 2:
-            return []
-        return [f"the pool has no limit: pages that do not compress may take up to this "
-                f"{human(image_bytes)} image's worth of RAM ({100 * image_bytes / ram:.0f}%); "
-                "set --pool-limit (default 20% of RAM)"]
-    holds = pool_holds(bound)
-    if backing_files or image_bytes <= holds:
-        return []
-    return [f"with no backing file, the pool's {human(bound)} keeps {human(holds)} of pages that do "
-            f"not compress, less than this {human(image_bytes)} image: past that the kernel's swap "
-            "writes are refused, and it retries them, which can stall its users for minutes where "
-            "a full swap area makes the OOM killer act; add a backing file (--backing, or "
-            f"control/add_backing), raise --pool-limit, or leave --size out (then {human(holds)})"]
 
 
 def _unmount_and_wait(mnt: str) -> None:

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import admin, zswap
+from . import _sizing, admin, zswap
 from ._consts import CODECS, DAEMON_ENV, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
 from ._units import human, parse_limit, parse_size
 from .linux import mem_total
@@ -231,8 +231,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
-    size = a.size or admin.default_size(mem_total(), admin.bounding_limit(limit, a.reserve),
-                                        bool(a.backing))
+    size = a.size or _sizing.default_size(mem_total(), _sizing.bounding_limit(limit, a.reserve),
+                                          bool(a.backing))
     # the engine's fds, if a previous daemon left them (it takes the names it knows)
     engine_fds = inherited if "table" in inherited else {}
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
@@ -270,11 +270,16 @@ def _cmd_status(a: argparse.Namespace) -> int:
     mnts = [a.mountpoint] if a.mountpoint else admin.mounts()
     rows = {m: admin.status(m) for m in mnts}
     algorithms = {m: admin.algorithm(m) for m in mnts}
+    ram = mem_total()
+    warnings = {m: _sizing.mount_warnings(s, ram) for m, s in rows.items()}
     z = zswap.stats()
     if a.json:
-        print(json.dumps({m: {**s, "algorithm": algorithms[m], "tiers": _tiers(s, z)}
+        print(json.dumps({m: {**s, "algorithm": algorithms[m], "tiers": _tiers(s, z), "warnings": warnings[m]}
                           for m, s in rows.items()}, indent=2))
         return 0
+    for m, ws in warnings.items():  # what changed since up: a lower pool limit, a backing file gone
+        for w in ws:
+            print(f"vswapfs: warning: {m}: {w}", file=sys.stderr)
     cols = ("MOUNT", "DEVICE", "DISKSIZE", "ALGORITHM", "DATA", "COMPR", "TOTAL", "LIMIT", "ZERO", "POOL",
             "PHYS", "RATIO")
     lines = [cols]
