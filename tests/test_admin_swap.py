@@ -90,15 +90,47 @@ def test_up_of_an_image_past_one_swap_area_warns_of_the_kernels_cost_and_the_cut
 
 def test_default_size_is_what_the_pool_keeps_raw_unless_a_backing_file_or_no_limit() -> None:
     ram = 24 << 30
-    assert _sizing.default_size(ram, 32 << 20, backing=False) == 28 << 20
-    assert _sizing.default_size(ram, 4915 << 20, backing=False) % PAGE == 0
-    assert _sizing.default_size(ram, 32 << 20, backing=True) == 2 * ram
-    assert _sizing.default_size(ram, 0, backing=False) == ram // 2  # no limit: zram-generator's size
-    assert _sizing.default_size(ram, 0, backing=True) == ram // 2  # no limit, no writeback: the same
+    assert _sizing.default_size(ram, 32 << 20, None) == 28 << 20
+    assert _sizing.default_size(ram, 4915 << 20, None) % PAGE == 0
+    assert _sizing.default_size(ram, 32 << 20, 100 << 30) == 2 * ram  # room for 2x RAM on disk
+    # a backing file on a disk with less room: what the pool and 7/8 of the room keep
+    assert _sizing.default_size(ram, 32 << 20, 1 << 30) == (28 << 20) + (896 << 20)
+    assert _sizing.default_size(ram, 32 << 20, 0) == 28 << 20
+    assert _sizing.default_size(ram, 0, None) == ram // 2  # no limit: zram-generator's size
+    assert _sizing.default_size(ram, 0, 1 << 30) == ram // 2  # no limit, no writeback: the same
     assert _sizing.bounding_limit(0, 0) == 0
     assert _sizing.bounding_limit(0, 1 << 30) == 1 << 30  # a reserve is its own limit
     assert _sizing.bounding_limit(512 << 20, 1 << 30) == 512 << 20
 
+
+def test_pool_warnings_with_backing_files_only_when_their_file_systems_lack_room() -> None:
+    ram, holds = 24 << 30, 28 * MiB  # a 32 MiB pool
+    assert _sizing.pool_warnings(1 << 30, 32 * MiB, 1, ram, room=None) == []  # not known
+    assert _sizing.pool_warnings(1 << 30, 32 * MiB, 2, ram, room=(1 << 30) - holds) == []
+    (w,) = _sizing.pool_warnings(1 << 30, 32 * MiB, 2, ram, room=(1 << 30) - holds - MiB)
+    assert w.startswith("the pool's 32M keeps 28M of pages that do not compress and the backing "
+                        "files' file systems have room for 995M"), w
+    assert "free 1M or more there" in w and "with no backing file" not in w, w
+
+
+@needs_root
+def test_backing_room_is_what_the_files_take_and_each_file_systems_free_space_once(
+        small_fs: Path) -> None:
+    a, b = small_fs / "a", small_fs / "b"
+    a.write_bytes(os.urandom(MiB))
+    os.sync()
+    with open(b, "wb") as f:
+        f.truncate(64 * MiB)  # sparse: takes nothing
+    vfs = os.statvfs(small_fs)
+    one = _sizing.backing_room([str(a)])
+    assert one == os.stat(a).st_blocks * 512 + vfs.f_bavail * vfs.f_frsize
+    assert MiB <= one < 8 * MiB
+    assert _sizing.backing_room([str(a), str(b)]) == one
+    # a file not made yet: its directory's file system (counted once)
+    assert _sizing.backing_room([str(a), str(small_fs / "new")]) == one
+    assert _sizing.backing_room([str(small_fs / "new")]) == vfs.f_bavail * vfs.f_frsize
+    assert _sizing.backing_room([str(small_fs / "no-dir" / "new")]) == 0
+    assert _sizing.backing_room([]) == 0
 
 
 def test_limit_for_is_the_least_whole_mib_limit_whose_pool_keeps_the_image() -> None:

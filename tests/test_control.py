@@ -83,3 +83,22 @@ def test_a_pool_limit_lowered_below_the_image_is_warned_of_by_status_and_the_log
     assert text.count("with no backing file") - logged == 3, text[-2000:]
     assert "control/pool_limit: with no backing file, the pool's 16M" in text
     assert "control/evacuate: with no backing file, the pool's 73M" in text
+
+
+@needs_root
+def test_backing_files_on_a_file_system_with_too_little_room_are_warned_of(
+        mnt: Path, small_fs: Path) -> None:
+    """A backing file grows on demand: on a file system with less room than
+    the image needs past the pool, the pool and the disk fill before the
+    kernel's swap area does, as with no backing file at all."""
+    control, log = mnt / "control", admin.log_path(str(mnt))
+    (control / "pool_limit").write_text("16M")
+    (control / "add_backing").write_text(str(small_fs / "b0"))  # an 8 MiB file system
+    lines, warnings = _status(mnt)
+    assert len(warnings) == 1 and lines[0].endswith(warnings[0]), lines
+    assert warnings[0].startswith("the pool's 16M keeps 14M of pages that do not compress and the "
+                                  "backing files' file systems have room for "), warnings[0]
+    (control / "pool_limit").write_text("74M")  # the pool alone keeps the 64 MiB image
+    assert _status(mnt) == ([], [])
+    time.sleep(0.5)  # the log writer thread
+    assert "control/add_backing: the pool's 16M keeps 14M" in log.read_text()

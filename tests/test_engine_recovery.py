@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vswapfs.engine import PAGE, NoSpaceError, SwapSpace
+from vswapfs.engine import PAGE, NoSpaceError, SwapSpace, kept_size
 from vswapfs.engine._inject import CRASH_EXIT, crash_after
 
 SIZE = 3 * 512 * PAGE  # three clusters
@@ -205,3 +205,26 @@ def test_crash_at_every_step_recovers_every_page(seed: int, monkeypatch: pytest.
     finally:
         space.close()
         shutil.rmtree(tmp)
+
+
+def test_a_takeover_serves_the_size_the_space_was_made_with() -> None:
+    """The size travels with the fds: a new daemon whose default size came
+    out otherwise (RAM or disk room changed) must not serve another image
+    over the same table."""
+    space = SwapSpace(SIZE, **SETTINGS)  # type: ignore[arg-type]
+    try:
+        page = os.urandom(PAGE)
+        space.write(SIZE - PAGE, page)
+        fds = space.fds()
+        assert kept_size(fds) == SIZE and kept_size({}) is None
+        with pytest.raises(ValueError, match=f"made with {SIZE} bytes, not {SIZE + 512 * PAGE}"):
+            SwapSpace(SIZE + 512 * PAGE, **SETTINGS, fds=fds)  # type: ignore[arg-type]
+
+        def take_over() -> int:
+            new = SwapSpace(SIZE, **SETTINGS, fds=fds)  # type: ignore[arg-type]
+            ok = new.size == SIZE and bytes(new.read(SIZE - PAGE, PAGE)) == page and not new.check()
+            return 0 if ok and kept_size(new.fds()) == SIZE else 1
+
+        assert run_child(take_over) == 0
+    finally:
+        space.close()

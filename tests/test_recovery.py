@@ -161,3 +161,34 @@ def test_restart_refuses_a_mount_without_supervisor(mountpoint: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no supervisor" in r.stderr
     assert control(mountpoint, "supervisor_pid") == "0"
+
+
+@needs_root
+def test_a_new_daemon_serves_the_size_the_first_was_made_with(small_fs: Path, mountpoint: Path) -> None:
+    """Without --size, the image's size comes from RAM, the pool limit and
+    the backing file system's room, which can change under a running mount;
+    a daemon that takes over must serve the image the first one made (its
+    table covers that many slots, the loop device that many bytes)."""
+    admin.start_daemon(str(mountpoint), ["--pool-limit", "16M", "--backing", str(small_fs / "b0")])
+    size = int(control(mountpoint, "disksize"))
+    vfs = os.statvfs(small_fs)
+    room = vfs.f_bavail * vfs.f_frsize + os.stat(small_fs / "b0").st_blocks * 512
+    # the pool's 14 MiB and 7/8 of the room on an 8 MiB ext4 (as it was at start: within a block)
+    assert abs(size - (14 << 20) - room * 7 // 8) <= 64 << 10 and 3 << 20 < room < 8 << 20, (size, room)
+    page = os.urandom(4096)
+    fd = os.open(mountpoint / "swap", os.O_RDWR)
+    try:
+        os.pwrite(fd, page, size - 4096)
+    finally:
+        os.close(fd)
+    (small_fs / "other").write_bytes(os.urandom(3 << 20))  # the room shrinks
+    os.sync()
+    kill_daemon(mountpoint)
+    assert int(control(mountpoint, "disksize")) == size
+    assert (mountpoint / "swap").stat().st_size == size
+    fd = os.open(mountpoint / "swap", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, size - 4096) == page
+    finally:
+        os.close(fd)
+    assert control(mountpoint, "restarts") == "1" and control(mountpoint, "check") == "ok"

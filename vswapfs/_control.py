@@ -133,7 +133,8 @@ def _knob(name: str, help: str, get: Reader, set_: Callable[[SwapSpace, str], No
 def warn_of_the_pool(space: SwapSpace, what: str) -> None:
     """Log what ``vswapfs status`` warns of (a pool that can fill before
     the kernel's swap area does) after ``what`` changed it, or at start."""
-    for w in mount_warnings(space.stats(), linux.mem_total()):
+    paths = [bf.path for bf in space.backing_files()]
+    for w in mount_warnings(space.stats(), linux.mem_total(), paths):
         log.warning("%s: %s", what, w)
 
 
@@ -184,6 +185,7 @@ def _path(text: str) -> str:
 def _do_add_backing(space: SwapSpace, text: str) -> str:
     p = _path(text)
     index = space.add_backing(p)
+    warn_of_the_pool(space, "control/add_backing")  # e.g. on a file system with little room
     return f"added backing file {p} as #{index}"
 
 

@@ -286,7 +286,7 @@ def up(mnt: str, mount_args: Sequence[str] = (), priority: int | None = None,
             raise AdminError("; ".join([str(e), *hints])) from None
         swapped = True
         for w in [*area_warnings(image_bytes, linux.swap_area_sizes().get(dev), linux.mem_total()),
-                  *mount_warnings(s, linux.mem_total())]:
+                  *pool_risks(mnt, s)]:
             print(f"vswapfs: warning: {w}", file=sys.stderr)
         return dev
     finally:
@@ -412,6 +412,18 @@ def algorithm(mnt: str) -> str:
     """The mount's compressor: the bracketed word of ``control/comp_algorithm``."""
     words = Path(mnt, "control", "comp_algorithm").read_text().split()
     return next((w[1:-1] for w in words if w.startswith("[")), "?")
+
+
+def backing_paths(mnt: str) -> list[str]:
+    """The mount's backing files (``control/backing_files``)."""
+    return Path(mnt, "control", "backing_files").read_text().splitlines()
+
+
+def pool_risks(mnt: str, stats: dict[str, int]) -> list[str]:
+    """What ``up`` and ``status`` warn of for the mount whose counters are
+    ``stats``: a pool that can fill before the kernel's swap area (see
+    ``_sizing``)."""
+    return mount_warnings(stats, linux.mem_total(), backing_paths(mnt))
 
 
 def status(mnt: str) -> dict[str, int]:

@@ -223,7 +223,7 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     import trio
 
     from . import _daemon
-    from .engine import SwapSpace
+    from .engine import SwapSpace, kept_size
 
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vswapfs[%(process)d] %(levelname)s %(message)s")
@@ -231,10 +231,14 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     limit = a.pool_limit
     if limit is None:
         limit = 0 if a.reserve else parse_limit(DEFAULT_POOL_LIMIT)  # a reserve is its own limit
-    size = a.size or _sizing.default_size(mem_total(), _sizing.bounding_limit(limit, a.reserve),
-                                          bool(a.backing))
     # the engine's fds, if a previous daemon left them (it takes the names it knows)
     engine_fds = inherited if "table" in inherited else {}
+    size = kept_size(engine_fds)  # a daemon that takes over serves the image it was given
+    if size is None:
+        size = a.size or _sizing.default_size(mem_total(), _sizing.bounding_limit(limit, a.reserve),
+                                              _sizing.backing_room(a.backing) if a.backing else None)
+    elif a.size and a.size // PAGE * PAGE != size:
+        logging.warning("--size %d ignored: the mount serves the %d bytes it was made with", a.size, size)
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL,
                       first_level=a.first_level if a.first_level is not None else DEFAULT_FIRST_LEVEL,
@@ -242,9 +246,10 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,
                       fds=engine_fds or None)
     if keeper is not None:
-        if not engine_fds:
-            keeper.put(space.fds())  # before the mount: no page can be stored before they are kept
-        elif "settings" in inherited:  # what control/ tuned in an earlier daemon
+        # before the mount: no page can be stored before they are kept (after a takeover,
+        # those an earlier version did not keep, such as the size)
+        keeper.put({k: fd for k, fd in space.fds().items() if k not in engine_fds})
+        if "settings" in inherited:  # what control/ tuned in an earlier daemon
             _daemon.apply_settings(space, inherited["settings"])
         space.on_fds(keeper.put, keeper.drop)
     trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve, keeper=keeper),
@@ -270,8 +275,7 @@ def _cmd_status(a: argparse.Namespace) -> int:
     mnts = [a.mountpoint] if a.mountpoint else admin.mounts()
     rows = {m: admin.status(m) for m in mnts}
     algorithms = {m: admin.algorithm(m) for m in mnts}
-    ram = mem_total()
-    warnings = {m: _sizing.mount_warnings(s, ram) for m, s in rows.items()}
+    warnings = {m: admin.pool_risks(m, s) for m, s in rows.items()}
     z = zswap.stats()
     if a.json:
         print(json.dumps({m: {**s, "algorithm": algorithms[m], "tiers": _tiers(s, z), "warnings": warnings[m]}

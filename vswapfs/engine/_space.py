@@ -71,6 +71,16 @@ SPARE_WAIT_S: Final = 0.1  # longest a write waits for spare pool chunks (dynami
 RECOMPRESS_BATCH: Final = 64  # pages per recompress() call: ~2.5 ms of zstd here, one lock hold each side
 
 
+SIZE_FD: Final = "size"  # a memfd holding the space's size: 8 bytes, little-endian
+
+
+def kept_size(fds: Mapping[str, int]) -> int | None:
+    """The size of the space ``fds`` hold (see :meth:`SwapSpace.fds`), None
+    if they do not say (fds of a version that did not keep it)."""
+    fd = fds.get(SIZE_FD)
+    return None if fd is None else int.from_bytes(os.pread(fd, 8, 0), "little")
+
+
 def backing_of(fds: Mapping[str, int]) -> dict[int, tuple[str, tuple[int, int, int]]]:
     """The backing files among ``fds`` (named by ``BackingFile.fds``): index
     -> (path, (file, directory, checksums)).  The path is the file's own,
@@ -133,6 +143,14 @@ class SwapSpace:
             raise ValueError(f"a reserve must be at least {CHUNK_BYTES} bytes, not {reserve}")
         if size <= 0 or size % PAGE:
             raise ValueError(f"size must be a positive multiple of {PAGE}, not {size}")
+        kept = kept_size(fds) if fds is not None else None
+        if kept is not None and kept != size:  # its table covers kept // PAGE slots
+            raise ValueError(f"the space to take over was made with {kept} bytes, not {size}")
+        if fds is not None and SIZE_FD in fds:
+            self._size_fd = fds[SIZE_FD]
+        else:
+            self._size_fd = os.memfd_create("vswapfs-size", os.MFD_CLOEXEC)
+            os.write(self._size_fd, size.to_bytes(8, "little"))
         self.size = size
         self.nslots = size // PAGE
         if first_level is not None and codec == "zstd":
@@ -252,7 +270,7 @@ class SwapSpace:
         """The fds that hold the space, by name: hand them to
         ``SwapSpace(..., fds=...)`` in a new process to take it over."""
         with self._lock:
-            return self._place.fds()
+            return {**self._place.fds(), SIZE_FD: self._size_fd}
 
     def on_fds(self, keep: Callable[[dict[str, int]], None] | None,
                drop: Callable[[list[str]], None] | None) -> None:
@@ -576,3 +594,6 @@ class SwapSpace:
         """Release all memory and delete the backing files."""
         with self._lock:
             self._place.close()
+            if self._size_fd >= 0:
+                os.close(self._size_fd)
+                self._size_fd = -1
