@@ -40,7 +40,6 @@ SWAPON_TENTHS_PER_SLOT = 32  # 3.2 bytes a slot, in tenths
 SWAPON_WARN_SHARE = 0.01  # of RAM: above this, up says what the area costs the kernel
 
 
-
 class AdminError(Exception):
     """A failure the user gets as one clear line."""
 

@@ -146,11 +146,7 @@ class SwapSpace:
         kept = kept_size(fds) if fds is not None else None
         if kept is not None and kept != size:  # its table covers kept // PAGE slots
             raise ValueError(f"the space to take over was made with {kept} bytes, not {size}")
-        if fds is not None and SIZE_FD in fds:
-            self._size_fd = fds[SIZE_FD]
-        else:
-            self._size_fd = os.memfd_create("vswapfs-size", os.MFD_CLOEXEC)
-            os.write(self._size_fd, size.to_bytes(8, "little"))
+        self._size_fd = fds.get(SIZE_FD, -1) if fds is not None else -1  # made by fds() if none
         self.size = size
         self.nslots = size // PAGE
         if first_level is not None and codec == "zstd":
@@ -270,6 +266,9 @@ class SwapSpace:
         """The fds that hold the space, by name: hand them to
         ``SwapSpace(..., fds=...)`` in a new process to take it over."""
         with self._lock:
+            if self._size_fd < 0:
+                self._size_fd = os.memfd_create("vswapfs-size", os.MFD_CLOEXEC)
+                os.write(self._size_fd, self.size.to_bytes(8, "little"))
             return {**self._place.fds(), SIZE_FD: self._size_fd}
 
     def on_fds(self, keep: Callable[[dict[str, int]], None] | None,
