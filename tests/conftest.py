@@ -1,5 +1,7 @@
 """Shared fixtures.  Under CI (``CI`` set) a skipped test is a failure: the
-real-swap tests must run there."""
+real-swap tests must run there.  The tests refuse to start on compiled
+modules older than their source (an editable install edited since ``pip
+install -e .``): they would test the old code."""
 
 from __future__ import annotations
 
@@ -11,6 +13,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from vswapfs import _build
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    stale = _build.stale_modules()
+    if stale:
+        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
+                    "run `python3 -m pip install -e .` again (or use VSWAPFS_PURE=1 for a pure build)",
+                    returncode=2)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import needs_root
 
-from vswapfs import admin
+from vswapfs import _build, admin
+from vswapfs._consts import VERSION
 
 AS_NOBODY = """
 import os, sys
@@ -118,3 +119,17 @@ def test_status_and_down_load_neither_trio_nor_zstandard(args: list[str]) -> Non
     heavy = {m for m in loaded if m.split(".")[0] in ("trio", "zstandard", "lz4", "xxhash")
              or m.startswith(("vswapfs.engine", "vswapfs.fuse", "vswapfs._daemon"))}
     assert not heavy, heavy
+
+
+def test_the_serving_path_is_compiled_unless_a_pure_build_was_asked_for() -> None:
+    """setup.py compiles the request path with mypyc where a C compiler and
+    Python.h are (the test script installs both): the tests then test the
+    compiled modules, which is what ``pip install .`` gives users."""
+    want = "python" if os.environ.get("VSWAPFS_PURE") == "1" else "mypyc"
+    assert _build.kind() == want, (_build.compiled_modules(), _build.SERVING_MODULES)
+    import vswapfs.engine._space as space_module
+    assert space_module.__file__ is not None
+    assert space_module.__file__.endswith(".py") == (want == "python")
+    r = subprocess.run([sys.executable, "-m", "vswapfs", "--version"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout == f"vswapfs {VERSION} ({want} build)\n", r

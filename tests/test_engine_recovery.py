@@ -38,7 +38,7 @@ from vswapfs.engine._inject import CRASH_EXIT, crash_after
 
 SIZE = 3 * 512 * PAGE  # three clusters
 POOL_CAPACITY = 8 << 20  # a small arena: snapshots stay cheap
-SETTINGS = {"pool_limit": 192 * 1024, "accept_threshold": 75}
+SETTINGS = {"pool_limit": 192 * 1024, "accept_threshold": 75, "pool_capacity": POOL_CAPACITY}
 
 
 def page_of(rng: random.Random, kind: str) -> bytes:
@@ -127,8 +127,7 @@ def verify_takeover(fds: dict[str, int], model: bytearray, before: bytearray,
 
 
 @pytest.mark.parametrize("seed", [1])
-def test_crash_at_every_step_recovers_every_page(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("vswapfs.engine._pool.default_capacity", lambda: POOL_CAPACITY)
+def test_crash_at_every_step_recovers_every_page(seed: int) -> None:
     rng = random.Random(seed)
     tmp = tempfile.mkdtemp(prefix="vswapfs-recovery-")
     space = SwapSpace(SIZE, **SETTINGS, backing=[os.path.join(tmp, "b0")])  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import random
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vswapfs import MiB
-from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace
+from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace, _stats
 from vswapfs.engine import entry as E
 from vswapfs.engine._codec import Codec
 from vswapfs.engine._inject import armed
@@ -740,3 +741,16 @@ def test_past_half_the_pool_limit_pages_are_stored_dense_at_once() -> None:
     space.write(i * PAGE, _text(7))
     assert E.pool_length(space.entry(i)) == dense_len  # past half: dense at once
     assert space.read(i * PAGE, PAGE) == _text(7) and space.check() == []
+
+
+def test_the_counters_class_declares_exactly_the_described_counters() -> None:
+    # Read from the source: compiled by mypyc, the class keeps no __annotations__.
+    tree = ast.parse((Path(_stats.__file__).parent / "_stats.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Counters")
+    declared = [n.target.id for n in cls.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)]
+    assert declared == list(_stats.COUNTERS)
+    counters = _stats.Counters()
+    assert counters.as_dict() == dict.fromkeys(_stats.COUNTERS, 0)
+    counters.notify_free += 3
+    assert counters.as_dict()["notify_free"] == 3

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_root, stats
 
-from vswapfs import PAGE, MiB, admin, linux
+from vswapfs import PAGE, MiB, _build, admin, linux
 
 pytestmark = needs_root
 
@@ -239,6 +239,7 @@ def test_unmount_ends_the_daemon_and_its_supervisor(tmp_path: Path) -> None:
     pid = admin.daemon_pid(str(mnt))
     assert admin.supervisor_pid(str(mnt)) == sup and pid is not None and pid != sup
     assert (mnt / "control" / "supervisor_pid").read_text() == f"{sup}\n"
+    assert (mnt / "control" / "build").read_text() == f"{_build.kind()}\n"  # what it runs
     assert admin.down(str(mnt)) == [f"umount {mnt}"]
     assert admin.mount_type(str(mnt)) is None
     for p in (pid, sup):

@@ -30,6 +30,7 @@ BD_STAT = ("bd_count", "bd_reads", "bd_writes")
 # What the daemon says of itself, besides its pid: (name, help, value without a daemon)
 DAEMON_FILES = (
     ("version", "the daemon's version", "?"),
+    ("build", "how its serving path runs: mypyc (compiled) or python (see setup.py)", "?"),
     ("supervisor_pid", "the pid of the supervisor that holds the state (0: none)", "0"),
     ("restarts", "daemons that served this mount before this one (crashes and restarts)", "0"),
 )

@@ -56,7 +56,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import admin, linux
+from . import _build, admin, linux
 from ._consts import FSTYPE, VERSION
 from ._control import warn_of_the_pool
 from ._fs import SwapFS
@@ -323,8 +323,8 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
             if keeper is not None and keeper.generation:
                 log.info("%s: took over from daemon %d of this mount: %d pages, %d backing files",
                          mountpoint, keeper.generation, space.stored_pages, len(space.backing_files()))
-            log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files)",
-                     mountpoint, space.size, os.getpid(), len(space.backing_files()))
+            log.info("%s: serving %d bytes of virtual swap (pid %d, %d backing files, %s build)",
+                     mountpoint, space.size, os.getpid(), len(space.backing_files()), _build.kind())
             warn_of_the_pool(space, mountpoint)
             if ready_fd is not None:
                 os.write(ready_fd, b"ready\n")
@@ -368,5 +368,5 @@ def apply_settings(space: SwapSpace, fd: int) -> None:
 def daemon_info(keeper: Keeper | None) -> dict[str, str]:
     """What control/ says of the daemon: its version, its supervisor's pid
     (0: none) and how many daemons served the mount before it."""
-    return {"version": VERSION, "supervisor_pid": str(os.getppid() if keeper else 0),
+    return {"version": VERSION, "build": _build.kind(), "supervisor_pid": str(os.getppid() if keeper else 0),
             "restarts": str(keeper.generation if keeper else 0)}

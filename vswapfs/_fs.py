@@ -250,8 +250,8 @@ class SwapFS(Operations):
         except (ValueError, UnicodeDecodeError) as e:
             log.warning("control/%s: rejected %r: %s", f.name, data[:80], e)
             raise FuseError(errno.EINVAL) from None
-        except OSError as e:
-            log.warning("control/%s: %r failed: %s", f.name, data[:80], e)
+        except OSError as err:  # (not ``e`` again: mypyc gives a name one type per function)
+            log.warning("control/%s: %r failed: %s", f.name, data[:80], err)
             raise
         log.info("control/%s: %s", f.name, done)
         if self.on_change is not None:

@@ -11,7 +11,16 @@ import sys
 from collections.abc import Sequence
 
 from . import _sizing, admin, zswap
-from ._consts import CODECS, DAEMON_ENV, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
+from ._consts import (
+    CODECS,
+    DAEMON_ENV,
+    DEFAULT_CODEC,
+    DEFAULT_FIRST_LEVEL,
+    DEFAULT_LEVEL,
+    PAGE,
+    VERSION,
+    ZSTD_LEVELS,
+)
 from ._units import human, parse_limit, parse_size
 from .linux import mem_total
 
@@ -144,8 +153,20 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
     return out
 
 
+class _Version(argparse.Action):
+    """``--version``: the build is looked up only when asked (see _build)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import _build
+
+        print(f"vswapfs {VERSION} ({_build.kind()} build)")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vswapfs", description="virtual swap space in userspace")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the version and the build (mypyc or python) and exit")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mount", help="mount a vswapfs file system (the daemon)")
     m.add_argument("mountpoint")

@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vswapfs import MiB, admin, linux, zswap
+from vswapfs import MiB, _build, admin, linux, zswap
 from vswapfs.cgroup import MemCgroup
 from vswapfs.linux import meminfo
 
@@ -144,12 +144,24 @@ def _swapon(dev: str) -> None:
     _run("swapon", "--discard", "-p", str(PRIORITY), dev)
 
 
+def pure_copy() -> str:
+    """A copy of the installed package's source without its compiled modules
+    (see setup.py), in a new directory: a daemon started with it first on
+    PYTHONPATH runs pure Python."""
+    where = tempfile.mkdtemp(prefix="vswapfs-pure-")
+    shutil.copytree(Path(admin.__file__).parent, Path(where, "vswapfs"),
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    return where
+
+
 def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None = None,
-                    zswap_front: bool = False, zswap_shrinker: bool = False) -> Backend:
+                    zswap_front: bool = False, zswap_shrinker: bool = False,
+                    pure: bool = False) -> Backend:
     """vswapfs from ``vswapfs up MNT ARGS``; with ``zswap_front``, ``up --zswap``
     (and ``zswap_pool_percent`` as its pool limit, ``zswap_shrinker`` its
     shrinker): the memory it holds is then the daemon's and zswap's pool
-    together, the data both hold."""
+    together, the data both hold.  ``pure``: the daemon runs the package as
+    pure Python, not the compiled modules ``pip install`` built."""
     st: dict[str, Any] = {}
     front = zswap_front or zswap_pool_percent is not None
 
@@ -165,7 +177,17 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
                 os.unlink(b)
         st["mnt"] = mnt
         values = zswap.wanted(None, zswap_pool_percent, zswap_shrinker) if front else None
-        admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
+        env = dict(os.environ)
+        if pure:
+            st["pure"] = os.environ["PYTHONPATH"] = pure_copy()
+        try:
+            admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+        build = Path(mnt, "control", "build").read_text().strip()
+        if build != ("python" if pure else _build.kind()):
+            raise RuntimeError(f"{name}: the daemon runs the {build} build")
         st["pid"] = admin.daemon_pid(mnt)
         st["sup"] = admin.supervisor_pid(mnt) or 0
 
@@ -173,6 +195,8 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
         mnt = str(st.pop("mnt"))
         admin.down(mnt)
         os.rmdir(mnt)
+        if "pure" in st:
+            shutil.rmtree(st.pop("pure"))
 
     def held() -> int:
         data = int(Path(str(st["mnt"]), "control", "orig_data_size").read_text())
@@ -330,7 +354,7 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 # Run only when named in --only: what the default run's figures are made of.
 EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring", "vswapfs-zswap-tier-noshrink",
-         "vswapfs-zswap-tier-disk", "vswapfs-onestep", "vswapfs-small-image")
+         "vswapfs-zswap-tier-disk", "vswapfs-onestep", "vswapfs-small-image", "vswapfs-pure")
 
 
 def backends() -> list[Backend]:
@@ -362,6 +386,8 @@ def backends() -> list[Backend]:
         # an image the sustained run fills past half: the kernel then frees the slot of a
         # page it reads back (vm_swap_full), and the slot's reuse frees the daemon's copy
         vswapfs_backend("vswapfs-small-image", ["--size", "2560M"]),
+        # the daemon as pure Python, where pip install compiled it with mypyc (setup.py)
+        vswapfs_backend("vswapfs-pure", ["--size", "4G"], pure=True),
         # the cold tier on disk: past a 128 MiB pool, the oldest pages go to a backing file
         vswapfs_backend("vswapfs-zswap-tier-disk", ["--size", "4G", "--pool-limit", "128M",
                                                     "--backing", f"{BENCH_DIR}/tier0"],

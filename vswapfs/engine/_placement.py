@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from .._consts import CLUSTER_SLOTS, PAGE
 from . import _entry as E
 from ._backing import BackingChecksumError, BackingFile, checksum
@@ -42,6 +44,7 @@ WRITEBACK_BATCH: Final = 256
 QUARANTINED: Final = -3  # rmap value of a freed physical slot a reader may still read
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of OSError
 class NoSpaceError(OSError):
     """The pool is at its limit and no backing file can take the page."""
 

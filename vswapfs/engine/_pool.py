@@ -53,6 +53,8 @@ import os
 from array import array
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from .. import linux
 from .._consts import PAGE as _PAGE
 from . import _inject
@@ -72,6 +74,7 @@ def chunk_bytes_for(size: int) -> int:
     return min(range(CHUNK_BYTES, 4 * _PAGE - 1, -_PAGE), key=lambda b: (b % size) / b)
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of MemoryError
 class PoolExhausted(MemoryError):
     """No chunk is ready for the object: the reserve is used up, the spare
     list is empty (dynamic mode), or the arena is full."""

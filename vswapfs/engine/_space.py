@@ -119,6 +119,9 @@ class SwapSpace:
     :meth:`replenish` (``spares_wanted`` says so) and is refused if none
     came.  Either way storing a page faults no memory in, which is what a
     daemon needs whose own faults could wait on reclaim that waits on it.
+
+    ``pool_capacity``: the pool arena's address space in bytes (default: RAM;
+    a takeover keeps the arena it finds).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class SwapSpace:
         dynamic: bool = False,
         codec: str = DEFAULT_CODEC,
         fds: Mapping[str, int] | None = None,
+        pool_capacity: int = 0,
     ) -> None:
         if reserve < 0:
             raise ValueError(f"reserve must be >= 0 bytes, not {reserve}")
@@ -159,7 +163,7 @@ class SwapSpace:
         # waits on it) and waits on spares_added, at most SPARE_WAIT_S, then tries once more
         self.spares_wanted = threading.Event()
         self._spares_added = threading.Condition(self._lock)
-        pool = Pool(reserve, dynamic=dynamic,
+        pool = Pool(reserve, dynamic=dynamic, capacity=pool_capacity,
                     fds=(fds["pool"], fds["pool.dir"]) if fds is not None else None)
         self._place = Placement(pool, self._codec, self.counters, self.nslots,
                                 writeback_enabled=writeback_enabled,

@@ -91,12 +91,8 @@ class Counters:
     recompress_saved_bytes: int
 
     def __init__(self) -> None:
-        for name in self.__slots__:
+        for name in COUNTERS:  # (not __slots__: a compiled class has none at run time)
             setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
-
-
-# One list of counters: the annotations above name exactly the described ones.
-assert tuple(Counters.__annotations__) == tuple(COUNTERS), "Counters and COUNTERS disagree"
+        return {name: getattr(self, name) for name in COUNTERS}

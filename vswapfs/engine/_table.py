@@ -44,6 +44,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from .. import linux
 from .._consts import CLUSTER_SLOTS, PAGE
 from . import _entry as E
@@ -60,6 +62,7 @@ SPARE_HIGH: Final = 1024
 _ZERO_PAGE: Final = memoryview(bytes(TABLE_PAGE)).cast("Q")
 
 
+@mypyc_attr(native_class=False)  # mypyc compiles no subclass of MemoryError
 class TableExhausted(MemoryError):
     """No spare page is ready for a new cluster (dynamic mode)."""
 

@@ -6,6 +6,8 @@ import errno
 from collections.abc import Callable
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
 DEFER: Final[Any] = type("Defer", (), {"__repr__": lambda self: "DEFER"})()
@@ -13,6 +15,7 @@ DEFER: Final[Any] = type("Defer", (), {"__repr__": lambda self: "DEFER"})()
 method on the event loop instead."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled (setup.py), subclassed by file systems
 class Operations:
     """Base class for a file system served by :func:`serve`.
 

@@ -225,9 +225,9 @@ class Session:
                 return HAND_OVER
             self._fail(e, e.header.unique, e.header.opcode, fd, tally, t0, reply=op is None or bool(op.reply))
             return None
-        except MalformedRequest as e:  # too short to answer: no unique
+        except MalformedRequest as err:  # too short to answer: no unique (not ``e``: see _fs)
             self.malformed += 1
-            log.error("%s: dropped", e)
+            log.error("%s: dropped", err)
             return None
         op = OPS.get(h.opcode)
         if thread and (op is None or not op.thread):
@@ -237,8 +237,8 @@ class Session:
             return None
         try:
             args = op.parse(req[A.IN_HEADER.size:h.body_end])
-        except MalformedRequest as e:
-            self._fail(e, h.unique, h.opcode, fd, tally, t0, reply=op.reply is not None)
+        except MalformedRequest as err:
+            self._fail(err, h.unique, h.opcode, fd, tally, t0, reply=op.reply is not None)
             return None
         return _tuple_new(_Request, (h.opcode, h.unique, h.nodeid, h.ctx, op, args, fd, t0))
 
