@@ -1,7 +1,7 @@
 """Shared fixtures.  Under CI (``CI`` set) a skipped test is a failure: the
 real-swap tests must run there.  The tests refuse to start on compiled
-modules older than their source (an editable install edited since ``pip
-install -e .``): they would test the old code."""
+modules built from other source than is here (an editable install edited
+since ``pip install -e .``): they would test the old code."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from vswapfs import _build
 def pytest_sessionstart(session: pytest.Session) -> None:
     stale = _build.stale_modules()
     if stale:
-        pytest.exit(f"compiled modules older than their source: {', '.join(stale)}; "
-                    "run `python3 -m pip install -e .` again (or use VSWAPFS_PURE=1 for a pure build)",
+        pytest.exit(f"compiled modules built from older source: {', '.join(stale)}; run "
+                    "`python3 -m pip install -e .` again (with VSWAPFS_PURE=1 for a pure build)",
                     returncode=2)
 
 
