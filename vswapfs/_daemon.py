@@ -366,7 +366,8 @@ def apply_settings(space: SwapSpace, fd: int) -> None:
 
 
 def daemon_info(keeper: Keeper | None) -> dict[str, str]:
-    """What control/ says of the daemon: its version, its supervisor's pid
-    (0: none) and how many daemons served the mount before it."""
+    """What control/ says of the daemon: its version, its build (mypyc or
+    python), its supervisor's pid (0: none) and how many daemons served the
+    mount before it."""
     return {"version": VERSION, "build": _build.kind(), "supervisor_pid": str(os.getppid() if keeper else 0),
             "restarts": str(keeper.generation if keeper else 0)}
