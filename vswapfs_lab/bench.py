@@ -187,6 +187,7 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
             os.environ.update(env)
         build = Path(mnt, "control", "build").read_text().strip()
         if build != ("python" if pure else _build.kind()):
+            down()  # nothing left mounted or swapped on by a run that cannot go on
             raise RuntimeError(f"{name}: the daemon runs the {build} build")
         st["pid"] = admin.daemon_pid(mnt)
         st["sup"] = admin.supervisor_pid(mnt) or 0
