@@ -86,8 +86,9 @@ def _extensions() -> list[Any]:
             # the third-party libraries need not be in the build environment:
             # to mypyc their calls are calls into Python either way
             return list(mypycify(["--ignore-missing-imports", *COMPILED], opt_level="3"))
-        except Exception as e:  # mypyc refused the source: same fallback
-            why = f"mypyc: {e}"
+        except (Exception, SystemExit) as e:  # mypyc refused the source: same fallback
+            # (on a type error mypyc prints it and exits)
+            why = "mypyc: type errors, above" if isinstance(e, SystemExit) else f"mypyc: {e}"
     print(f"vswapfs: building pure Python ({why})", file=sys.stderr)
     return []
 

@@ -178,7 +178,8 @@ class SwapFS(Operations):
         else on a worker thread."""
         if size <= INLINE_BYTES or self._inline_all:
             return fn(*args)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        result: _T = await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        return result  # typed: an older trio is untyped to the build's mypy
 
     # -- the image: blocking helpers, called on channel threads or via _run ---
 

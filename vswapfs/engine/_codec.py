@@ -127,7 +127,8 @@ class Codec:
         except IndexError:
             c = _compressor(level)
         try:
-            return c.compress(page)
+            packed: bytes = c.compress(page)  # typed: the build's mypy may not see zstandard
+            return packed
         except zstandard.ZstdError as e:  # zstd fails only when it cannot allocate
             raise MemoryError(f"zstd: {e}") from None
         finally:
