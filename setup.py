@@ -31,8 +31,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The request path (vswapfs/_build.py lists it, for the checks of what is
-# installed).  Not in it: _codec and _backing, whose objects the tests replace
-# methods of (a compiled class's methods are fixed); the rest runs once a
+# installed).  Not in it: _backing, whose objects the tests replace methods
+# of (a compiled class's methods are fixed), and the rest, which runs once a
 # mount or once a second, not once a request.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vswapfs._build import BUILT_FROM, SERVING_MODULES, source_digest

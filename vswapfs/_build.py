@@ -16,6 +16,7 @@ from typing import Final
 # The Python a swap request runs through, in setup.py's order (paths there).
 SERVING_MODULES: Final = (
     "vswapfs._fs",
+    "vswapfs.engine._codec",
     "vswapfs.engine._entry",
     "vswapfs.engine._placement",
     "vswapfs.engine._pool",
@@ -23,6 +24,7 @@ SERVING_MODULES: Final = (
     "vswapfs.engine._stats",
     "vswapfs.engine._table",
     "vswapfs.fuse._abi",
+    "vswapfs.fuse._channel",
     "vswapfs.fuse._ops",
     "vswapfs.fuse._reader",
     "vswapfs.fuse._replies",

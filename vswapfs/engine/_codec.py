@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Final
 
 import zstandard
+from mypy_extensions import mypyc_attr
 
 from .._consts import CODECS, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
 from . import _entry as E
@@ -60,6 +61,7 @@ def check_level(codec: str, level: int) -> None:
         raise ValueError(f"level must be a non-zero zstd level in {MIN_LEVEL}..{MAX_LEVEL}, not {level}")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled (setup.py); a test hooks a subclass in
 class Codec:
     """Encodes pages for the table and the pool, and decodes pool objects.
 
