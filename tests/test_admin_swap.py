@@ -198,12 +198,12 @@ def test_pages_swapped_through_vswapfs_are_all_intact_and_freed(
 
 def test_idle_recompression_makes_swapped_pages_denser_and_loses_none(
         swap_mnt: tuple[Path, str]) -> None:
-    """Pages swapped out are stored at the fast first level; once the daemon
+    """Pages swapped out are stored fast first (lz4); once the daemon
     is idle its housekeeping recompresses them at the level and compacts
     the pool: less payload and less pool memory, and every page still reads
     back as written."""
     mnt, _ = swap_mnt
-    assert (mnt / "control" / "first_compression_level").read_text().strip() == "-1"
+    assert (mnt / "control" / "first_comp_algorithm").read_text().strip() == "[lz4] zstd"
     with MemCgroup(f"vswapfs-test-{os.getpid()}", LIMIT_MIB * MiB) as cg:
         proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(3 * LIMIT_MIB),
                          "--files", "--hold"], stdin=-1, stdout=-1, stderr=-1)

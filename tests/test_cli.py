@@ -70,6 +70,7 @@ def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Pat
     one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--level=3"), "lz4 has no levels")
     one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--first-level=-1"), "lz4 has no levels")
     one_clear_line(cli("mount", str(tmp_path), "--first-level=0"), "non-zero zstd level")
+    one_clear_line(cli("mount", str(tmp_path), "--algorithm=lz4", "--first-algorithm=lz4"), "one step")
     one_clear_line(cli("mount", str(tmp_path), "--level=23"), "non-zero zstd level in -100..22")
     assert admin.mount_type(str(tmp_path)) is None
 

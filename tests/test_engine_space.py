@@ -14,8 +14,10 @@ import pytest
 from vswapfs import MiB
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace, _stats
 from vswapfs.engine import entry as E
-from vswapfs.engine._codec import Codec
+from vswapfs.engine._codec import LZ4_MARK, Codec
 from vswapfs.engine._inject import armed
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # every zstd frame starts with it
 
 
 def text_page(seed: int) -> bytes:
@@ -280,7 +282,8 @@ def _shmem_kib() -> int:
 
 
 def test_trim_gives_the_writeback_buffer_back_and_writeback_still_works(tmp_path: Path) -> None:
-    s = SwapSpace(64 * MiB, backing=[str(tmp_path / "b0")])
+    # zstd first: the pool memory the writeback frees stays small beside the buffer's 1 MiB
+    s = SwapSpace(64 * MiB, backing=[str(tmp_path / "b0")], first_algorithm="zstd")
     for i in range(600):
         s.write(i * PAGE, text_page(i))
     before = _shmem_kib()
@@ -387,7 +390,8 @@ def test_a_backing_read_never_sees_its_slot_reused(tmp_path: Path) -> None:
 
 
 def test_discard_frees_whole_pages_even_when_an_edge_cannot_be_stored() -> None:
-    s = SwapSpace(64 * MiB, pool_limit=256 * 1024, accept_threshold=100)
+    # (zstd first: page 0's rewrite then needs a chunk a full pool cannot give)
+    s = SwapSpace(64 * MiB, pool_limit=256 * 1024, accept_threshold=100, first_algorithm="zstd")
     n = 0
     with pytest.raises(NoSpaceError):
         while True:
@@ -650,7 +654,7 @@ def _text(i: int) -> bytes:
 
 
 def test_recompression_makes_first_level_pages_denser_and_keeps_them() -> None:
-    space = SwapSpace(8 * MiB)  # defaults: stored at level -1, recompressed to 1
+    space = SwapSpace(8 * MiB, first_algorithm="zstd")  # stored at level -1, recompressed to 1
     assert (space.first_level, space.level) == (-1, 1)
     pages = [_text(i) if i % 3 else os.urandom(PAGE) for i in range(600)]  # two clusters
     space.write(0, b"".join(pages))
@@ -674,10 +678,70 @@ def test_recompression_makes_first_level_pages_denser_and_keeps_them() -> None:
 
 
 def test_recompression_is_off_with_one_level_or_lz4() -> None:
-    for space in (SwapSpace(4 * MiB, first_level=1), SwapSpace(4 * MiB, first_level=None),
+    for space in (SwapSpace(4 * MiB, first_level=1, first_algorithm="zstd"),
+                  SwapSpace(4 * MiB, first_level=None, first_algorithm="zstd"),
                   SwapSpace(4 * MiB, codec="lz4")):
         space.write(0, b"".join(_text(i) for i in range(10)))
         assert space.recompress() == 0 and space.first_level == space.level
+
+
+def _object(space: SwapSpace, slot: int) -> bytes:
+    """The pool object slot ``slot`` is stored in."""
+    w = space.entry(slot)
+    assert E.tag(w) == E.POOL
+    return space._pool.load(E.pool_object(w), E.pool_length(w))
+
+
+def test_pages_are_stored_first_with_lz4_then_recompressed_to_zstd() -> None:
+    space = SwapSpace(8 * MiB)  # the defaults: lz4 first, zstd level 1 in the end
+    assert (space.first_algorithm, space.level) == ("lz4", 1)
+    pages = [_text(i) for i in range(40)]
+    space.write(0, b"".join(pages))
+    first = [_object(space, i) for i in range(40)]
+    assert all(o[:1] == LZ4_MARK for o in first)  # lz4, marked
+    assert space.read(0, 40 * PAGE) == b"".join(pages)
+    while space.recompress():
+        pass
+    final = [_object(space, i) for i in range(40)]
+    assert all(o[:4] == ZSTD_MAGIC and len(o) < len(f) for o, f in zip(final, first, strict=True))
+    assert space.stats()["recompressed_pages"] == 40
+    assert space.read(0, 40 * PAGE) == b"".join(pages) and space.check() == []
+
+
+def test_the_first_algorithm_changes_at_run_time_and_both_kinds_read_back() -> None:
+    space = SwapSpace(4 * MiB)
+    space.write(0, _text(1))
+    space.configure(first_algorithm="zstd")  # control/first_comp_algorithm
+    assert space.first_algorithm == "zstd"
+    space.write(PAGE, _text(2))
+    assert _object(space, 0)[:1] == LZ4_MARK and _object(space, 1)[:4] == ZSTD_MAGIC
+    space.configure(first_algorithm="lz4")
+    space.write(2 * PAGE, _text(3))
+    assert _object(space, 2)[:1] == LZ4_MARK
+    assert space.read(0, 3 * PAGE) == _text(1) + _text(2) + _text(3)
+    with pytest.raises(ValueError):
+        space.configure(first_algorithm="gzip")
+    with pytest.raises(ValueError):
+        SwapSpace(4 * MiB, codec="lz4").configure(first_algorithm="lz4")  # one step: nothing first
+    with pytest.raises(ValueError):
+        SwapSpace(4 * MiB, first_algorithm="zlib")
+    assert space.first_algorithm == "lz4" and space.check() == []
+
+
+def test_a_corrupt_lz4_object_reads_eio() -> None:
+    s = SwapSpace(MiB)
+    s.write(0, _text(1) + _text(2))
+    w = s.entry(1)
+    pool = s._pool
+    cls = pool._classes[(E.pool_length(w) - 1) // 16]
+    no, k = divmod(E.pool_object(w), cls.per_chunk)
+    off = cls.chunks[no] + k * cls.size
+    assert pool._map[off:off + 1] == LZ4_MARK
+    pool._map[off + 1:off + 9] = b"\xff" * 8  # bit rot behind the mark
+    with pytest.raises(OSError) as err:
+        s.read(PAGE, PAGE)
+    assert err.value.errno == errno.EIO
+    assert s.read(0, PAGE) == _text(1)
 
 
 def test_first_level_is_never_denser_than_the_level_and_is_checked() -> None:
@@ -729,7 +793,7 @@ def test_settle_skips_a_word_whose_object_now_holds_other_bytes() -> None:
 
 def test_past_half_the_pool_limit_pages_are_stored_dense_at_once() -> None:
     dense_len = len(Codec().compress(_text(7), 1))
-    fast_len = len(Codec().compress(_text(7), -1))
+    fast_len = len(Codec().compress(_text(7)))  # the first store's (lz4)
     assert fast_len > dense_len
     space = SwapSpace(8 * MiB, pool_limit=1 * MiB)
     space.write(0, _text(7))

@@ -163,6 +163,7 @@ def write_control(path: Path, value: str) -> int:
     ("pool_limit", "64M", "67108864"), ("pool_limit", "0", "0"),
     ("compression_level", "3", "3"), ("compression_level", "-5", "-5"),
     ("first_compression_level", "-3", "-3"),
+    ("first_comp_algorithm", "zstd", "lz4 [zstd]"), ("first_comp_algorithm", "lz4", "[lz4] zstd"),
     ("accept_threshold_percent", "80", "80"), ("huge_threshold", "2048", "2048"),
     ("writeback_enabled", "0", "0"),
 ])
@@ -175,14 +176,16 @@ def test_knobs_take_good_values(mnt: Path, knob: str, good: str, expect: str) ->
     ("pool_limit", "garbage"), ("pool_limit", "-1"), ("pool_limit", "12Q"), ("pool_limit", "101%"),
     ("pool_limit", "9" * 40), ("compression_level", "0"), ("compression_level", "99"),
     ("compression_level", "1.5"), ("first_compression_level", "0"),
-    ("first_compression_level", "-101"), ("accept_threshold_percent", "0"), ("huge_threshold", "5000"),
+    ("first_compression_level", "-101"), ("first_comp_algorithm", "gzip"),
+    ("accept_threshold_percent", "0"), ("huge_threshold", "5000"),
     ("writeback_enabled", "maybe"), ("writeback", "-3"), ("writeback", "lots"),
     ("add_backing", "relative/path"), ("evacuate", "/not/a/backing/file"), ("mm_stat", "1"),
     ("pool_limit", "\xff"),
 ])
 def test_bad_values_get_einval_and_change_nothing(mnt: Path, knob: str, bad: str) -> None:
     before = {k: (mnt / "control" / k).read_text() for k in
-              ("pool_limit", "compression_level", "first_compression_level", "accept_threshold_percent",
+              ("pool_limit", "compression_level", "first_compression_level", "first_comp_algorithm",
+               "accept_threshold_percent",
                "huge_threshold",
                "writeback_enabled", "backing_files")}
     assert write_control(mnt / "control" / knob, bad) in (errno.EINVAL, errno.ENOENT, errno.ENODEV)

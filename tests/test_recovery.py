@@ -138,7 +138,8 @@ def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path,
         (mnt / "control" / "pool_limit").write_text("512M")  # tuned: the new daemon keeps it
         with MemCgroup("vswapfs-restart", LIMIT) as cg:
             hog = start_hog(cg, HOG_MIB, 25, 3)
-            time.sleep(6)
+            time.sleep(6)  # pages stored first with lz4 (the default) ...
+            (mnt / "control" / "first_comp_algorithm").write_text("zstd")  # ... the rest with zstd
             consts = copy / "vswapfs" / "_consts.py"
             consts.write_text(consts.read_text().replace(
                 f'VERSION: Final = "{vswapfs._consts.VERSION}"', 'VERSION: Final = "9.9.9-restart-test"'))
@@ -152,6 +153,7 @@ def test_restart_takes_the_new_code_and_loses_nothing(tmp_path: Path,
         assert int(control(mnt, "pid")) != old and control(mnt, "restarts") == "1"
         assert control(mnt, "check") == "ok"
         assert control(mnt, "pool_limit") == str(512 << 20)
+        assert control(mnt, "first_comp_algorithm") == "lz4 [zstd]"
 
 
 @needs_root

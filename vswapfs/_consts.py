@@ -18,6 +18,8 @@ CODECS: Final = ("zstd", "lz4")  # zstd for the ratio, lz4 for speed (zram's com
 DEFAULT_CODEC: Final = "zstd"
 DEFAULT_LEVEL: Final = 1  # the zstd level pages end up at
 DEFAULT_FIRST_LEVEL: Final = -1  # the zstd level a page is stored at first, until recompressed
+FIRST_ALGORITHMS: Final = ("lz4", "zstd")  # what a zstd space stores a page with first
+DEFAULT_FIRST_ALGORITHM: Final = "lz4"  # 1.6x faster than zstd -1 here, 13% larger, until recompressed
 ZSTD_LEVELS: Final = (-100, 22)  # the levels accepted (0 is not one): zstd's fast ones to its max
 VERSION: Final = "0.2.0"  # the package's version, as control/version reports it
 # The environment every daemon runs in: every Python object from glibc

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import linux, zswap
+from ._consts import FIRST_ALGORITHMS
 from ._sizing import mount_warnings
 from ._units import parse_limit, parse_size
 from .engine import CODECS, COUNTERS, DESCRIPTIONS, SwapSpace
@@ -152,6 +153,18 @@ def _set_first_level(space: SwapSpace, text: str) -> None:
     space.configure(first_level=_int(text, "first_compression_level"))
 
 
+def _set_first_algorithm(space: SwapSpace, text: str) -> None:
+    space.configure(first_algorithm=text.strip())
+
+
+def _first_algorithm(space: SwapSpace) -> str:
+    """comp_algorithm's format: the choices, the one in use in brackets (with
+    the lz4 codec, lz4 alone: there is no second step)."""
+    if space.codec != "zstd":
+        return f"[{space.codec}]\n"
+    return " ".join(f"[{a}]" if a == space.first_algorithm else a for a in FIRST_ALGORITHMS) + "\n"
+
+
 def _set_accept(space: SwapSpace, text: str) -> None:
     space.configure(accept_threshold=_int(text, "accept_threshold_percent"))
 
@@ -235,8 +248,12 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
                     lambda s: " ".join(f"[{c}]" if c == s.codec else c for c in CODECS) + "\n"),
         _knob("compression_level", "zstd level (negative: faster); 0 with lz4, which has none",
               lambda s: f"{s.level}\n", _set_level),
-        _knob("first_compression_level", "zstd level a page is stored at first, recompressed to "
-              "compression_level when idle (the same: no recompression); never above it",
+        _knob("first_comp_algorithm", "what a page is stored with first, recompressed to zstd at "
+              "compression_level when idle: lz4, or zstd at first_compression_level (the one in "
+              "use in brackets)", _first_algorithm, _set_first_algorithm),
+        _knob("first_compression_level", "zstd level a page is stored at first when "
+              "first_comp_algorithm is zstd, recompressed to compression_level when idle (the same: "
+              "no recompression); never above it",
               lambda s: f"{s.first_level}\n", _set_first_level),
         _knob("accept_threshold_percent", "after the limit is hit, accept again below this % of it",
               lambda s: f"{s.accept_threshold}\n", _set_accept),

@@ -348,13 +348,15 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
         stop_log()
 
 
-SETTINGS = ("pool_limit", "accept_threshold", "huge_threshold", "writeback_enabled", "level", "first_level")
+SETTINGS = ("pool_limit", "accept_threshold", "huge_threshold", "writeback_enabled", "level", "first_level",
+            "first_algorithm")
+ZSTD_SETTINGS = ("level", "first_level", "first_algorithm")  # a zstd space's only
 
 
 def settings_memfd(space: SwapSpace) -> int:
     """A memfd with the settings control/ can change, as JSON, for the
     daemon that takes over (:func:`apply_settings`)."""
-    values = {k: getattr(space, k) for k in SETTINGS if "level" not in k or space.codec == "zstd"}
+    values = {k: getattr(space, k) for k in SETTINGS if k not in ZSTD_SETTINGS or space.codec == "zstd"}
     fd = os.memfd_create("vswapfs-settings", os.MFD_CLOEXEC)
     os.write(fd, json.dumps(values).encode())
     return fd

@@ -15,8 +15,10 @@ from ._consts import (
     CODECS,
     DAEMON_ENV,
     DEFAULT_CODEC,
+    DEFAULT_FIRST_ALGORITHM,
     DEFAULT_FIRST_LEVEL,
     DEFAULT_LEVEL,
+    FIRST_ALGORITHMS,
     PAGE,
     VERSION,
     ZSTD_LEVELS,
@@ -73,8 +75,12 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help=f"zstd level pages end up at (default {DEFAULT_LEVEL})")
     p.add_argument("--first-level", type=int, default=None,
                    help=f"zstd level a page is stored at when swapped out, recompressed to --level "
-                        f"once the daemon is idle (default {DEFAULT_FIRST_LEVEL}; = --level: no "
-                        "recompression)")
+                        f"once the daemon is idle (default {DEFAULT_FIRST_LEVEL}; given alone, it "
+                        "makes --first-algorithm zstd; = --level: no recompression)")
+    p.add_argument("--first-algorithm", choices=FIRST_ALGORITHMS, default=None,
+                   help=f"what a zstd space stores a page with when swapped out, recompressed to zstd "
+                        f"at --level once the daemon is idle (default {DEFAULT_FIRST_ALGORITHM}; zstd: at "
+                        "--first-level)")
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"threads that serve the image's I/O on their own /dev/fuse clone "
                         f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
@@ -108,6 +114,9 @@ def _check_mount_options(a: argparse.Namespace) -> None:
         raise admin.AdminError(f"--reserve {a.reserve} is less than one 64 KiB pool chunk")
     if a.reserve and a.pool_limit and a.pool_limit > a.reserve:
         raise admin.AdminError(f"--pool-limit {a.pool_limit} is larger than --reserve {a.reserve}")
+    if a.first_algorithm is not None and a.algorithm != "zstd":
+        raise admin.AdminError(f"--first-algorithm is a zstd setting; --algorithm {a.algorithm} has "
+                               "one step")
     for opt, v in (("--level", a.level), ("--first-level", a.first_level)):
         if v is not None and a.algorithm != "zstd":
             raise admin.AdminError(f"{opt} is a zstd setting; --algorithm {a.algorithm} has no levels")
@@ -144,6 +153,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--level", str(a.level)]
     if a.first_level is not None:
         out += ["--first-level", str(a.first_level)]
+    if a.first_algorithm is not None:
+        out += ["--first-algorithm", a.first_algorithm]
     if a.reserve:
         out += ["--reserve", str(a.reserve)]
     if a.channels != DEFAULT_CHANNELS:
@@ -263,6 +274,9 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
     space = SwapSpace(size // PAGE * PAGE, pool_limit=limit,
                       level=a.level if a.level is not None else DEFAULT_LEVEL,
                       first_level=a.first_level if a.first_level is not None else DEFAULT_FIRST_LEVEL,
+                      # a zstd --first-level alone asks for a zstd first store (= --level: one step)
+                      first_algorithm=a.first_algorithm or ("zstd" if a.first_level is not None
+                                                            else DEFAULT_FIRST_ALGORITHM),
                       backing=a.backing,
                       reserve=a.reserve, dynamic=not a.reserve, codec=a.algorithm,
                       fds=engine_fds or None)

@@ -355,7 +355,8 @@ def floor_backend(size: int = 4 << 30, uring: bool = False) -> Backend:
 
 # Run only when named in --only: what the default run's figures are made of.
 EXTRA = ("vswapfs-fastest", "vswapfs-lz4", "fuse-floor-c-uring", "vswapfs-zswap-tier-noshrink",
-         "vswapfs-zswap-tier-disk", "vswapfs-onestep", "vswapfs-small-image", "vswapfs-pure")
+         "vswapfs-zswap-tier-disk", "vswapfs-onestep", "vswapfs-small-image", "vswapfs-pure",
+         "vswapfs-zstd-first")
 
 
 def backends() -> list[Backend]:
@@ -384,6 +385,8 @@ def backends() -> list[Backend]:
         vswapfs_backend("vswapfs-zswap-tier-noshrink", ["--size", "4G"], zswap_pool_percent=1),
         # zstd in one step (--first-level = --level): no fast first store, no recompression
         vswapfs_backend("vswapfs-onestep", ["--size", "4G", "--first-level", "1"]),
+        # the first store with zstd at level -1 (the default before lz4), recompressed as the default is
+        vswapfs_backend("vswapfs-zstd-first", ["--size", "4G", "--first-algorithm", "zstd"]),
         # an image the sustained run fills past half: the kernel then frees the slot of a
         # page it reads back (vm_swap_full), and the slot's reuse frees the daemon's copy
         vswapfs_backend("vswapfs-small-image", ["--size", "2560M"]),

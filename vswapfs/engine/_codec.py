@@ -5,14 +5,17 @@ its table word, see ``_entry``), or compressed with zstd or lz4, or, when
 it compresses worse than ``huge_threshold``, "poor" and kept raw.  The
 codec is fixed for a space's life: the pool holds its output.
 
-zstd stores in two steps.  A page being swapped out is compressed at
-``first_level`` (-1 by default: half the time of level 1 on real-file
-pages here, a fifth larger); :meth:`Codec.recompress` later makes it
-``level`` (1 by default), in the background, once the daemon is idle (see
-``SwapSpace.recompress``).  Any zstd frame decodes the same way whatever
-level made it, so nothing records which level a page has: a page is worth
-recompressing if the result is smaller.  With ``first_level`` equal to
-``level`` (or lz4) there is one step; once the pool is past half its limit,
+zstd stores in two steps.  A page being swapped out is compressed with
+lz4 (the default ``first_algorithm``: 7.4 µs for a real-file page here
+against 11.9 at zstd -1 and 18.6 at level 1, 2,367 bytes against 2,094 and
+1,752), or with zstd at ``first_level`` (-1 by default);
+:meth:`Codec.recompress` later makes it zstd at ``level`` (1 by default),
+in the background, once the daemon is idle (see ``SwapSpace.recompress``).
+Any zstd frame decodes the same way whatever level made it, and an lz4
+object starts with LZ4_MARK, which no zstd frame does: nothing in the table
+records how a page was stored, and a page is worth recompressing if the
+result is smaller.  With the zstd first store at ``level`` (or the lz4
+codec) there is one step; once the pool is past half its limit,
 ``SwapSpace.write`` stores at ``level`` at once (density matters more than
 speed there).
 
@@ -32,7 +35,16 @@ from typing import Final
 import zstandard
 from mypy_extensions import mypyc_attr
 
-from .._consts import CODECS, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE, ZSTD_LEVELS
+from .._consts import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_FIRST_ALGORITHM,
+    DEFAULT_FIRST_LEVEL,
+    DEFAULT_LEVEL,
+    FIRST_ALGORITHMS,
+    PAGE,
+    ZSTD_LEVELS,
+)
 from . import _entry as E
 from . import _inject
 
@@ -43,6 +55,11 @@ DEFAULT_HUGE_THRESHOLD: Final = PAGE * 3 // 4
 _ZERO_PAGE: Final = bytes(PAGE)
 ZERO_WORD: Final = E.SAME  # the zero page's word: SAME, form 0, value 0 (what same_word(0) gives)
 _WARM_PAGE: Final = b"vswapfs warms its zstd contexts up. " * 113 + bytes(28)
+# The first byte of an lz4 object in a zstd space (a first store with lz4): a
+# zstd frame starts with 0x28 (its magic number), and an lz4 block of a page
+# with a token whose literal count is at least 1 (nothing precedes the first
+# match), so a 0 byte tells lz4 from zstd without a bit in the table word.
+LZ4_MARK: Final = b"\0"
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -51,6 +68,12 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     the 4 KiB input by itself (an 86 KB context at level 1)."""
     return zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=False,
                                     write_dict_id=False)
+
+
+def _lz4block() -> ModuleType:
+    import lz4.block
+    mod: ModuleType = lz4.block  # typed: the build's mypy may not see lz4
+    return mod
 
 
 def check_level(codec: str, level: int) -> None:
@@ -72,15 +95,19 @@ class Codec:
 
     def __init__(self, name: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL,
                  huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
-                 first_level: int | None = DEFAULT_FIRST_LEVEL) -> None:
+                 first_level: int | None = DEFAULT_FIRST_LEVEL,
+                 first_algorithm: str = DEFAULT_FIRST_ALGORITHM) -> None:
         if name not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {name!r}")
         self.name = name
         self._lz4: ModuleType | None = None  # lz4.block when the codec is lz4
-        if name == "lz4":  # imported only when used: loaded in a zstd daemon, it cost a
-            # point of the memory returned after a burst in the bench (98.7% vs 99.7%)
-            import lz4.block
-            self._lz4 = lz4.block
+        if name == "lz4":  # imported when used (at start, not in a burst: once loaded in
+            # a burst, it cost a point of the memory returned after it in the bench)
+            self._lz4 = _lz4block()
+        # lz4.block when a zstd space stores pages with lz4 first (set_first_algorithm);
+        # _lz4_decoder too once an lz4 object was read (the first store may have changed)
+        self._first_lz4: ModuleType | None = None
+        self._lz4_decoder: ModuleType | None = None
         self.level = 0  # the level pages end up at (0 with lz4), see set_levels
         self.fast_level: int | None = None  # the first store's level as set (None: ``level``)
         self.first_level = 0  # the first store's level in effect: never denser than ``level``
@@ -90,6 +117,7 @@ class Codec:
         self._dctxs: list[zstandard.ZstdDecompressor] = []  # idle decompressors
         if name == "zstd":
             self.set_levels(level, first_level)
+            self.set_first_algorithm(first_algorithm)
 
     def warm(self) -> None:
         """Make the first contexts now, not in the first burst."""
@@ -106,20 +134,42 @@ class Codec:
         self.first_level = level if fast_level is None or fast_level > level else fast_level
         self._cctxs = {lv: self._cctxs.get(lv, []) for lv in {self.level, self.first_level}}
 
+    def set_first_algorithm(self, name: str) -> None:
+        """Store pages first with ``name`` (a zstd space): ``lz4``, or
+        ``zstd`` at ``first_level``.  Either is recompressed to ``level``."""
+        if self.name != "zstd":
+            raise ValueError(f"the first algorithm is a zstd space's; this one compresses with {self.name}")
+        if name not in FIRST_ALGORITHMS:
+            raise ValueError(f"first algorithm must be one of {', '.join(FIRST_ALGORITHMS)}, not {name!r}")
+        if name == "lz4":
+            self._first_lz4 = self._lz4_decoder = _lz4block()
+        else:
+            self._first_lz4 = None
+
+    @property
+    def first_algorithm(self) -> str:
+        """What a page is stored with first: ``lz4`` or ``zstd`` (the codec's name when it is lz4)."""
+        return "lz4" if self._first_lz4 is not None or self._lz4 is not None else "zstd"
+
     @property
     def two_step(self) -> bool:
-        """True if pages are first stored at a faster level than their final one."""
-        return self.first_level != self.level
+        """True if pages are first stored faster than their final form: at a
+        faster zstd level, or with lz4."""
+        return self.first_level != self.level or self._first_lz4 is not None
 
     def compress(self, page: bytes, level: int | None = None) -> bytes:
-        """The page compressed (may be longer than the page), at
-        ``first_level`` unless ``level`` says otherwise."""
+        """The page compressed (may be longer than the page): as the first
+        store does (lz4, or zstd at ``first_level``) unless a zstd ``level``
+        is asked for."""
         if _inject.armed:
             _inject.point("codec.compress")
         if self._lz4:  # stateless: no context to pool
             out: bytes = self._lz4.compress(page, store_size=False)
             return out
         if level is None:
+            if self._first_lz4 is not None:
+                lz: bytes = self._first_lz4.compress(page, store_size=False)
+                return LZ4_MARK + lz
             level = self.first_level
         idle = self._cctxs.get(level)
         if idle is None:
@@ -147,8 +197,16 @@ class Codec:
         if self._lz4:
             try:
                 page = self._lz4.decompress(blob, uncompressed_size=PAGE)
-            except self._lz4.LZ4BlockError as e:
-                raise OSError(errno.EIO, f"pool object does not decompress: {e}") from None
+            except self._lz4.LZ4BlockError as lz4_err:
+                raise OSError(errno.EIO, f"pool object does not decompress: {lz4_err}") from None
+        elif blob[0] == 0:  # LZ4_MARK: stored first with lz4
+            lz = self._lz4_decoder
+            if lz is None:
+                lz = self._lz4_decoder = _lz4block()
+            try:
+                page = lz.decompress(memoryview(blob)[1:], uncompressed_size=PAGE)
+            except lz.LZ4BlockError as mark_err:
+                raise OSError(errno.EIO, f"pool object does not decompress: {mark_err}") from None
         else:
             try:
                 d = self._dctxs.pop()
@@ -156,8 +214,8 @@ class Codec:
                 d = zstandard.ZstdDecompressor()
             try:
                 page = d.decompress(blob, max_output_size=PAGE)
-            except zstandard.ZstdError as e:
-                raise OSError(errno.EIO, f"pool object does not decompress: {e}") from None
+            except zstandard.ZstdError as zstd_err:
+                raise OSError(errno.EIO, f"pool object does not decompress: {zstd_err}") from None
             finally:
                 self._dctxs.append(d)
         if len(page) != PAGE:

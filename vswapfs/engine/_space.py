@@ -58,7 +58,15 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from .._consts import CLUSTER_SLOTS, DEFAULT_CODEC, DEFAULT_FIRST_LEVEL, DEFAULT_LEVEL, PAGE
+from .._consts import (
+    CLUSTER_SLOTS,
+    DEFAULT_CODEC,
+    DEFAULT_FIRST_ALGORITHM,
+    DEFAULT_FIRST_LEVEL,
+    DEFAULT_LEVEL,
+    FIRST_ALGORITHMS,
+    PAGE,
+)
 from . import _entry as E
 from ._backing import BackingFile
 from ._check import check
@@ -131,6 +139,7 @@ class SwapSpace:
         pool_limit: int = 0,
         level: int = DEFAULT_LEVEL,
         first_level: int | None = DEFAULT_FIRST_LEVEL,
+        first_algorithm: str = DEFAULT_FIRST_ALGORITHM,
         accept_threshold: int = DEFAULT_ACCEPT_THRESHOLD,
         huge_threshold: int = DEFAULT_HUGE_THRESHOLD,
         writeback_enabled: bool = True,
@@ -156,7 +165,8 @@ class SwapSpace:
         if first_level is not None and codec == "zstd":
             check_level(codec, first_level)
         # fixed for the space's life: the pool's objects are in it (its levels are not)
-        self._codec = Codec(codec, first_level=first_level)
+        self._codec = Codec(codec, first_level=first_level,
+                            first_algorithm=first_algorithm if codec == "zstd" else "zstd")
         self.counters = Counters()
         self._lock = threading.Lock()  # the engine lock: see the module docstring
         # dynamic mode: a write short of spare chunks sets spares_wanted (housekeeping
@@ -194,8 +204,14 @@ class SwapSpace:
 
     @property
     def first_level(self) -> int:
-        """The zstd level pages are stored at first (``level``: one step)."""
+        """The zstd level pages are stored at first when ``first_algorithm`` is
+        zstd (``level``: one step)."""
         return self._codec.first_level
+
+    @property
+    def first_algorithm(self) -> str:
+        """What pages are stored with first: ``lz4`` or ``zstd`` (at ``first_level``)."""
+        return self._codec.first_algorithm
 
     @property
     def huge_threshold(self) -> int:
@@ -219,6 +235,7 @@ class SwapSpace:
         pool_limit: int | None = None,
         level: int | None = None,
         first_level: int | None = None,
+        first_algorithm: str | None = None,
         accept_threshold: int | None = None,
         huge_threshold: int | None = None,
         writeback_enabled: bool | None = None,
@@ -233,6 +250,13 @@ class SwapSpace:
             check_level(self.codec, level)
         if first_level is not None:
             check_level(self.codec, first_level)
+        if first_algorithm is not None:
+            if self.codec != "zstd":
+                raise ValueError(f"the first algorithm is a zstd space's; this one compresses "
+                                 f"with {self.codec}")
+            if first_algorithm not in FIRST_ALGORITHMS:
+                raise ValueError(f"first algorithm must be one of {', '.join(FIRST_ALGORITHMS)}, "
+                                 f"not {first_algorithm!r}")
         if accept_threshold is not None and not 0 < accept_threshold <= 100:
             raise ValueError(f"accept_threshold must be a percentage in 1..100, not {accept_threshold}")
         if huge_threshold is not None and not 0 < huge_threshold <= PAGE:
@@ -246,6 +270,8 @@ class SwapSpace:
                 codec = self._codec
                 codec.set_levels(codec.level if level is None else level,
                                  codec.fast_level if first_level is None else first_level)
+            if first_algorithm is not None:
+                self._codec.set_first_algorithm(first_algorithm)
             if accept_threshold is not None:
                 place.accept_threshold = accept_threshold
             if huge_threshold is not None:
@@ -486,7 +512,7 @@ class SwapSpace:
 
     def recompress(self, pages: int = RECOMPRESS_BATCH) -> int:
         """Make up to ``pages`` pool pages written since the last call denser:
-        stored at ``first_level``, they are compressed again at ``level``
+        stored first (lz4, or zstd at ``first_level``), they are compressed again at ``level``
         (oldest cluster first; a page already at ``level`` gains nothing and
         stays).  The words and object copies are taken under the lock, the
         compression runs outside it, and each page is put in place only if
