@@ -186,6 +186,12 @@ class SpaceModel(RuleBasedStateMachine):
     def toggle_writeback(self, enabled: bool) -> None:
         self.space.configure(writeback_enabled=enabled)
 
+    @rule(first=st.sampled_from(["lz4", "zstd"]))
+    def switch_first_store(self, first: str) -> None:
+        """lz4 and zstd objects side by side: each reads back, either recompresses."""
+        if self.space.codec == "zstd":
+            self.space.configure(first_algorithm=first)
+
     @invariant()
     def consistent(self) -> None:
         assert self.space.check() == []

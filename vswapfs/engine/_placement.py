@@ -409,7 +409,9 @@ class Placement:
             if target is not None:
                 word = self.to_backing(target, [vslot], [page])[0]
             else:
-                word, blob = self.codec.encode(page)
+                # dense at once: evacuation is background work, and nothing marks
+                # these pages for recompression
+                word, blob = self.codec.encode(page, self.codec.level)
                 if not word:
                     blob = blob if blob is not None else page
                     if not self.room([len(blob)]):

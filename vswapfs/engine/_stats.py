@@ -29,7 +29,8 @@ COUNTERS: Final[dict[str, str]] = {
     "evacuated_pages": "pages moved out of a backing file being removed",
     "recovered_pages": "pages this process took over from the tables of a daemon that died or was restarted",
     "recovery_lost_pages": "table words at takeover whose data was gone (cleared; a bug if not 0)",
-    "recompressed_pages": "pool pages stored at first_level and made denser at the level, when idle",
+    "recompressed_pages": "pool pages stored first (lz4, or zstd at first_level) and made denser at "
+                          "the level, when idle",
     "recompress_saved_bytes": "bytes of pool payload that recompression saved",
 }
 
