@@ -405,14 +405,19 @@ def test_discard_frees_whole_pages_even_when_an_edge_cannot_be_stored() -> None:
     assert s.read(0, 100) == text_page(0)[:100] and s.check() == []
 
 
+def _object_offset(s: SwapSpace, slot: int) -> int:
+    """Where in the pool's memory the object of ``slot`` starts."""
+    w = s.entry(slot)
+    cls = s._pool._classes[(E.pool_length(w) - 1) // 16]
+    no, k = divmod(E.pool_object(w), cls.per_chunk)
+    return int(cls.chunks[no] + k * cls.size)
+
+
 def test_a_corrupt_pool_object_reads_eio_and_is_counted() -> None:
     s = SwapSpace(MiB)
     s.write(0, text_page(1) + text_page(2))
-    w = s.entry(1)
     pool = s._pool
-    cls = pool._classes[(E.pool_length(w) - 1) // 16]
-    no, k = divmod(E.pool_object(w), cls.per_chunk)
-    off = cls.chunks[no] + k * cls.size
+    off = _object_offset(s, 1)
     pool._map[off:off + 8] = b"\xff" * 8  # bit rot in the pool
     with pytest.raises(OSError) as err:
         s.read(PAGE, PAGE)
@@ -731,11 +736,8 @@ def test_the_first_algorithm_changes_at_run_time_and_both_kinds_read_back() -> N
 def test_a_corrupt_lz4_object_reads_eio() -> None:
     s = SwapSpace(MiB)
     s.write(0, _text(1) + _text(2))
-    w = s.entry(1)
     pool = s._pool
-    cls = pool._classes[(E.pool_length(w) - 1) // 16]
-    no, k = divmod(E.pool_object(w), cls.per_chunk)
-    off = cls.chunks[no] + k * cls.size
+    off = _object_offset(s, 1)
     assert pool._map[off:off + 1] == LZ4_MARK
     pool._map[off + 1:off + 9] = b"\xff" * 8  # bit rot behind the mark
     with pytest.raises(OSError) as err:
