@@ -157,12 +157,16 @@ def _set_first_algorithm(space: SwapSpace, text: str) -> None:
     space.configure(first_algorithm=text.strip())
 
 
+def _bracketed(choices: tuple[str, ...], chosen: str) -> str:
+    """zram's comp_algorithm format: the choices, the one in use in brackets."""
+    return " ".join(f"[{c}]" if c == chosen else c for c in choices) + "\n"
+
+
 def _first_algorithm(space: SwapSpace) -> str:
-    """comp_algorithm's format: the choices, the one in use in brackets (with
-    the lz4 codec, lz4 alone: there is no second step)."""
+    """The first store's choices (with the lz4 codec, lz4 alone: there is no second step)."""
     if space.codec != "zstd":
-        return f"[{space.codec}]\n"
-    return " ".join(f"[{a}]" if a == space.first_algorithm else a for a in FIRST_ALGORITHMS) + "\n"
+        return _bracketed((space.codec,), space.codec)
+    return _bracketed(FIRST_ALGORITHMS, space.first_algorithm)
 
 
 def _set_accept(space: SwapSpace, text: str) -> None:
@@ -245,7 +249,7 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
         _knob("pool_limit", "pool memory limit: bytes, K/M/G, or N% of RAM; 0 for none",
               lambda s: f"{s.pool_limit}\n", _set_pool_limit),
         ControlFile("comp_algorithm", "zram's format: the codecs, the one in use in brackets",
-                    lambda s: " ".join(f"[{c}]" if c == s.codec else c for c in CODECS) + "\n"),
+                    lambda s: _bracketed(CODECS, s.codec)),
         _knob("compression_level", "zstd level (negative: faster); 0 with lz4, which has none",
               lambda s: f"{s.level}\n", _set_level),
         _knob("first_comp_algorithm", "what a page is stored with first, recompressed to zstd at "

@@ -84,6 +84,14 @@ def check_level(codec: str, level: int) -> None:
         raise ValueError(f"level must be a non-zero zstd level in {MIN_LEVEL}..{MAX_LEVEL}, not {level}")
 
 
+def check_first_algorithm(codec: str, name: str) -> None:
+    """Raise ValueError unless a ``codec`` space can store pages first with ``name``."""
+    if codec != "zstd":
+        raise ValueError(f"the first algorithm is a zstd space's; this one compresses with {codec}")
+    if name not in FIRST_ALGORITHMS:
+        raise ValueError(f"first algorithm must be one of {', '.join(FIRST_ALGORITHMS)}, not {name!r}")
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)  # compiled (setup.py); a test hooks a subclass in
 class Codec:
     """Encodes pages for the table and the pool, and decodes pool objects.
@@ -137,10 +145,7 @@ class Codec:
     def set_first_algorithm(self, name: str) -> None:
         """Store pages first with ``name`` (a zstd space): ``lz4``, or
         ``zstd`` at ``first_level``.  Either is recompressed to ``level``."""
-        if self.name != "zstd":
-            raise ValueError(f"the first algorithm is a zstd space's; this one compresses with {self.name}")
-        if name not in FIRST_ALGORITHMS:
-            raise ValueError(f"first algorithm must be one of {', '.join(FIRST_ALGORITHMS)}, not {name!r}")
+        check_first_algorithm(self.name, name)
         if name == "lz4":
             self._first_lz4 = self._lz4_decoder = _lz4block()
         else:

@@ -64,13 +64,12 @@ from .._consts import (
     DEFAULT_FIRST_ALGORITHM,
     DEFAULT_FIRST_LEVEL,
     DEFAULT_LEVEL,
-    FIRST_ALGORITHMS,
     PAGE,
 )
 from . import _entry as E
 from ._backing import BackingFile
 from ._check import check
-from ._codec import DEFAULT_HUGE_THRESHOLD, ZERO_WORD, Codec, check_level
+from ._codec import DEFAULT_HUGE_THRESHOLD, ZERO_WORD, Codec, check_first_algorithm, check_level
 from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Placement
 from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool
 from ._stats import Counters
@@ -165,8 +164,7 @@ class SwapSpace:
         if first_level is not None and codec == "zstd":
             check_level(codec, first_level)
         # fixed for the space's life: the pool's objects are in it (its levels are not)
-        self._codec = Codec(codec, first_level=first_level,
-                            first_algorithm=first_algorithm if codec == "zstd" else "zstd")
+        self._codec = Codec(codec, first_level=first_level, first_algorithm=first_algorithm)
         self.counters = Counters()
         self._lock = threading.Lock()  # the engine lock: see the module docstring
         # dynamic mode: a write short of spare chunks sets spares_wanted (housekeeping
@@ -251,12 +249,7 @@ class SwapSpace:
         if first_level is not None:
             check_level(self.codec, first_level)
         if first_algorithm is not None:
-            if self.codec != "zstd":
-                raise ValueError(f"the first algorithm is a zstd space's; this one compresses "
-                                 f"with {self.codec}")
-            if first_algorithm not in FIRST_ALGORITHMS:
-                raise ValueError(f"first algorithm must be one of {', '.join(FIRST_ALGORITHMS)}, "
-                                 f"not {first_algorithm!r}")
+            check_first_algorithm(self.codec, first_algorithm)
         if accept_threshold is not None and not 0 < accept_threshold <= 100:
             raise ValueError(f"accept_threshold must be a percentage in 1..100, not {accept_threshold}")
         if huge_threshold is not None and not 0 < huge_threshold <= PAGE:
