@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from vswapfs import MiB, linux
 from vswapfs.fuse import (
+    DEFER,
     FOPEN_DIRECT_IO,
     ROOT_ID,
     Attr,
@@ -168,13 +169,20 @@ def test_a_stub_fs_mounted_for_real_reads_writes_punches_and_counts(tmp_path: Pa
 
 # -- the FUSE request parser ---------------------------------------------------
 
-async def answer(raw: bytes) -> list[tuple[int, int, bytes]]:
+async def answer(raw: bytes, fs: StubFS | None = None, *,
+                 on_thread: bool = False) -> list[tuple[int, int, bytes]]:
     """Feed one raw request to a real Session over a stub file system; return the
-    replies (error, unique, payload) it wrote (to a pipe, as to /dev/fuse)."""
+    replies (error, unique, payload) it wrote (to a pipe, as to /dev/fuse).
+    ``on_thread``: serve it as a channel thread does, not on the event loop."""
     r, w = os.pipe()
     try:
-        session = Session(w, StubFS(), buffers=1)
-        await session.dispatch(memoryview(raw))
+        session = Session(w, StubFS() if fs is None else fs, buffers=1)
+        if on_thread:
+            assert session._serve_here(session._loop_tally, w, memoryview(raw)), "handed over"
+        else:
+            await session.dispatch(memoryview(raw))
+        if fs is not None:
+            fs.stats = session.service_stats
         os.close(w)
         w = -1
         out = b""
@@ -207,6 +215,63 @@ def test_malformed_requests_get_eio() -> None:
     ]
     for raw in cases:
         assert trio.run(answer, raw) == [(-errno.EIO, 7, b"")]
+
+
+def _read_body(offset: int, size: int) -> bytes:
+    return struct.pack("<QQII", 0, offset, size, 0) + bytes(16)
+
+
+def _write_body(offset: int, data: bytes, size: int | None = None) -> bytes:
+    return struct.pack("<QQII", 0, offset, len(data) if size is None else size, 0) + bytes(24) + data
+
+
+def test_a_channel_thread_answers_reads_and_writes_as_the_event_loop_does() -> None:
+    """On a channel thread a READ or WRITE whose header and size check takes
+    a short path (``Session._serve_data``) instead of the request objects
+    and the opcode table: every such request, well-formed or not, gets the
+    same reply, leaves the file the same and is counted the same as
+    through the general path."""
+    data = os.urandom(8192)
+    extension = IN_HEADER.pack(IN_HEADER.size + 24 + 8, Opcode.READ, 7, 2, 0, 0, 1, 1, 0)
+    cases = [
+        request(Opcode.READ, _read_body(4096, 8192)),
+        request(Opcode.READ, _read_body(FILE_BYTES - 4096, 8192)),  # past the end: the fs says EINVAL
+        request(Opcode.READ, _read_body(0, 4096), nodeid=3),  # another inode: EINVAL
+        request(Opcode.READ, _read_body(0, 4096)[:20]),  # body shorter than fuse_read_in: EIO
+        request(Opcode.READ, _read_body(0, 4096), length=999),  # the header's length lies: EIO
+        extension + _read_body(0, 4096)[:24] + bytes(8),  # with an extension (extlen 1)
+        request(Opcode.WRITE, _write_body(4096, data)),
+        request(Opcode.WRITE, _write_body(4096, data, size=4096)),  # more data than size: ignored
+        request(Opcode.WRITE, _write_body(4096, data[:4000], size=4096)),  # less: EIO
+        request(Opcode.WRITE, _write_body(FILE_BYTES, data[:4096])),  # past the end: EFBIG
+        request(Opcode.WRITE, _write_body(0, b"")),  # nothing
+    ]
+    for raw in cases:
+        on_loop, on_thread = StubFS(), StubFS()
+        on_loop.data[:] = on_thread.data[:] = os.urandom(FILE_BYTES)
+        assert trio.run(partial(answer, raw, on_loop)) == trio.run(
+            partial(answer, raw, on_thread, on_thread=True)), raw[:64]
+        assert on_loop.data == on_thread.data
+        assert {op: c[:2] for op, c in on_loop.stats().items()} == {
+            op: c[:2] for op, c in on_thread.stats().items()}
+
+
+def test_a_read_the_file_system_defers_is_handed_to_the_event_loop() -> None:
+    """``read_blocking`` returning DEFER on a channel thread: nothing is
+    answered there, and the request goes to the event loop."""
+
+    class Deferring(StubFS):
+        def read_blocking(self, ctx: Context, ino: int, fh: int, offset: int, size: int) -> Any:
+            return DEFER
+
+    r, w = os.pipe()
+    with os.fdopen(r, "rb") as reader, os.fdopen(w, "wb") as writer:
+        session = Session(writer.fileno(), Deferring(), buffers=1)
+        raw = memoryview(request(Opcode.READ, _read_body(0, 4096)))
+        assert not session._serve_here(session._loop_tally, writer.fileno(), raw)
+        assert session.requests == 0 and session.service_stats() == {}
+        os.set_blocking(reader.fileno(), False)
+        assert reader.read() is None  # no reply was written
 
 
 def test_unknown_opcode_gets_enosys_and_forget_gets_no_reply() -> None:

@@ -74,6 +74,8 @@ from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Placement
 from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool
 from ._stats import Counters
 
+_ZERO_PAGE: Final = bytes(PAGE)  # what a never-written or zero page reads as (shared, immutable)
+
 SPARE_WAIT_S: Final = 0.1  # longest a write waits for spare pool chunks (dynamic mode)
 RECOMPRESS_BATCH: Final = 64  # pages per recompress() call: ~2.5 ms of zstd here, one lock hold each side
 
@@ -334,7 +336,7 @@ class SwapSpace:
                     if hi - lo == PAGE:
                         pages.append(bytes(mv[lo - offset:hi - offset]))
                     else:
-                        page = self._read_pages(slot, 1)
+                        page = bytearray(self._read_pages(slot, 1))
                         page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
                         pages.append(bytes(page))
             encode = self._codec.encode  # outside the lock
@@ -365,14 +367,14 @@ class SwapSpace:
             self.counters.failed_writes += 1
             raise
 
-    def read(self, offset: int, size: int) -> bytearray | memoryview:
+    def read(self, offset: int, size: int) -> bytes | memoryview:
         """Read ``size`` bytes at ``offset``; never-written space reads as
         zeros.  A backing page that cannot be read or fails its checksum,
         or a pool object that does not decompress, raises OSError(EIO);
         no other page is affected."""
         self._check(offset, size)
         if not size:
-            return bytearray()
+            return b""
         first = offset // PAGE
         end = (offset + size + PAGE - 1) // PAGE
         try:
@@ -388,10 +390,12 @@ class SwapSpace:
             return out
         return memoryview(out)[skip:skip + size]
 
-    def _read_pages(self, first: int, count: int) -> bytearray:
+    def _read_pages(self, first: int, count: int) -> bytes:
         """Look the words up and copy pool objects under the lock; read
-        backing pages and decompress outside it."""
-        out = bytearray(count * PAGE)
+        backing pages and decompress outside it.  One page (what a swap-in
+        asks for) is returned as it was decoded, more are joined: no buffer
+        to zero first and copy each page into."""
+        pages = [_ZERO_PAGE] * count
         blobs: list[tuple[int, bytes]] = []
         phys: list[tuple[int, int, BackingFile]] = []
         place = self._place
@@ -409,7 +413,7 @@ class SwapSpace:
                     blobs.append((i, self._pool.load(E.pool_object(word), E.pool_length(word))))
                 elif t == E.SAME:
                     if word != ZERO_WORD:
-                        out[i * PAGE:(i + 1) * PAGE] = E.same_page(word)
+                        pages[i] = E.same_page(word)
                 elif t == E.PHYS:
                     bf = backing[E.phys_file(word)]
                     assert bf is not None
@@ -418,7 +422,7 @@ class SwapSpace:
                 place.phys_readers += 1  # until we are done, no physical slot is reused
         try:
             for i, word, bf in phys:
-                out[i * PAGE:(i + 1) * PAGE] = self._read_phys_stable(first + i, word, bf)
+                pages[i] = self._read_phys_stable(first + i, word, bf)
         finally:
             if phys:
                 with self._lock:
@@ -427,8 +431,8 @@ class SwapSpace:
                         place.readers_done()
         decode = self._codec.decode
         for i, blob in blobs:
-            out[i * PAGE:(i + 1) * PAGE] = decode(blob)
-        return out
+            pages[i] = decode(blob)
+        return pages[0] if count == 1 else b"".join(pages)
 
     def _read_phys_stable(self, slot: int, word: int, bf: BackingFile) -> bytes:
         """Read a backing page without the lock (counted in ``phys_readers``).
@@ -442,7 +446,7 @@ class SwapSpace:
                 if self._table.word(slot) == word:
                     self._place.count_read_error(e)
                     raise
-            return bytes(self._read_pages(slot, 1))
+            return self._read_pages(slot, 1)
 
     def discard(self, offset: int, length: int) -> None:
         """Free ``length`` bytes at ``offset``, like a punched hole: whole pages

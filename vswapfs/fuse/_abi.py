@@ -135,6 +135,8 @@ FLUSH_IN: Final = struct.Struct("<QIIQ")  # fh unused padding lock_owner
 READ_IN: Final = struct.Struct("<QQII")  # fh offset size read_flags (lock_owner, flags follow)
 WRITE_IN: Final = struct.Struct("<QQII")  # fh offset size write_flags
 WRITE_IN_SIZE: Final = 40  # the payload of a WRITE starts this far into the body
+# IN_HEADER and what READ_IN and WRITE_IN share (fh offset size flags): the data path's one unpack
+DATA_IN: Final = struct.Struct(IN_HEADER.format + READ_IN.format[1:])
 WRITE_OUT: Final = struct.Struct("<II")
 STATFS_OUT: Final = struct.Struct("<QQQQQIIII24x")
 FSYNC_IN: Final = struct.Struct("<QII")

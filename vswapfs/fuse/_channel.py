@@ -88,12 +88,19 @@ class ReadErrors:
 
 
 
+# typed here: the build's mypy meets _abi inside the package's import cycle at this point
+_OUT_HEADER: Final[struct.Struct] = A.OUT_HEADER  # type: ignore[has-type, unused-ignore]
+_pack_out = _OUT_HEADER.pack  # bound once: write_reply runs once a request
+_OUT_SIZE: Final = _OUT_HEADER.size
+_writev = os.writev
+
+
 def write_reply(fd: int, unique: int, error: int = 0, payload: bytes | bytearray | memoryview = b"") -> None:
     """Write the reply to request ``unique``: ``-error``, or the payload."""
     n = len(payload)
-    hdr = A.OUT_HEADER.pack(A.OUT_HEADER.size + n, -error, unique)
+    hdr = _pack_out(_OUT_SIZE + n, -error, unique)
     try:
-        os.writev(fd, [hdr, payload] if n else [hdr])
+        _writev(fd, [hdr, payload] if n else [hdr])
     except OSError as e:  # ENOENT: the request was aborted meanwhile
         if e.errno != errno.ENOENT and e.errno not in GONE:
             log.warning("reply to request %d failed: %s", unique, e)
