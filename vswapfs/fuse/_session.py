@@ -300,11 +300,12 @@ class Session:
         A well-formed READ or WRITE takes :meth:`_serve_data`."""
         n = len(req)
         if n >= _DATA_IN_SIZE:
+            t0 = _now_ns()  # busy time counts from parsing, as _open's does
             length, opcode, unique, nodeid, uid, gid, pid, extlen, _, fh, offset, size, _ = \
                 _unpack_data_in(req)
             if length == n and not extlen and (
                     opcode == _READ or (opcode == _WRITE and n >= _WRITE_DATA_AT + size)):
-                return self._serve_data(tally, fd, req, opcode, unique, nodeid,
+                return self._serve_data(tally, fd, req, t0, opcode, unique, nodeid,
                                         _tuple_new(Context, (uid, gid, pid)), fh, offset, size)
         r = self._open(req, fd, tally, thread=True)
         if r is HAND_OVER:
@@ -321,8 +322,8 @@ class Session:
         self.requests += 1
         return True
 
-    def _serve_data(self, tally: _Tally, fd: int, req: memoryview, opcode: int, unique: int,
-                    nodeid: int, ctx: Context, fh: int, offset: int, size: int) -> bool:
+    def _serve_data(self, tally: _Tally, fd: int, req: memoryview, t0: int, opcode: int,
+                    unique: int, nodeid: int, ctx: Context, fh: int, offset: int, size: int) -> bool:
         """A READ or WRITE that parsed (``_serve_here`` checked the header
         and the body's size): what :meth:`_open`, the method and
         :meth:`_answer` do for it, answered the same way, without building
@@ -330,7 +331,6 @@ class Session:
         table.  Nearly every request swap sends is one of these, and a
         request's own Python is what the daemon's time per page is made of
         (docs/sustained.md)."""
-        t0 = _now_ns()
         try:
             if opcode == _READ:
                 result = self.ops.read_blocking(ctx, nodeid, fh, offset, size)
