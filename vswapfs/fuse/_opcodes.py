@@ -8,7 +8,7 @@ an opcode not in it is answered ENOSYS.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from . import _abi as A
 from . import _reader as R
@@ -76,7 +76,8 @@ OPS: dict[int, Op] = {
 }
 
 
-_WRITE, _READ = int(A.Opcode.WRITE), int(A.Opcode.READ)  # plain ints: compared per request
+_WRITE: Final = int(A.Opcode.WRITE)  # plain ints: compared per request
+_READ: Final = int(A.Opcode.READ)
 
 
 def data_bytes(opcode: int, result: Any, payload: Any) -> int:
