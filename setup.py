@@ -11,7 +11,10 @@ one truth: the same modules run as pure Python, and do so
 * when the build cannot compile (no mypyc in the build environment, no C
   compiler, no ``Python.h``): the build says so and goes on.
 
-``python3 -m vswapfs --version`` tells which one is installed.  In an
+With the compiled modules comes one written in C, the codec's lz4
+(``vswapfs/engine/_lz4page.c``); where it does not build (no
+``liblz4.so.1``), python-lz4 does its work.  ``python3 -m vswapfs
+--version`` tells which build is installed.  In an
 editable install (``pip install -e .``) the compiled modules sit next to
 their source and shadow it: run the install again after an edit (the
 tests refuse to run on stale ones: the build records what it compiled,
@@ -27,7 +30,7 @@ import sys
 import sysconfig
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 # The request path (vswapfs/_build.py lists it, for the checks of what is
@@ -35,9 +38,15 @@ from setuptools.command.build_ext import build_ext
 # of (a compiled class's methods are fixed), and the rest, which runs once a
 # mount or once a second, not once a request.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vswapfs._build import BUILT_FROM, SERVING_MODULES, source_digest
+from vswapfs._build import BUILT_FROM, NATIVE_LZ4, SERVING_MODULES, source_digest
 
 COMPILED = [name.replace(".", "/") + ".py" for name in SERVING_MODULES]
+
+# The codec's lz4 in C (vswapfs/engine/_lz4page.c): built beside the mypyc
+# modules, with no header (it declares the few lz4 functions it calls) and
+# linked against liblz4.so.1 itself.  Optional on its own: where it does
+# not build, python-lz4 does its work (vswapfs.engine._codec.Lz4).
+LZ4_PAGE = Extension(NATIVE_LZ4, ["vswapfs/engine/_lz4page.c"], libraries=[":liblz4.so.1"])
 
 
 def _why_not_compiled() -> str | None:
@@ -61,6 +70,16 @@ class OptionalBuildExt(build_ext):
     modules' source is installed either way, so a failed compile leaves
     nothing half-built behind and the package still imports."""
 
+    def build_extension(self, ext: Any) -> None:
+        if ext.name != NATIVE_LZ4:
+            super().build_extension(ext)
+            return
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # no liblz4.so.1, most likely: the mypyc modules stay
+            print(f"vswapfs: the C lz4 page codec did not build ({e}); python-lz4 does its work",
+                  file=sys.stderr)
+
     def run(self) -> None:
         try:
             super().run()
@@ -72,7 +91,8 @@ class OptionalBuildExt(build_ext):
             print(f"vswapfs: compiling with mypyc failed ({e}); installing pure Python",
                   file=sys.stderr)
             return
-        if self.extensions:  # what they were built from, for _build.stale_modules
+        if any(ext.name != NATIVE_LZ4 for ext in self.extensions):  # what they were built
+            # from, for _build.stale_modules
             where = os.path.join("." if self.inplace else self.build_lib, "vswapfs", BUILT_FROM)
             with open(where, "w") as f:
                 json.dump({name: source_digest(name) for name in SERVING_MODULES}, f, indent=1)
@@ -85,10 +105,12 @@ def _extensions() -> list[Any]:
         try:
             # the third-party libraries need not be in the build environment:
             # to mypyc their calls are calls into Python either way
-            return list(mypycify(["--ignore-missing-imports", *COMPILED], opt_level="3"))
+            return [*mypycify(["--ignore-missing-imports", *COMPILED], opt_level="3"), LZ4_PAGE]
         except (Exception, SystemExit) as e:  # mypyc refused the source: same fallback
             # (on a type error mypyc prints it and exits)
             why = "mypyc: type errors, above" if isinstance(e, SystemExit) else f"mypyc: {e}"
+            print(f"vswapfs: building pure Python ({why}), lz4 in C", file=sys.stderr)
+            return [LZ4_PAGE]
     print(f"vswapfs: building pure Python ({why})", file=sys.stderr)
     return []
 

@@ -14,6 +14,8 @@ done
 # compiler (gcc, above) and the interpreter's headers
 include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 [[ -e $include/Python.h ]] || need+=("python3-dev")
+# and liblz4.so.1, which the codec's lz4 in C links against (every systemd machine has it)
+ldconfig -p | grep 'liblz4\.so\.1 ' >/dev/null || need+=("liblz4-1")
 if ((${#need[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -33,6 +33,10 @@ SERVING_MODULES: Final = (
 )
 
 
+# The codec's lz4 in C (engine/_lz4page.c), built with the compiled modules
+# where liblz4.so.1 is; python-lz4 does its work where it is not.
+NATIVE_LZ4: Final = "vswapfs.engine._lz4page"
+
 PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
 BUILT_FROM: Final = "_built_from.json"  # {module: sha256 of the source it was compiled from}
 
@@ -51,6 +55,21 @@ def _origin(name: str) -> str:
 def compiled_modules() -> list[str]:
     """Those of ``SERVING_MODULES`` that import as extension modules."""
     return [name for name in SERVING_MODULES if not _origin(name).endswith(".py")]
+
+
+def native_lz4() -> bool:
+    """True if the codec's lz4 is the C module (``NATIVE_LZ4``, which has no
+    Python source: it is there built or not at all)."""
+    try:
+        _origin(NATIVE_LZ4)
+    except ImportError:
+        return False
+    return True
+
+
+def describe() -> str:
+    """What ``--version`` says of the build: ``mypyc build, lz4 in C`` and the like."""
+    return f"{kind()} build" + (", lz4 in C" if native_lz4() else "")
 
 
 def kind() -> str:

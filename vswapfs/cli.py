@@ -170,7 +170,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
         from . import _build
 
-        print(f"vswapfs {VERSION} ({_build.kind()} build)")
+        print(f"vswapfs {VERSION} ({_build.describe()})")
         parser.exit()
 
 

@@ -19,6 +19,10 @@ codec) there is one step; once the pool is past half its limit,
 ``SwapSpace.write`` stores at ``level`` at once (density matters more than
 speed there).
 
+lz4 is the C module ``_lz4page`` where the build made it (python-lz4's
+blocks without its copies, see ``_lz4page.c``), python-lz4 otherwise:
+:class:`Lz4` hides which.
+
 No lock: compression runs on the caller's thread, outside the engine lock
 (zstandard and lz4 release the GIL).  zstd contexts are shared through a
 small free list rather than kept per thread: a thread that compresses once
@@ -29,7 +33,7 @@ code faulted in) at start, not in the middle of a burst.
 from __future__ import annotations
 
 import errno
-from types import ModuleType
+from collections.abc import Callable
 from typing import Final
 
 import zstandard
@@ -70,10 +74,56 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
                                     write_dict_id=False)
 
 
-def _lz4block() -> ModuleType:
-    import lz4.block
-    mod: ModuleType = lz4.block  # typed: the build's mypy may not see lz4
-    return mod
+Buffer = bytes | bytearray | memoryview
+
+
+class Lz4:
+    """lz4 blocks of pages, the same from either maker: ``compress(page,
+    mark)`` (the block, after LZ4_MARK if ``mark``) and ``decompress(blob,
+    skip, size)`` (the ``size`` bytes the block after ``skip`` bytes holds;
+    ValueError if it does not decode to exactly that).  The C module's
+    functions where the build made it and ``native`` is not False,
+    python-lz4's otherwise."""
+
+    def __init__(self, native: bool = True) -> None:
+        self.compress: Callable[[Buffer, bool], bytes]
+        self.decompress: Callable[[Buffer, int, int], bytes]
+        self.native = False  # True: the C module's (vswapfs/engine/_lz4page.c)
+        if native:
+            try:
+                from . import _lz4page
+            except ImportError:  # not built (no C compiler or no liblz4.so.1 then)
+                pass
+            else:
+                self.compress, self.decompress = _lz4page.compress, _lz4page.decompress
+                self.native = True
+                return
+        import lz4.block as block  # typed Any: the build's mypy may not see lz4
+        compress, decompress, error = block.compress, block.decompress, block.LZ4BlockError
+
+        def py_compress(page: Buffer, mark: bool) -> bytes:
+            out: bytes = compress(page, store_size=False)
+            return LZ4_MARK + out if mark else out
+
+        def py_decompress(blob: Buffer, skip: int, size: int) -> bytes:
+            try:
+                out: bytes = decompress(memoryview(blob)[skip:], uncompressed_size=size)
+            except error as e:
+                raise ValueError(str(e)) from None
+            if len(out) != size:
+                raise ValueError(f"the lz4 block decodes to {len(out)} bytes, not {size}")
+            return out
+
+        self.compress, self.decompress = py_compress, py_decompress
+
+
+_LZ4: list[Lz4] = []  # the Lz4 every codec shares, made at the first that needs it
+
+
+def _lz4() -> Lz4:
+    if not _LZ4:
+        _LZ4.append(Lz4())
+    return _LZ4[0]
 
 
 def check_level(codec: str, level: int) -> None:
@@ -108,14 +158,14 @@ class Codec:
         if name not in CODECS:
             raise ValueError(f"codec must be one of {', '.join(CODECS)}, not {name!r}")
         self.name = name
-        self._lz4: ModuleType | None = None  # lz4.block when the codec is lz4
+        self._lz4: Lz4 | None = None  # lz4 when the codec is lz4
         if name == "lz4":  # imported when used (at start, not in a burst: once loaded in
             # a burst, it cost a point of the memory returned after it in the bench)
-            self._lz4 = _lz4block()
-        # lz4.block when a zstd space stores pages with lz4 first (set_first_algorithm);
+            self._lz4 = _lz4()
+        # lz4 when a zstd space stores pages with lz4 first (set_first_algorithm);
         # _lz4_decoder too once an lz4 object was read (the first store may have changed)
-        self._first_lz4: ModuleType | None = None
-        self._lz4_decoder: ModuleType | None = None
+        self._first_lz4: Lz4 | None = None
+        self._lz4_decoder: Lz4 | None = None
         self.level = 0  # the level pages end up at (0 with lz4), see set_levels
         self.fast_level: int | None = None  # the first store's level as set (None: ``level``)
         self.first_level = 0  # the first store's level in effect: never denser than ``level``
@@ -147,7 +197,7 @@ class Codec:
         ``zstd`` at ``first_level``.  Either is recompressed to ``level``."""
         check_first_algorithm(self.name, name)
         if name == "lz4":
-            self._first_lz4 = self._lz4_decoder = _lz4block()
+            self._first_lz4 = self._lz4_decoder = _lz4()
         else:
             self._first_lz4 = None
 
@@ -168,13 +218,11 @@ class Codec:
         is asked for."""
         if _inject.armed:
             _inject.point("codec.compress")
-        if self._lz4:  # stateless: no context to pool
-            out: bytes = self._lz4.compress(page, store_size=False)
-            return out
+        if self._lz4 is not None:  # stateless: no context to pool
+            return self._lz4.compress(page, False)
         if level is None:
             if self._first_lz4 is not None:
-                lz: bytes = self._first_lz4.compress(page, store_size=False)
-                return LZ4_MARK + lz
+                return self._first_lz4.compress(page, True)
             level = self.first_level
         idle = self._cctxs.get(level)
         if idle is None:
@@ -199,18 +247,18 @@ class Codec:
         if len(blob) == PAGE:
             return blob
         page: bytes
-        if self._lz4:
+        if self._lz4 is not None:
             try:
-                page = self._lz4.decompress(blob, uncompressed_size=PAGE)
-            except self._lz4.LZ4BlockError as lz4_err:
+                return self._lz4.decompress(blob, 0, PAGE)
+            except ValueError as lz4_err:
                 raise OSError(errno.EIO, f"pool object does not decompress: {lz4_err}") from None
         elif blob[0] == 0:  # LZ4_MARK: stored first with lz4
             lz = self._lz4_decoder
             if lz is None:
-                lz = self._lz4_decoder = _lz4block()
+                lz = self._lz4_decoder = _lz4()
             try:
-                page = lz.decompress(memoryview(blob)[1:], uncompressed_size=PAGE)
-            except lz.LZ4BlockError as mark_err:
+                return lz.decompress(blob, 1, PAGE)
+            except ValueError as mark_err:
                 raise OSError(errno.EIO, f"pool object does not decompress: {mark_err}") from None
         else:
             try:

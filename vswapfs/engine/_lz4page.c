@@ -1,0 +1,187 @@
+/* _lz4page: lz4 for one page at a time, the way the codec needs it.
+ *
+ * python-lz4's lz4.block is what the codec falls back to without this
+ * module (a build with no C compiler or no liblz4.so.1).  For each page
+ * it compresses into a scratch buffer it mallocs, copies the result into
+ * a new bytes object and frees the scratch; the codec then copied that
+ * once more to put LZ4_MARK in front, and a READ's decompress went through
+ * a malloc, a copy and a free too (and keyword parsing and a memoryview
+ * to skip the mark).  Here the scratch is each thread's own (made once,
+ * with its lz4 state), the mark is written in place, the one bytes object
+ * returned is the only allocation, and a block decodes straight into the
+ * page returned.  The compression is python-lz4's exactly (the state
+ * cleared, then LZ4_compress_fast_continue with no dictionary: an
+ * independent block, byte for byte what lz4.block.compress(page,
+ * store_size=False) makes, which the tests check), and the GIL is released
+ * while lz4 runs, as python-lz4 does.
+ *
+ * lz4's header is not needed (Debian ships it only in liblz4-dev): the few
+ * functions used are declared below as lz4.h has declared them since
+ * 1.9.0, and the module links against liblz4.so.1, which every systemd
+ * system has.  (lz4's own faster resets were measured and lost: keeping
+ * the hash table between pages made a file page 2x slower to compress,
+ * and the 64 KiB-input variant 15% slower; docs/sustained.md.)
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+
+typedef union LZ4_stream_u LZ4_stream_t; /* opaque: made and freed by liblz4 */
+
+extern LZ4_stream_t *LZ4_createStream(void);
+extern int LZ4_freeStream(LZ4_stream_t *stream);
+extern void LZ4_resetStream(LZ4_stream_t *stream);
+extern int LZ4_compress_fast_continue(LZ4_stream_t *stream, const char *src, char *dst,
+                                      int src_size, int dst_capacity, int acceleration);
+extern int LZ4_decompress_safe(const char *src, char *dst, int compressed_size, int dst_capacity);
+extern int LZ4_versionNumber(void);
+
+#define MAX_BYTES 65536                  /* the most compress takes (a page is 4096) */
+#define BOUND(n) ((n) + (n) / 255 + 16)  /* LZ4_COMPRESSBOUND: the most n bytes become */
+
+/* What a thread compresses with: made at its first page, freed at its exit. */
+struct worker {
+    LZ4_stream_t *stream;                /* lz4's state (16 KiB), cleared for each page */
+    char out[1 + BOUND(MAX_BYTES)];      /* the mark, then the block */
+};
+
+static pthread_key_t worker_key;
+
+static void free_worker(void *p) {
+    struct worker *w = p;
+    LZ4_freeStream(w->stream);
+    PyMem_RawFree(w);
+}
+
+static struct worker *thread_worker(void) {
+    struct worker *w = pthread_getspecific(worker_key);
+    if (w != NULL)
+        return w;
+    w = PyMem_RawMalloc(sizeof *w);
+    if (w != NULL && (w->stream = LZ4_createStream()) != NULL) {
+        if (pthread_setspecific(worker_key, w) == 0)
+            return w;
+        LZ4_freeStream(w->stream);
+    }
+    PyMem_RawFree(w);
+    PyErr_NoMemory();
+    return NULL;
+}
+
+PyDoc_STRVAR(compress_doc,
+"compress(page, mark, /) -> bytes\n\n"
+"``page`` (a contiguous buffer of at most 64 KiB) as an lz4 block, with one\n"
+"0 byte in front of it when ``mark`` is true.");
+
+static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "compress takes 2 arguments (page, mark)");
+        return NULL;
+    }
+    int mark = PyObject_IsTrue(args[1]);
+    if (mark < 0)
+        return NULL;
+    struct worker *w = thread_worker();
+    if (w == NULL)
+        return NULL;
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (in.len > MAX_BYTES) {
+        PyBuffer_Release(&in);
+        PyErr_Format(PyExc_ValueError, "compress takes at most %d bytes, not %zd", MAX_BYTES, in.len);
+        return NULL;
+    }
+    int n = (int)in.len, size;
+    Py_BEGIN_ALLOW_THREADS
+    LZ4_resetStream(w->stream);
+    size = LZ4_compress_fast_continue(w->stream, in.buf, w->out + 1, n, BOUND(n), 1);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&in);
+    if (size <= 0 && n > 0) { /* cannot happen with a bound-sized output */
+        PyErr_SetString(PyExc_RuntimeError, "lz4 failed to compress");
+        return NULL;
+    }
+    w->out[0] = 0;
+    return PyBytes_FromStringAndSize(w->out + 1 - mark, (Py_ssize_t)size + mark);
+}
+
+PyDoc_STRVAR(decompress_doc,
+"decompress(blob, skip, size, /) -> bytes\n\n"
+"The ``size`` bytes the lz4 block in ``blob`` after its first ``skip`` bytes\n"
+"holds.  ValueError if it is not a block of exactly ``size`` bytes.");
+
+static PyObject *decompress(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "decompress takes 3 arguments (blob, skip, size)");
+        return NULL;
+    }
+    Py_ssize_t skip = PyLong_AsSsize_t(args[1]);
+    if (skip == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (size < 0 || size > MAX_BYTES) {
+        PyErr_Format(PyExc_ValueError, "size must be in 0..%d, not %zd", MAX_BYTES, size);
+        return NULL;
+    }
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (skip < 0 || skip > in.len || in.len - skip > INT_MAX) {
+        PyBuffer_Release(&in);
+        PyErr_Format(PyExc_ValueError, "skip %zd is outside the %zd-byte blob", skip, in.len);
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    int got;
+    Py_BEGIN_ALLOW_THREADS
+    got = LZ4_decompress_safe((const char *)in.buf + skip, PyBytes_AS_STRING(out),
+                              (int)(in.len - skip), (int)size);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&in);
+    if (got != size) {
+        Py_DECREF(out);
+        if (got < 0)
+            PyErr_SetString(PyExc_ValueError, "not an lz4 block, or it decodes to more than size bytes");
+        else
+            PyErr_Format(PyExc_ValueError, "the lz4 block decodes to %d bytes, not %zd", got, size);
+        return NULL;
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"compress", (PyCFunction)(void (*)(void))compress, METH_FASTCALL, compress_doc},
+    {"decompress", (PyCFunction)(void (*)(void))decompress, METH_FASTCALL, decompress_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "vswapfs.engine._lz4page",
+    "lz4 for one page at a time: python-lz4's block format without its copies (see the C source).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__lz4page(void) {
+    if (LZ4_versionNumber() < 10900) { /* the prototypes above are 1.9's */
+        PyErr_Format(PyExc_ImportError, "liblz4 %d is older than 1.9.0", LZ4_versionNumber());
+        return NULL;
+    }
+    if (pthread_key_create(&worker_key, free_worker) != 0) {
+        PyErr_SetString(PyExc_ImportError, "no thread key for the lz4 states");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module_def);
+    if (m != NULL && PyModule_AddIntConstant(m, "LIBRARY_VERSION", LZ4_versionNumber()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
