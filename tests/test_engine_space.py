@@ -608,7 +608,8 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     most SPARE_WAIT_S (then it is refused): a burst is not refused for a
     few milliseconds of faulting, and a housekeeper that cannot fault
     cannot hang a write.  After a wait that came to nothing, writes short
-    of spares are refused at once until housekeeping brings some."""
+    of spares are refused at once until housekeeping brings some.
+    ``spare_waits`` counts the waits."""
     import time
 
     from vswapfs.engine._space import SPARE_WAIT_S
@@ -626,7 +627,7 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     s.write(PAGE, text_page(1))  # waits, then is stored
     t.join()
     assert keeper_saw.is_set() and s.read(PAGE, PAGE) == text_page(1)
-    assert s.stats()["failed_writes"] == 0 and s.check() == []
+    assert s.stats()["failed_writes"] == 0 and s.stats()["spare_waits"] == 1 and s.check() == []
     s.close()
 
     s = SwapSpace(64 * MiB, dynamic=True)
@@ -645,7 +646,9 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     s.replenish()  # housekeeping got through: stores go on
     s.write(0, text_page(0))
     assert s.read(0, PAGE) == text_page(0)
-    assert s.stats()["failed_writes"] == 2 and s.check() == []
+    stats = s.stats()
+    assert stats["failed_writes"] == 2 and stats["spare_waits"] == 1  # the refusal at once waited not
+    assert s.check() == []
     s.close()
 
 

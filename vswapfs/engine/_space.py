@@ -356,6 +356,7 @@ class SwapSpace:
                     self.spares_wanted.set()
                     if place.refill_stuck:  # the last wait came to nothing: fail fast until
                         raise  # housekeeping brings spares (see below)
+                    self.counters.spare_waits += 1
                     # the lock is released meanwhile
                     if not self._spares_added.wait(SPARE_WAIT_S):
                         place.refill_stuck = True

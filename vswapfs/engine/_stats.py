@@ -32,6 +32,7 @@ COUNTERS: Final[dict[str, str]] = {
     "recompressed_pages": "pool pages stored first (lz4, or zstd at first_level) and made denser at "
                           "the level, when idle",
     "recompress_saved_bytes": "bytes of pool payload that recompression saved",
+    "spare_waits": "writes that found no pool chunk faulted in and waited for housekeeping to fault some",
 }
 
 # Gauges: the state now.
@@ -90,6 +91,7 @@ class Counters:
     recovery_lost_pages: int
     recompressed_pages: int
     recompress_saved_bytes: int
+    spare_waits: int
 
     def __init__(self) -> None:
         for name in COUNTERS:  # (not __slots__: a compiled class has none at run time)
