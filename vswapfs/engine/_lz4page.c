@@ -6,10 +6,11 @@
  * a new bytes object and frees the scratch; the codec then copied that
  * once more to put LZ4_MARK in front, and a READ's decompress went through
  * a malloc, a copy and a free too (and keyword parsing and a memoryview
- * to skip the mark).  Here the scratch is each thread's own (made once,
- * with its lz4 state), the mark is written in place, the one bytes object
- * returned is the only allocation, and a block decodes straight into the
- * page returned.  The compression is python-lz4's exactly (the state
+ * to skip the mark).  Here the lz4 state and the scratch are on the
+ * stack, the mark is written in place, the one bytes object returned is
+ * the only allocation, and a block decodes straight into the page
+ * returned.  Nothing else is allocated: an allocation on a serving thread
+ * can wait on the very reclaim that thread serves.  The compression is python-lz4's exactly (the state
  * cleared, then LZ4_compress_fast_continue with no dictionary: an
  * independent block, byte for byte what lz4.block.compress(page,
  * store_size=False) makes, which the tests check), and the GIL is released
@@ -20,70 +21,44 @@
  * 1.9.0, and the module links against liblz4.so.1, which every systemd
  * system has.  (lz4's own faster resets were measured and lost: keeping
  * the hash table between pages made a file page 2x slower to compress,
- * and the 64 KiB-input variant 15% slower; docs/sustained.md.)
+ * and LZ4_compress_fast_extState's 16-bit table for small inputs a quarter
+ * slower; docs/sustained.md.)
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 
-typedef union LZ4_stream_u LZ4_stream_t; /* opaque: made and freed by liblz4 */
+typedef union LZ4_stream_u LZ4_stream_t; /* opaque: liblz4 sets it up in our buffer */
 
-extern LZ4_stream_t *LZ4_createStream(void);
-extern int LZ4_freeStream(LZ4_stream_t *stream);
-extern void LZ4_resetStream(LZ4_stream_t *stream);
+extern LZ4_stream_t *LZ4_initStream(void *buffer, size_t size);
+extern int LZ4_sizeofState(void);
 extern int LZ4_compress_fast_continue(LZ4_stream_t *stream, const char *src, char *dst,
                                       int src_size, int dst_capacity, int acceleration);
 extern int LZ4_decompress_safe(const char *src, char *dst, int compressed_size, int dst_capacity);
 extern int LZ4_versionNumber(void);
 
-#define MAX_BYTES 65536                  /* the most compress takes (a page is 4096) */
+#define MAX_BYTES 4096                   /* the most compress takes: a page */
 #define BOUND(n) ((n) + (n) / 255 + 16)  /* LZ4_COMPRESSBOUND: the most n bytes become */
+#define STATE_BYTES 16416                /* LZ4_STREAMSIZE at lz4's default memory usage */
 
-/* What a thread compresses with: made at its first page, freed at its exit. */
-struct worker {
-    LZ4_stream_t *stream;                /* lz4's state (16 KiB), cleared for each page */
-    char out[1 + BOUND(MAX_BYTES)];      /* the mark, then the block */
-};
-
-static pthread_key_t worker_key;
-
-static void free_worker(void *p) {
-    struct worker *w = p;
-    LZ4_freeStream(w->stream);
-    PyMem_RawFree(w);
-}
-
-static struct worker *thread_worker(void) {
-    struct worker *w = pthread_getspecific(worker_key);
-    if (w != NULL)
-        return w;
-    w = PyMem_RawMalloc(sizeof *w);
-    if (w != NULL && (w->stream = LZ4_createStream()) != NULL) {
-        if (pthread_setspecific(worker_key, w) == 0)
-            return w;
-        LZ4_freeStream(w->stream);
-    }
-    PyMem_RawFree(w);
-    PyErr_NoMemory();
-    return NULL;
+/* 0 if a call passed `want` arguments, else -1 with a TypeError that shows `call`. */
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *call) {
+    if (nargs == want)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, not %zd", call, want, nargs);
+    return -1;
 }
 
 PyDoc_STRVAR(compress_doc,
 "compress(page, mark, /) -> bytes\n\n"
-"``page`` (a contiguous buffer of at most 64 KiB) as an lz4 block, with one\n"
+"``page`` (a contiguous buffer of at most a page) as an lz4 block, with one\n"
 "0 byte in front of it when ``mark`` is true.");
 
 static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "compress takes 2 arguments (page, mark)");
+    if (check_nargs(nargs, 2, "compress(page, mark)") < 0)
         return NULL;
-    }
     int mark = PyObject_IsTrue(args[1]);
     if (mark < 0)
-        return NULL;
-    struct worker *w = thread_worker();
-    if (w == NULL)
         return NULL;
     Py_buffer in;
     if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
@@ -93,18 +68,23 @@ static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py
         PyErr_Format(PyExc_ValueError, "compress takes at most %d bytes, not %zd", MAX_BYTES, in.len);
         return NULL;
     }
+    /* On the stack, as python-lz4 keeps its state: a serving thread's stack is
+     * locked, and a heap allocation here could wait on the reclaim this very
+     * thread serves (the daemon in its hog's cgroup, tests/test_daemon.py). */
+    _Alignas(8) char state[STATE_BYTES];
+    char out[1 + BOUND(MAX_BYTES)];
     int n = (int)in.len, size;
     Py_BEGIN_ALLOW_THREADS
-    LZ4_resetStream(w->stream);
-    size = LZ4_compress_fast_continue(w->stream, in.buf, w->out + 1, n, BOUND(n), 1);
+    LZ4_stream_t *stream = LZ4_initStream(state, sizeof state); /* the state cleared */
+    size = LZ4_compress_fast_continue(stream, in.buf, out + 1, n, BOUND(n), 1);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&in);
     if (size <= 0 && n > 0) { /* cannot happen with a bound-sized output */
         PyErr_SetString(PyExc_RuntimeError, "lz4 failed to compress");
         return NULL;
     }
-    w->out[0] = 0;
-    return PyBytes_FromStringAndSize(w->out + 1 - mark, (Py_ssize_t)size + mark);
+    out[0] = 0;
+    return PyBytes_FromStringAndSize(out + 1 - mark, (Py_ssize_t)size + mark);
 }
 
 PyDoc_STRVAR(decompress_doc,
@@ -113,10 +93,8 @@ PyDoc_STRVAR(decompress_doc,
 "holds.  ValueError if it is not a block of exactly ``size`` bytes.");
 
 static PyObject *decompress(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "decompress takes 3 arguments (blob, skip, size)");
+    if (check_nargs(nargs, 3, "decompress(blob, skip, size)") < 0)
         return NULL;
-    }
     Py_ssize_t skip = PyLong_AsSsize_t(args[1]);
     if (skip == -1 && PyErr_Occurred())
         return NULL;
@@ -174,8 +152,9 @@ PyMODINIT_FUNC PyInit__lz4page(void) {
         PyErr_Format(PyExc_ImportError, "liblz4 %d is older than 1.9.0", LZ4_versionNumber());
         return NULL;
     }
-    if (pthread_key_create(&worker_key, free_worker) != 0) {
-        PyErr_SetString(PyExc_ImportError, "no thread key for the lz4 states");
+    if (LZ4_sizeofState() > STATE_BYTES) { /* a liblz4 built with a larger hash table */
+        PyErr_Format(PyExc_ImportError, "liblz4's state takes %d bytes, more than %d",
+                     LZ4_sizeofState(), STATE_BYTES);
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
