@@ -71,15 +71,16 @@ static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py
     /* On the stack, as python-lz4 keeps its state: a serving thread's stack is
      * locked, and a heap allocation here could wait on the reclaim this very
      * thread serves (the daemon in its hog's cgroup, tests/test_daemon.py). */
-    _Alignas(8) char state[STATE_BYTES];
+    _Alignas(16) char state[STATE_BYTES];
     char out[1 + BOUND(MAX_BYTES)];
     int n = (int)in.len, size;
     Py_BEGIN_ALLOW_THREADS
-    LZ4_stream_t *stream = LZ4_initStream(state, sizeof state); /* the state cleared */
-    size = LZ4_compress_fast_continue(stream, in.buf, out + 1, n, BOUND(n), 1);
+    LZ4_stream_t *stream = LZ4_initStream(state, sizeof state); /* the state cleared; NULL if */
+    size = stream == NULL ? -1                                  /* too small or misaligned */
+                          : LZ4_compress_fast_continue(stream, in.buf, out + 1, n, BOUND(n), 1);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&in);
-    if (size <= 0 && n > 0) { /* cannot happen with a bound-sized output */
+    if (size <= 0 && n > 0) { /* cannot happen with a bound-sized output and a state set up */
         PyErr_SetString(PyExc_RuntimeError, "lz4 failed to compress");
         return NULL;
     }
