@@ -74,7 +74,10 @@ THREAD_STACK = 512 << 10  # bytes per thread stack (locked; populated in reserve
 BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
 TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
-SWAPS_EVERY = 0.5  # seconds between looks at /proc/swaps (for swapoff)
+# seconds between looks at /proc/swaps (for swapoff): a swap area that comes and goes
+# between two looks is never seen on, and what swapoff left stays held until the next
+# swapon's discard (the churn check's swapon-to-swapoff takes a few tenths of a second)
+SWAPS_EVERY = 0.1
 SETTLE_SLICE = 0.05  # seconds of recompression between looks for requests, when idle
 SETTLE_DUTY = 4  # ... and then a pause of (SETTLE_DUTY - 1) slices: at most a quarter of a CPU
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
