@@ -86,8 +86,9 @@ def test_a_block_that_does_not_decode_to_a_page_is_a_value_error() -> None:
 
 
 def test_threads_compressing_at_once_each_get_their_own_pages_back() -> None:
-    """The C module keeps a state per thread and releases the GIL while lz4
-    runs: threads compressing at once must not see each other's pages."""
+    """The C module keeps its lz4 state on the calling thread's stack and
+    releases the GIL while lz4 runs: threads compressing at once must not
+    see each other's pages."""
     def page(t: int, i: int) -> bytes:
         return (b"thread %d page %d " % (t, i) * 300)[:PAGE]
 
