@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -264,3 +265,63 @@ def test_zero_pages_between_others_keep_the_kernels_swap_writes_near_two_pages(
         per_write[run] = (b1 - b0) / 4096 / (n1 - n0)
     assert per_write[1] < 2.5, per_write  # 2.03 at the sustained size, 2.18 here
     assert per_write[16] >= 4 * per_write[1], per_write
+
+
+def test_a_swapon_and_swapoff_between_two_looks_at_proc_swaps_still_free_the_space(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The daemon looks at /proc/swaps every SWAPS_EVERY; here every 15 s, and a
+    whole swapon, swapping and swapoff falls between its first two looks.
+    The area discard of ``swapon --discard`` is what tells it swap was on:
+    the pages swapoff brought back are freed at the next look."""
+    every = 15.0
+    monkeypatch.setenv("VSWAPFS_SWAPS_EVERY", str(every))  # the daemon inherits it
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    with admin.mounted(mnt, ["--size", "1G"]):
+        t0 = time.monotonic()  # the daemon's first look is at its start
+        dev = admin.attach_loop(mnt)
+        subprocess.run(["mkswap", dev], check=True, capture_output=True)
+        time.sleep(0.5)
+        subprocess.run(["swapon", "--discard", dev], check=True)
+        with MemCgroup(f"vswapfs-test-{os.getpid()}", 24 * MiB) as cg:
+            proc = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", "48", "--hold"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline() == b"filled\n"
+            held = stats(Path(mnt))["stored_pages"]
+            cg.set_limit(4096 * MiB)
+            subprocess.run(["swapoff", dev], check=True)
+            cycle = time.monotonic() - t0
+            proc.stdin.write(b"verify\n")
+            proc.stdin.close()
+            result = json.loads(proc.stdout.read())
+            proc.wait(60)
+        assert result["bad"] == 0 and result["verified"] == 48 * MiB // PAGE, result
+        assert held > 1000, held  # the hog's pages went through the daemon
+        assert cycle < every - 2, f"the cycle took {cycle:.1f} s: it did not fit between two looks"
+        deadline = t0 + 2 * every + 5
+        while (s := stats(Path(mnt)))["stored_pages"] > 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert s["stored_pages"] <= 1 and s["swapoff_freed_pages"] > 0, s
+        assert time.monotonic() - t0 > every - 1  # freed at the second look, not before
+
+
+def test_swapoff_watch_frees_after_an_area_seen_on_or_discarded_goes_and_never_while_one_comes() -> None:
+    from vswapfs._daemon import SWAPON_GRACE, SwapoffWatch
+
+    w = SwapoffWatch()
+    assert not w.look(False, 0.0)  # nothing was ever on: data written to the image is kept
+    assert not w.look(True, 1.0) and w.look(False, 1.1)  # seen on, then off: free
+    assert not w.look(False, 1.2)  # once
+    w.note_discards(1, 2.0)  # swapon's area discard, the area not on yet
+    assert w.look(False, 2.0)  # a free now is safe (the caller checks no write came) ...
+    assert w.look(False, 2.0 + SWAPON_GRACE - 0.1)  # ... and the latch holds through the grace
+    assert w.look(False, 2.0 + SWAPON_GRACE)  # on and off between two looks: still freed
+    assert not w.look(False, 2.1 + SWAPON_GRACE)
+    w.note_discards(1, 9.0)  # no new discard: no new latch
+    assert not w.look(False, 9.0)
+    w.note_discards(2, 10.0)
+    assert not w.look(True, 10.1)  # seen on: the latch is spent
+    assert w.look(False, 10.2)
+    w.refused()  # a write came meanwhile: look again
+    assert w.look(False, 10.3) and not w.look(False, 10.4)

@@ -101,6 +101,26 @@ def test_discarding_everything_leaves_nothing(tmp_path: Path) -> None:
     assert st["clusters_created"] == st["clusters_freed"]
 
 
+def test_release_all_but_keeps_the_header_and_frees_nothing_when_told_not_to_under_the_lock() -> None:
+    s = SwapSpace(16 * MiB)
+    pages = [text_page(i) for i in range(600)]
+    for i, page in enumerate(pages):
+        s.write(i * PAGE, page)
+    asked: list[bool] = []
+
+    def unless() -> bool:
+        asked.append(s._lock.locked())  # asked with the engine lock held
+        return True
+
+    assert s.release_all_but(PAGE, unless=unless) is None and asked == [True]
+    assert s.stored_pages == 600 and s.counters.swapoff_freed_pages == 0
+    assert all(s.read(i * PAGE, PAGE) == page for i, page in enumerate(pages))
+    assert s.release_all_but(PAGE, unless=lambda: False) == 599
+    assert s.stored_pages == 1 and s.counters.swapoff_freed_pages == 599
+    assert s.read(0, PAGE) == pages[0] and s.read(PAGE, PAGE) == bytes(PAGE)
+    s.check()
+
+
 def test_pool_limit_without_backing_refuses_cleanly_with_hysteresis() -> None:
     s = SwapSpace(1024 * MiB, pool_limit=MiB, accept_threshold=50)
     i = 0

@@ -59,13 +59,12 @@ import trio
 from . import _build, admin, linux
 from ._consts import FSTYPE, VERSION
 from ._control import warn_of_the_pool
-from ._fs import SwapFS
+from ._fs import SWAP_HEADER_BYTES, SwapFS
 from ._supervisor import Keeper
 from .engine import SwapSpace
 from .fuse import Session, serve, unmount
 
 log = logging.getLogger("vswapfs")
-SWAP_HEADER_BYTES = 4096  # mkswap's header page: kept so that swapon works again
 HEAP_RESERVE = 48 << 20  # bytes of malloc heap faulted in at start in reserve mode
 HEAP_HEADROOM = 16 << 20  # bytes of free heap kept faulted in for the serving threads
 # A top-up asks for a block this much smaller than the pad a trim keeps.
@@ -74,10 +73,11 @@ THREAD_STACK = 512 << 10  # bytes per thread stack (locked; populated in reserve
 BUSY_TICK = 0.02  # seconds between top-ups while requests come in
 IDLE_TICK = 0.05  # seconds between looks for requests when none came
 TRIM_AFTER = 0.3  # seconds without requests (or frees) before memory is given back
-# seconds between looks at /proc/swaps (for swapoff): a swap area that comes and goes
-# between two looks is never seen on, and what swapoff left stays held until the next
-# swapon's discard (the churn check's swapon-to-swapoff takes a few tenths of a second)
-SWAPS_EVERY = 0.1
+# seconds between looks at /proc/swaps (for swapoff; a test may set VSWAPFS_SWAPS_EVERY)
+SWAPS_EVERY = float(os.environ.get("VSWAPFS_SWAPS_EVERY", "0.1"))
+# seconds a swapon's area discard keeps its latch while the area is not seen on: the
+# kernel turns the area on after its discard and a few allocations (see SwapoffWatch)
+SWAPON_GRACE = 2.0
 SETTLE_SLICE = 0.05  # seconds of recompression between looks for requests, when idle
 SETTLE_DUTY = 4  # ... and then a pause of (SETTLE_DUTY - 1) slices: at most a quarter of a CPU
 LOG_QUEUE = 1000  # log records waiting for the writer; more are dropped and counted
@@ -156,6 +156,55 @@ def swapped_on(mountpoint: str) -> set[str]:
     return set(linux.loop_devices(mountpoint)) & set(linux.swap_areas())
 
 
+class SwapoffWatch:
+    """Whether swap went off the image, from looks at /proc/swaps.
+
+    Swap is known to be on the image from two signs: a look that finds its
+    loop device in /proc/swaps, and the discard of the whole area that
+    ``swapon --discard`` sends before it turns the area on (the file
+    system counts them, ``SwapFS.area_discards``).  Looks come every
+    SWAPS_EVERY: a swapon, its swapping and its swapoff can all fall
+    between two, but not without the discard, so only a swapon without
+    ``--discard`` can go unseen (what its swapoff leaves is then held until
+    the slots are written again).  Once either sign was seen and a look
+    finds no area on the image, :meth:`look` says to free the space.
+
+    The discard comes before the area is on, so a look just after it finds
+    nothing: the latch it sets is kept SWAPON_GRACE, or until a look finds
+    the area on, whatever those looks say to free meanwhile.  That is safe
+    because the caller frees only if no read or write of the image and no
+    area discard came since it began to look (``release_all_but(unless=)``,
+    asked under the engine lock): a page of a swap area turned on after the
+    look is written after the free, and kept.  If the free was refused,
+    :meth:`refused` makes the next look try again.
+    """
+
+    def __init__(self) -> None:
+        self.was_on = False  # the last look found the area on
+        self.discards = 0  # area discards counted so far
+        self.latched_at: float | None = None  # when the last area discard was noted
+
+    def note_discards(self, count: int, now: float) -> None:
+        """The file system's count of area discards, read before the look."""
+        if count != self.discards:
+            self.discards, self.latched_at = count, now
+
+    def look(self, on: bool, now: float) -> bool:
+        """What a look found; True if the space should be freed now."""
+        if on:
+            self.was_on, self.latched_at = True, None
+            return False
+        free = self.was_on or self.latched_at is not None
+        self.was_on = False
+        if self.latched_at is not None and now - self.latched_at >= SWAPON_GRACE:
+            self.latched_at = None
+        return free
+
+    def refused(self) -> None:
+        """The free :meth:`look` asked for did not happen: ask again next time."""
+        self.was_on = True
+
+
 class Housekeeping(threading.Thread):
     """The daemon's chores, on a thread of its own, started at boot.
 
@@ -184,7 +233,7 @@ class Housekeeping(threading.Thread):
     off it.  The kernel clears SWP_WRITEOK before swapoff frees the slots,
     so it sends no discard for them: without this, every page swapoff
     brought back would stay stored here until the next swapon reused its
-    slot.
+    slot.  When swap went off is worked out by ``SwapoffWatch``.
 
     Faulting memory in and reading /proc and /sys may wait on reclaim:
     here that holds up no one, since this thread holds no lock the
@@ -192,15 +241,17 @@ class Housekeeping(threading.Thread):
     """
 
     def __init__(self, mountpoint: str, space: SwapSpace, busy: Callable[[], int],
-                 trim: bool = True) -> None:
+                 trim: bool = True, area_discards: Callable[[], int] = lambda: 0) -> None:
         super().__init__(name="housekeeping", daemon=True)
         self.mountpoint, self.space, self.busy, self.trim = mountpoint, space, busy, trim
+        self.area_discards = area_discards  # swapon's discards of the whole area so far
         self.stop = threading.Event()
 
     def run(self) -> None:
         linux.set_thread_name("vswapfs-keeper")
-        was_on: set[str] = set()
-        areas: set[str] | None = None  # /proc/swaps devices when was_on was worked out
+        watch = SwapoffWatch()
+        on: set[str] = set()  # the image's swap areas at the last look
+        areas: set[str] | None = None  # /proc/swaps devices when on was worked out
         seen_busy, seen_freed = self.busy(), self._freed()
         heap_mark = linux.heap_end()  # where the heap ended after the last trim or top-up
         last_look = last_busy = last_free = 0.0
@@ -254,17 +305,28 @@ class Housekeeping(threading.Thread):
                     trimmed = True
                 if now - last_look >= SWAPS_EVERY:
                     last_look = now
+                    # what the free is checked against: counted before /proc/swaps is read
+                    looked = (self.busy(), self.area_discards())
+                    watch.note_discards(looked[1], now)
                     seen = set(linux.swap_areas())
-                    on = was_on if seen == areas else swapped_on(self.mountpoint)  # sysfs on a change
+                    went = on
+                    on = on if seen == areas else swapped_on(self.mountpoint)  # sysfs on a change
                     areas = seen
-                    if was_on and not on:
-                        before = self.space.stored_pages
-                        self.space.release_all_but(SWAP_HEADER_BYTES)
-                        log.info("swapoff of %s seen: freed %d pages", ",".join(sorted(was_on)),
-                                 before - self.space.stored_pages)
-                    was_on = on
+                    if watch.look(bool(on), now):
+                        released = self.space.release_all_but(
+                            SWAP_HEADER_BYTES, unless=functools.partial(self._touched_since, looked))
+                        if released is None:
+                            watch.refused()
+                        elif released:
+                            log.info("swapoff of %s seen: freed %d pages",
+                                     ",".join(sorted(went)) or "a swap area not seen on", released)
             except Exception:  # never let housekeeping die silently
                 log.exception("housekeeping")
+
+    def _touched_since(self, looked: tuple[int, int]) -> bool:
+        """True if a read, a write or an area discard of the image came
+        since (``busy()``, ``area_discards()``) said ``looked``."""
+        return (self.busy(), self.area_discards()) != looked
 
     def _came(self, seen_busy: int) -> bool:
         """True if a read or write came since ``busy()`` said ``seen_busy``."""
@@ -306,7 +368,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
         fs.on_change = lambda: keeper.put({"settings": settings_memfd(space)})
     unmounted = False
     space.replenish(busy=False)  # the first spares, before the first request
-    housekeeping = Housekeeping(mountpoint, space, fs.requests_seen, trim)
+    housekeeping = Housekeeping(mountpoint, space, fs.requests_seen, trim, fs.area_discards)
     housekeeping.start()
     try:
         async with trio.open_nursery() as nursery:

@@ -53,6 +53,7 @@ SWAP_INO = 2
 CONTROL_INO = 3
 FIRST_CONTROL_FILE_INO = 16
 INLINE_BYTES = 16 * 1024  # requests up to this size skip the thread hop
+SWAP_HEADER_BYTES = PAGE  # mkswap's header page: kept so that swapon works again
 PUNCH = linux.FALLOC_FL_PUNCH_HOLE | linux.FALLOC_FL_KEEP_SIZE
 
 _T = TypeVar("_T")
@@ -73,6 +74,7 @@ class SwapFS(Operations):
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
         self._image_requests = 0  # reads and writes of the image (a lost count is harmless)
+        self._area_discards = 0  # discards from the page after the swap header on (swapon's)
         self._refusals = RateLimited()  # what the log says of refused writes
         self._next_fh = 1
         self._mtime = int(time.time())
@@ -82,6 +84,15 @@ class SwapFS(Operations):
         """Reads and writes of the image so far: housekeeping watches it to
         know when the daemon is busy (discards only free memory)."""
         return self._image_requests
+
+    def area_discards(self) -> int:
+        """Discards that began right after the swap header: the whole-area
+        discard ``swapon --discard`` sends before it turns the area on (the
+        kernel's per-cluster discards begin on 2 MiB boundaries).  Housekeeping
+        watches it so that no swapon goes unseen (see ``_daemon.SwapoffWatch``);
+        counted before the discard is made, so a count looked at under the
+        engine lock has seen every such discard that lock let through."""
+        return self._area_discards
 
     def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
         """INIT is done: keep the transport's counts for ``fuse_stat``."""
@@ -208,6 +219,8 @@ class SwapFS(Operations):
         if mode != PUNCH:
             raise FuseError(errno.EOPNOTSUPP)
         end = min(offset + length, self.space.size)
+        if offset == SWAP_HEADER_BYTES:
+            self._area_discards += 1
         if end > offset:
             self.space.discard(offset, end - offset)
 

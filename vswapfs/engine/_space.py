@@ -469,10 +469,15 @@ class SwapSpace:
             if a < b and self.entry(a // PAGE):
                 self.write(a, bytes(b - a))
 
-    def release_all_but(self, keep: int) -> int:
+    def release_all_but(self, keep: int, unless: Callable[[], bool] | None = None) -> int | None:
         """Free every page after the first ``keep`` bytes (a page multiple),
-        counted as ``swapoff_freed_pages``; returns the pages freed."""
+        counted as ``swapoff_freed_pages``; returns the pages freed.
+        ``unless`` is asked under the lock first: if it says True, nothing
+        is freed and None is returned (whoever decided to free may have
+        looked before a write that this lock then let through)."""
         with self._lock:
+            if unless is not None and unless():
+                return None
             freed = self._table.free(keep // PAGE, self.nslots)
             self.counters.swapoff_freed_pages += freed
             self._place.note_mem()
