@@ -142,3 +142,42 @@ def test_a_space_reads_and_recompresses_what_either_lz4_stored(codec: str) -> No
         with pytest.raises(OSError) as err:
             bad.decode(bytes(blob))
         assert err.value.errno == errno.EIO
+
+
+same_filled = st.one_of(
+    st.integers(0, 2**64 - 1),  # any value: those no table word holds are compressed instead
+    st.integers(0, 255).map(lambda b: int.from_bytes(bytes([b]) * 8, "little")),  # memset pages
+).map(lambda v: v.to_bytes(8, "little") * (PAGE // 8))
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.lists(st.one_of(pages, same_filled, st.just(bytes(PAGE))), min_size=1, max_size=8),
+       threshold=st.sampled_from([C.DEFAULT_HUGE_THRESHOLD, 64, PAGE]),
+       first_lz4=st.booleans())
+def test_encode_pages_encodes_each_page_as_encode_does(batch: list[bytes], threshold: int,
+                                                       first_lz4: bool) -> None:
+    """A write's pages in one C call make what encoding them one by one
+    makes: the same SAME words, blocks and poor pages, with the lz4 codec
+    (no mark) and a zstd space's lz4 first store (marked)."""
+    codec = C.Codec("zstd", first_algorithm="lz4") if first_lz4 else C.Codec("lz4")
+    codec.huge_threshold = threshold
+    got = codec.encode_pages(memoryview(b"".join(batch)))
+    if not NATIVE.native:
+        assert got is None
+        return
+    assert got == [codec.encode(page) for page in batch]
+
+
+def test_encode_pages_leaves_zstd_levels_and_python_lz4_to_the_page_by_page_path() -> None:
+    data = memoryview(b"zstd " * (2 * PAGE // 5) + bytes(2 * PAGE - 5 * (2 * PAGE // 5)))
+    assert C.Codec("zstd", first_algorithm="zstd").encode_pages(data) is None
+    dense = C.Codec("zstd", first_algorithm="lz4")
+    assert dense.encode_pages(data, dense.level) is None  # the pool past half its limit
+    slow = C.Codec("lz4")
+    slow._lz4 = PYTHON
+    assert slow.encode_pages(data) is None
+    if NATIVE.native:
+        from vswapfs.engine import _lz4page
+
+        with pytest.raises(ValueError, match="whole 4096-byte pages"):
+            _lz4page.encode_pages(data[:PAGE + 1], False, PAGE)

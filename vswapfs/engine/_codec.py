@@ -88,6 +88,8 @@ class Lz4:
     def __init__(self, native: bool = True) -> None:
         self.compress: Callable[[Buffer, bool], bytes]
         self.decompress: Callable[[Buffer, int, int], bytes]
+        # a write's pages in one call (the C module's only), see Codec.encode_pages
+        self.encode_pages: Callable[[Buffer, bool, int], list[int | bytes | None]] | None = None
         self.native = False  # True: the C module's (vswapfs/engine/_lz4page.c)
         if native:
             try:
@@ -96,6 +98,7 @@ class Lz4:
                 pass
             else:
                 self.compress, self.decompress = _lz4page.compress, _lz4page.decompress
+                self.encode_pages = _lz4page.encode_pages
                 self.native = True
                 return
         import lz4.block as block  # typed Any: the build's mypy may not see lz4
@@ -283,6 +286,36 @@ class Codec:
             return None
         out = self.compress(self.decode(blob), self.level)
         return out if len(out) < len(blob) else None
+
+    def encode_pages(self, data: memoryview,
+                     level: int | None = None) -> list[tuple[int, bytes | None]] | None:
+        """The whole pages of ``data``, each as :meth:`encode` makes it, in
+        one call into the C module when pages are stored first with lz4 and
+        it was built: no bytes object per page to compare, slice and
+        compress (``data`` is read, not kept).  None when that is not how
+        they are stored (a zstd ``level``, python-lz4, a fault armed): the
+        caller then encodes page by page."""
+        if _inject.armed:
+            return None
+        lz, mark = self._lz4, False
+        if lz is None:
+            lz, mark = self._first_lz4, True
+            if lz is None or level is not None:
+                return None
+        many = lz.encode_pages
+        if many is None:
+            return None
+        out: list[tuple[int, bytes | None]] = []
+        for i, got in enumerate(many(data, mark, min(self.huge_threshold, PAGE - 1))):
+            if got is None:  # compresses poorly: kept raw
+                out.append((0, None))
+            elif isinstance(got, bytes):
+                out.append((0, got))
+            else:  # same-filled
+                word = E.same_word(got)
+                out.append((word, None) if word is not None
+                           else self.encode(data[i * PAGE:(i + 1) * PAGE].tobytes(), level))
+        return out
 
     def encode(self, page: bytes, level: int | None = None) -> tuple[int, bytes | None]:
         """(SAME word, None) for a same-filled page, else (0, payload) where

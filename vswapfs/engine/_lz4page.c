@@ -1,4 +1,9 @@
-/* _lz4page: lz4 for one page at a time, the way the codec needs it.
+/* _lz4page: lz4 for pages, the way the codec needs it.
+ *
+ * compress() and decompress() take one page; encode_pages() takes a write's
+ * pages together and does all the first store asks of each (same-filled?
+ * else lz4, poor or not) in one call, with nothing made per page but what
+ * is kept: the int of a same-filled page or the block of a compressed one.
  *
  * python-lz4's lz4.block is what the codec falls back to without this
  * module (a build with no C compiler or no liblz4.so.1).  For each page
@@ -27,6 +32,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 
 typedef union LZ4_stream_u LZ4_stream_t; /* opaque: liblz4 sets it up in our buffer */
 
@@ -136,15 +142,87 @@ static PyObject *decompress(PyObject *Py_UNUSED(module), PyObject *const *args, 
     return out;
 }
 
+PyDoc_STRVAR(encode_pages_doc,
+"encode_pages(data, mark, limit, /) -> list\n\n"
+"Each page of ``data`` (a whole number of pages) as the codec stores it\n"
+"first: the 64-bit value (an int, little-endian) a same-filled page repeats;\n"
+"else its lz4 block, after a 0 byte if ``mark``, if that takes at most\n"
+"``limit`` bytes; else None (it compresses poorly).  A write's pages in one\n"
+"call: no bytes object per page to compare, slice and compress.");
+
+static PyObject *encode_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 3, "encode_pages(data, mark, limit)") < 0)
+        return NULL;
+    int mark = PyObject_IsTrue(args[1]);
+    if (mark < 0)
+        return NULL;
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    if (limit == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer in;
+    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (in.len % MAX_BYTES) {
+        PyBuffer_Release(&in);
+        PyErr_Format(PyExc_ValueError, "encode_pages takes whole %d-byte pages, not %zd bytes",
+                     MAX_BYTES, in.len);
+        return NULL;
+    }
+    Py_ssize_t count = in.len / MAX_BYTES;
+    PyObject *list = PyList_New(count);
+    if (list == NULL) {
+        PyBuffer_Release(&in);
+        return NULL;
+    }
+    _Alignas(16) char state[STATE_BYTES]; /* on the stack, as in compress() */
+    char out[1 + BOUND(MAX_BYTES)];
+    out[0] = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *page = (const char *)in.buf + i * MAX_BYTES;
+        PyObject *item;
+        if (memcmp(page, page + 8, MAX_BYTES - 8) == 0) { /* one 8-byte value, repeated */
+            uint64_t value = 0;
+            for (int b = 7; b >= 0; b--) /* little-endian, as int.from_bytes(head, "little") */
+                value = (value << 8) | (unsigned char)page[b];
+            item = PyLong_FromUnsignedLongLong(value);
+        } else {
+            int size;
+            Py_BEGIN_ALLOW_THREADS
+            LZ4_stream_t *stream = LZ4_initStream(state, sizeof state);
+            size = stream == NULL ? -1
+                                  : LZ4_compress_fast_continue(stream, page, out + 1, MAX_BYTES,
+                                                               BOUND(MAX_BYTES), 1);
+            Py_END_ALLOW_THREADS
+            if (size <= 0) {
+                PyErr_SetString(PyExc_RuntimeError, "lz4 failed to compress");
+                item = NULL;
+            } else if ((Py_ssize_t)size + mark > limit) {
+                item = Py_NewRef(Py_None);
+            } else {
+                item = PyBytes_FromStringAndSize(out + 1 - mark, (Py_ssize_t)size + mark);
+            }
+        }
+        if (item == NULL) {
+            PyBuffer_Release(&in);
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    PyBuffer_Release(&in);
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"compress", (PyCFunction)(void (*)(void))compress, METH_FASTCALL, compress_doc},
+    {"encode_pages", (PyCFunction)(void (*)(void))encode_pages, METH_FASTCALL, encode_pages_doc},
     {"decompress", (PyCFunction)(void (*)(void))decompress, METH_FASTCALL, decompress_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT, "vswapfs.engine._lz4page",
-    "lz4 for one page at a time: python-lz4's block format without its copies (see the C source).",
+    "lz4 for pages: python-lz4's block format without its copies (see the C source).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from mypy_extensions import mypyc_attr
@@ -38,6 +38,10 @@ from ._stats import Counters
 from ._table import CLUSTER_FOOTPRINT, Table
 from ._table import SPARE_HIGH as TABLE_SPARE_HIGH
 from ._table import SPARE_LOW as TABLE_SPARE_LOW
+
+# A page or object to store: bytes, or a view of the caller's buffer (a write
+# request's), which is copied into the pool or a backing file and never kept.
+Page = bytes | memoryview
 
 DEFAULT_ACCEPT_THRESHOLD: Final = 90
 WRITEBACK_BATCH: Final = 256
@@ -141,7 +145,7 @@ class Placement:
         self._set_backing(index, bf)
         return index
 
-    def to_backing(self, bf: BackingFile, slots: list[int], pages: list[bytes]) -> list[int]:
+    def to_backing(self, bf: BackingFile, slots: list[int], pages: Sequence[Page]) -> list[int]:
         """Write pages for virtual ``slots`` to ``bf``.  Returns their PHYS
         words; the slots are bound in the rmap, so a caller that then fails
         must release the words.  On failure nothing is bound, the error is
@@ -182,7 +186,7 @@ class Placement:
 
     # -- the store policy ------------------------------------------------------
 
-    def commit(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]]) -> None:
+    def commit(self, first: int, pages: list[Page], encoded: list[tuple[int, bytes | None]]) -> None:
         """Store encoded pages and point their slots at them (see the module
         docstring for the policy).  All or nothing: whatever was stored
         before a failure is released.
@@ -205,7 +209,7 @@ class Placement:
         table.set_run(first, words, self.codec.two_step)
         self.note_mem()
 
-    def _store_short(self, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
+    def _store_short(self, pages: list[Page], encoded: list[tuple[int, bytes | None]],
                      words: list[int]) -> bool:
         """Store the pool pages of a commit when that needs no decision: the
         pool is well under its limit (every object in a new chunk of its
@@ -220,10 +224,13 @@ class Placement:
         raw = 0
         try:
             for i in todo:
-                blob = encoded[i][1]
-                if blob is None:  # poor: kept raw, a huge page
+                packed = encoded[i][1]
+                blob: Page
+                if packed is None:  # poor: kept raw, a huge page
                     blob = pages[i]
                     raw += 1
+                else:
+                    blob = packed
                 words[i] = E.pool_word(store(blob), len(blob))
                 done.append(i)
         except PoolExhausted:
@@ -239,7 +246,7 @@ class Placement:
         self.counters.huge_pages_since += raw
         return True
 
-    def _store_policy(self, first: int, pages: list[bytes], encoded: list[tuple[int, bytes | None]],
+    def _store_policy(self, first: int, pages: list[Page], encoded: list[tuple[int, bytes | None]],
                       words: list[int], poor: list[int]) -> None:
         """The store policy's full path: poorly compressing pages to a
         backing file, the rest to the pool if there is room (after
@@ -283,7 +290,7 @@ class Placement:
             self.note_mem()
             raise
 
-    def store_pool(self, blob: bytes) -> int:
+    def store_pool(self, blob: Page) -> int:
         """Copy ``blob`` into the pool; its POOL word."""
         try:
             word = E.pool_word(self.pool.store(blob), len(blob))

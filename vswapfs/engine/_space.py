@@ -70,7 +70,7 @@ from . import _entry as E
 from ._backing import BackingFile
 from ._check import check
 from ._codec import DEFAULT_HUGE_THRESHOLD, ZERO_WORD, Codec, check_first_algorithm, check_level
-from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Placement
+from ._placement import DEFAULT_ACCEPT_THRESHOLD, NoSpaceError, Page, Placement
 from ._pool import CHUNK_BYTES, SPARE_HIGH, SPARE_LOW, Pool
 from ._stats import Counters
 
@@ -324,10 +324,21 @@ class SwapSpace:
         mv = memoryview(data).cast("B")
         first = offset // PAGE
         end = (offset + n + PAGE - 1) // PAGE
-        pages: list[bytes]
+        pages: list[Page]
+        encoded: list[tuple[int, bytes | None]] | None = None
+        codec = self._codec
+        # the fast first level only while the pool is far from its limit:
+        # past half of it, pages are stored dense at once (read without
+        # the lock: a stale look only picks the other level for this write)
+        limit = self._place.pool_limit
+        level = codec.level if limit and self._pool.mem_used * 2 >= limit else None
         try:
             if not (offset | n) % PAGE:  # whole pages: what swap writes
-                pages = [mv[i:i + PAGE].tobytes() for i in range(0, n, PAGE)]
+                encoded = codec.encode_pages(mv, level)  # outside the lock
+                if encoded is not None:  # views: commit copies what it keeps
+                    pages = [mv[i:i + PAGE] for i in range(0, n, PAGE)]
+                else:
+                    pages = [mv[i:i + PAGE].tobytes() for i in range(0, n, PAGE)]
             else:
                 pages = []
                 for slot in range(first, end):
@@ -339,13 +350,9 @@ class SwapSpace:
                         page = bytearray(self._read_pages(slot, 1))
                         page[lo - slot * PAGE:hi - slot * PAGE] = mv[lo - offset:hi - offset]
                         pages.append(bytes(page))
-            encode = self._codec.encode  # outside the lock
-            # the fast first level only while the pool is far from its limit:
-            # past half of it, pages are stored dense at once (read without
-            # the lock: a stale look only picks the other level for this write)
-            limit = self._place.pool_limit
-            level = self._codec.level if limit and self._pool.mem_used * 2 >= limit else None
-            encoded = [encode(p, level) for p in pages]
+            if encoded is None:
+                encode = codec.encode  # outside the lock
+                encoded = [encode(bytes(p), level) for p in pages]
             with self._lock:
                 try:
                     self._place.commit(first, pages, encoded)
