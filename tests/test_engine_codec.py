@@ -181,3 +181,42 @@ def test_encode_pages_leaves_zstd_levels_and_python_lz4_to_the_page_by_page_path
 
         with pytest.raises(ValueError, match="whole 4096-byte pages"):
             _lz4page.encode_pages(data[:PAGE + 1], False, PAGE)
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch=st.lists(st.one_of(pages, same_filled, st.just(bytes(PAGE))), min_size=1, max_size=8),
+       codec_name=st.sampled_from(["lz4", "zstd"]), recompressed=st.booleans())
+def test_a_read_gathered_in_c_is_the_pages_joined(batch: list[bytes], codec_name: str,
+                                                  recompressed: bool) -> None:
+    """A READ's pages decoded straight into one object are what decoding
+    them one by one and joining them makes: lz4 blocks (marked or not), raw
+    pages, zstd frames (recompressed), same-filled and zero pages."""
+    space = SwapSpace(1024 * 1024, codec=codec_name)
+    assert (space._codec.gather([bytes(PAGE)], []) is not None) == NATIVE.native  # the C path is taken
+    data = b"".join(batch)
+    space.write(PAGE, data)  # not at 0: the read covers a never-written page too
+    while recompressed and space.recompress():
+        pass
+    want = bytes(PAGE) + data
+    assert space.read(0, len(want)) == want
+    assert [space.read(i * PAGE, PAGE) for i in range(len(batch) + 1)] == [
+        want[i * PAGE:(i + 1) * PAGE] for i in range(len(batch) + 1)]
+    assert space.read(PAGE + 100, len(data) - 200) == data[100:-100]
+
+
+def test_gather_refuses_parts_that_are_no_page() -> None:
+    if not NATIVE.native:
+        assert NATIVE.gather is None
+        return
+    from vswapfs.engine import _lz4page
+
+    page = (b"0123456789abcdef" * 300)[:PAGE]
+    blob = NATIVE.compress(page, True)
+    assert _lz4page.gather([page, blob, bytes(PAGE)], 1) == page + page + bytes(PAGE)
+    assert _lz4page.gather([], 0) == b""
+    for parts, skip in [([blob[:-3]], 1), ([b"\xff" * 64], 0), ([blob], 0), ([b"\0"], 1), ([page] * 257, 0)]:
+        with pytest.raises(ValueError):
+            _lz4page.gather(parts, skip)
+    for parts in ([bytearray(page)], (page,)):
+        with pytest.raises(TypeError):
+            _lz4page.gather(parts, 0)  # type: ignore[arg-type]

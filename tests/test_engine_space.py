@@ -792,6 +792,20 @@ def test_a_corrupt_lz4_object_reads_eio() -> None:
     assert s.read(0, PAGE) == _text(1)
 
 
+def test_a_corrupt_object_in_a_several_page_read_fails_that_read_only() -> None:
+    """The pages of a READ are decoded into one object (``Codec.gather``): a
+    corrupt object among them is EIO for the read, counted once, and its
+    neighbours still read."""
+    s = SwapSpace(MiB)
+    s.write(0, _text(1) + _text(2) + _text(3))
+    off = _object_offset(s, 1)
+    s._pool._map[off + 1:off + 9] = b"\xff" * 8
+    with pytest.raises(OSError) as err:
+        s.read(0, 3 * PAGE)
+    assert err.value.errno == errno.EIO and s.stats()["failed_reads"] == 1
+    assert s.read(0, PAGE) == _text(1) and s.read(2 * PAGE, PAGE) == _text(3)
+
+
 def test_first_level_is_never_denser_than_the_level_and_is_checked() -> None:
     space = SwapSpace(4 * MiB)
     space.configure(level=-5)

@@ -90,6 +90,9 @@ class Lz4:
         self.decompress: Callable[[Buffer, int, int], bytes]
         # a write's pages in one call (the C module's only), see Codec.encode_pages
         self.encode_pages: Callable[[Buffer, bool, int], list[int | bytes | None]] | None = None
+        # a READ's pages in one bytes object (the C module's only), see Codec.gather
+        self.gather: Callable[[list[bytes], int], bytes] | None = None
+        self.gather_max = 0  # the most pages gather takes
         self.native = False  # True: the C module's (vswapfs/engine/_lz4page.c)
         if native:
             try:
@@ -98,7 +101,8 @@ class Lz4:
                 pass
             else:
                 self.compress, self.decompress = _lz4page.compress, _lz4page.decompress
-                self.encode_pages = _lz4page.encode_pages
+                self.encode_pages, self.gather = _lz4page.encode_pages, _lz4page.gather
+                self.gather_max = _lz4page.MAX_PARTS
                 self.native = True
                 return
         import lz4.block as block  # typed Any: the build's mypy may not see lz4
@@ -277,6 +281,32 @@ class Codec:
         if len(page) != PAGE:
             raise OSError(errno.EIO, "pool object did not decompress to a page")
         return page
+
+    def gather(self, pages: list[bytes], blobs: list[tuple[int, bytes]]) -> bytes | None:
+        """``pages`` (a page each) with the pool objects ``blobs`` (index,
+        object) decoded into their places, as one bytes object: lz4 blocks
+        are decoded by the C module straight into it, other objects by
+        :meth:`decode` first.  A corrupt object raises OSError(EIO), as
+        :meth:`decode` does.  None when the C module is not there or a fault
+        is armed, or for more pages than it takes: the caller decodes and
+        joins.  ``pages`` is changed."""
+        if _inject.armed:
+            return None
+        lz, skip = self._lz4, 0
+        if lz is None:
+            lz, skip = self._lz4_decoder, 1  # marked: stored first with lz4 in a zstd space
+            if lz is None:  # no lz4 here yet: not loaded in the middle of a burst for this
+                return None
+        native = lz.gather
+        if native is None or len(pages) > lz.gather_max:  # FUSE's reads are never larger
+            return None
+        for i, blob in blobs:
+            # a page-long object is a raw page; an lz4 block goes to C as it is
+            pages[i] = blob if len(blob) == PAGE or not skip or blob[0] == 0 else self.decode(blob)
+        try:
+            return native(pages, skip)
+        except ValueError as e:
+            raise OSError(errno.EIO, f"pool object does not decompress: {e}") from None
 
     def recompress(self, blob: bytes) -> bytes | None:
         """A pool object compressed again at ``level``: the new object, or

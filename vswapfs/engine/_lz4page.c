@@ -4,6 +4,8 @@
  * pages together and does all the first store asks of each (same-filled?
  * else lz4, poor or not) in one call, with nothing made per page but what
  * is kept: the int of a same-filled page or the block of a compressed one.
+ * gather() makes a READ's reply: the pages one after the other in one bytes
+ * object, lz4 blocks decoded straight into their places.
  *
  * python-lz4's lz4.block is what the codec falls back to without this
  * module (a build with no C compiler or no liblz4.so.1).  For each page
@@ -213,7 +215,82 @@ static PyObject *encode_pages(PyObject *Py_UNUSED(module), PyObject *const *args
     return list;
 }
 
+#define MAX_PARTS 256 /* the most gather takes: a 1 MiB READ (max_read) */
+
+PyDoc_STRVAR(gather_doc,
+"gather(parts, skip, /) -> bytes\n\n"
+"The pages ``parts`` (a list of at most 256 bytes objects) stand for, one\n"
+"after the other: a part of exactly a page is that page, any other is an\n"
+"lz4 block after ``skip`` bytes, decoded straight into its place.\n"
+"ValueError if one does not decode to exactly a page.  A READ's reply in\n"
+"one allocation: no page object per page, no join.");
+
+static PyObject *gather(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs(nargs, 2, "gather(parts, skip)") < 0)
+        return NULL;
+    PyObject *parts = args[0];
+    if (!PyList_CheckExact(parts)) {
+        PyErr_SetString(PyExc_TypeError, "gather takes a list of bytes");
+        return NULL;
+    }
+    Py_ssize_t skip = PyLong_AsSsize_t(args[1]);
+    if (skip == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(parts);
+    if (count > MAX_PARTS || skip < 0) {
+        PyErr_Format(PyExc_ValueError, "gather takes at most %d parts and a skip >= 0, not %zd and %zd",
+                     MAX_PARTS, count, skip);
+        return NULL;
+    }
+    const char *src[MAX_PARTS];
+    Py_ssize_t len[MAX_PARTS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *part = PyList_GET_ITEM(parts, i);
+        if (!PyBytes_CheckExact(part)) {
+            PyErr_Format(PyExc_TypeError, "part %zd is not bytes", i);
+            return NULL;
+        }
+        src[i] = PyBytes_AS_STRING(part);
+        len[i] = PyBytes_GET_SIZE(part);
+        if (len[i] != MAX_BYTES && (len[i] <= skip || len[i] - skip > INT_MAX)) {
+            PyErr_Format(PyExc_ValueError, "part %zd (%zd bytes) is no lz4 block after %zd bytes", i, len[i], skip);
+            return NULL;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, count * MAX_BYTES);
+    if (out == NULL)
+        return NULL;
+    char *dst = PyBytes_AS_STRING(out);
+    Py_ssize_t bad = -1;
+    int got = 0;
+    /* The parts are bytes (immutable) the list holds, and the list is the
+     * caller's own: nothing they point to changes while the GIL is released. */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < count; i++, dst += MAX_BYTES) {
+        if (len[i] == MAX_BYTES) {
+            memcpy(dst, src[i], MAX_BYTES);
+            continue;
+        }
+        got = LZ4_decompress_safe(src[i] + skip, dst, (int)(len[i] - skip), MAX_BYTES);
+        if (got != MAX_BYTES) {
+            bad = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        Py_DECREF(out);
+        if (got < 0)
+            PyErr_Format(PyExc_ValueError, "part %zd is not an lz4 block of a page", bad);
+        else
+            PyErr_Format(PyExc_ValueError, "part %zd decodes to %d bytes, not a page", bad, got);
+        return NULL;
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"gather", (PyCFunction)(void (*)(void))gather, METH_FASTCALL, gather_doc},
     {"compress", (PyCFunction)(void (*)(void))compress, METH_FASTCALL, compress_doc},
     {"encode_pages", (PyCFunction)(void (*)(void))encode_pages, METH_FASTCALL, encode_pages_doc},
     {"decompress", (PyCFunction)(void (*)(void))decompress, METH_FASTCALL, decompress_doc},
@@ -237,7 +314,8 @@ PyMODINIT_FUNC PyInit__lz4page(void) {
         return NULL;
     }
     PyObject *m = PyModule_Create(&module_def);
-    if (m != NULL && PyModule_AddIntConstant(m, "LIBRARY_VERSION", LZ4_versionNumber()) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "LIBRARY_VERSION", LZ4_versionNumber()) < 0 ||
+                      PyModule_AddIntConstant(m, "MAX_PARTS", MAX_PARTS) < 0)) {
         Py_DECREF(m);
         return NULL;
     }
