@@ -400,10 +400,10 @@ class SwapSpace:
 
     def _read_pages(self, first: int, count: int) -> bytes:
         """Look the words up and copy pool objects under the lock; read
-        backing pages and decompress outside it.  With lz4 in C the pages
-        are decoded straight into the one bytes object returned
-        (``Codec.gather``); else one page (what a swap-in asks for) is
-        returned as it was decoded, more are joined."""
+        backing pages and decompress outside it.  One page (what a swap-in
+        asks for) is returned as it was decoded; more are decoded straight
+        into the one bytes object returned with lz4 in C (``Codec.gather``),
+        else decoded and joined."""
         pages = [_ZERO_PAGE] * count
         blobs: list[tuple[int, bytes]] = []
         phys: list[tuple[int, int, BackingFile]] = []
@@ -438,11 +438,10 @@ class SwapSpace:
                     place.phys_readers -= 1
                     if not place.phys_readers:
                         place.readers_done()
-        if count == 1 and not blobs:
-            return pages[0]
-        joined = self._codec.gather(pages, blobs)  # lz4 in C: decoded into one object
-        if joined is not None:
-            return joined
+        if count > 1:  # one page is returned as decoded: nothing to join
+            joined = self._codec.gather(pages, blobs)  # lz4 in C: decoded into one object
+            if joined is not None:
+                return joined
         decode = self._codec.decode
         for i, blob in blobs:
             pages[i] = decode(blob)
