@@ -57,19 +57,32 @@ static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char *call) {
     return -1;
 }
 
+/* args[0] as a buffer (the caller releases it) and args[1] as a truth value:
+ * 0, or -1 with an exception set and no buffer held. */
+static int buffer_and_mark(PyObject *const *args, Py_buffer *in, int *mark) {
+    *mark = PyObject_IsTrue(args[1]);
+    if (*mark < 0)
+        return -1;
+    return PyObject_GetBuffer(args[0], in, PyBUF_SIMPLE);
+}
+
+/* n bytes at src as an lz4 block in dst (room for BOUND(n)), the state cleared
+ * first as python-lz4 does: the block's size, or -1 if liblz4 would not set the
+ * state up (too small or misaligned).  No Python: called with the GIL released. */
+static int compress_block(char *state, const char *src, int n, char *dst) {
+    LZ4_stream_t *stream = LZ4_initStream(state, STATE_BYTES);
+    return stream == NULL ? -1 : LZ4_compress_fast_continue(stream, src, dst, n, BOUND(n), 1);
+}
+
 PyDoc_STRVAR(compress_doc,
 "compress(page, mark, /) -> bytes\n\n"
 "``page`` (a contiguous buffer of at most a page) as an lz4 block, with one\n"
 "0 byte in front of it when ``mark`` is true.");
 
 static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (check_nargs(nargs, 2, "compress(page, mark)") < 0)
-        return NULL;
-    int mark = PyObject_IsTrue(args[1]);
-    if (mark < 0)
-        return NULL;
+    int mark;
     Py_buffer in;
-    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+    if (check_nargs(nargs, 2, "compress(page, mark)") < 0 || buffer_and_mark(args, &in, &mark) < 0)
         return NULL;
     if (in.len > MAX_BYTES) {
         PyBuffer_Release(&in);
@@ -83,9 +96,7 @@ static PyObject *compress(PyObject *Py_UNUSED(module), PyObject *const *args, Py
     char out[1 + BOUND(MAX_BYTES)];
     int n = (int)in.len, size;
     Py_BEGIN_ALLOW_THREADS
-    LZ4_stream_t *stream = LZ4_initStream(state, sizeof state); /* the state cleared; NULL if */
-    size = stream == NULL ? -1                                  /* too small or misaligned */
-                          : LZ4_compress_fast_continue(stream, in.buf, out + 1, n, BOUND(n), 1);
+    size = compress_block(state, in.buf, n, out + 1);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&in);
     if (size <= 0 && n > 0) { /* cannot happen with a bound-sized output and a state set up */
@@ -155,14 +166,12 @@ PyDoc_STRVAR(encode_pages_doc,
 static PyObject *encode_pages(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     if (check_nargs(nargs, 3, "encode_pages(data, mark, limit)") < 0)
         return NULL;
-    int mark = PyObject_IsTrue(args[1]);
-    if (mark < 0)
-        return NULL;
     Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
     if (limit == -1 && PyErr_Occurred())
         return NULL;
+    int mark;
     Py_buffer in;
-    if (PyObject_GetBuffer(args[0], &in, PyBUF_SIMPLE) < 0)
+    if (buffer_and_mark(args, &in, &mark) < 0)
         return NULL;
     if (in.len % MAX_BYTES) {
         PyBuffer_Release(&in);
@@ -190,10 +199,7 @@ static PyObject *encode_pages(PyObject *Py_UNUSED(module), PyObject *const *args
         } else {
             int size;
             Py_BEGIN_ALLOW_THREADS
-            LZ4_stream_t *stream = LZ4_initStream(state, sizeof state);
-            size = stream == NULL ? -1
-                                  : LZ4_compress_fast_continue(stream, page, out + 1, MAX_BYTES,
-                                                               BOUND(MAX_BYTES), 1);
+            size = compress_block(state, page, MAX_BYTES, out + 1);
             Py_END_ALLOW_THREADS
             if (size <= 0) {
                 PyErr_SetString(PyExc_RuntimeError, "lz4 failed to compress");
