@@ -124,13 +124,14 @@ class Lz4:
         self.compress, self.decompress = py_compress, py_decompress
 
 
-_LZ4: list[Lz4] = []  # the Lz4 every codec shares, made at the first that needs it
+_shared_lz4: Lz4 | None = None  # the Lz4 every codec shares, made at the first that needs it
 
 
 def _lz4() -> Lz4:
-    if not _LZ4:
-        _LZ4.append(Lz4())
-    return _LZ4[0]
+    global _shared_lz4
+    if _shared_lz4 is None:
+        _shared_lz4 = Lz4()
+    return _shared_lz4
 
 
 def check_level(codec: str, level: int) -> None:
