@@ -240,8 +240,8 @@ class Housekeeping(threading.Thread):
     serving threads need, and the GIL is released while the kernel works.
     """
 
-    def __init__(self, mountpoint: str, space: SwapSpace, busy: Callable[[], int],
-                 trim: bool = True, area_discards: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, mountpoint: str, space: SwapSpace, busy: Callable[[], int], trim: bool,
+                 area_discards: Callable[[], int]) -> None:
         super().__init__(name="housekeeping", daemon=True)
         self.mountpoint, self.space, self.busy, self.trim = mountpoint, space, busy, trim
         self.area_discards = area_discards  # swapon's discards of the whole area so far
