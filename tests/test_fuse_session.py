@@ -57,7 +57,7 @@ class StubFS(Operations):
         self.punched: list[tuple[int, int]] = []
         self.stats: Any = None
 
-    def init(self, info: InitInfo, service_stats: Any) -> None:
+    def init(self, info: InitInfo, service_stats: Any, poll_stats: Any) -> None:
         self.stats = service_stats
 
     def _attr(self, ino: int) -> Attr:

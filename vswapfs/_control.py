@@ -85,6 +85,10 @@ def _metrics(space: SwapSpace) -> str:
 
 
 ServiceStats = Callable[[], dict[str, tuple[int, int, int]]]
+PollStats = Callable[[], tuple[int, int, int, int]]
+# busy_poll's columns: µs a thread's polling window may grow to (0: never polls), the
+# widest window now (µs), requests read while polling, sleeps in poll(2)
+BUSY_POLL = ("max_us", "window_us", "caught", "slept")
 
 
 def _fuse_stat(stats: ServiceStats) -> str:
@@ -224,10 +228,12 @@ def _check(space: SwapSpace) -> str:
 
 
 def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
-                        daemon: dict[str, str] | None = None) -> dict[str, ControlFile]:
+                        daemon: dict[str, str] | None = None,
+                        poll_stats: PollStats = lambda: (0, 0, 0, 0)) -> dict[str, ControlFile]:
     """All control files, by name.  ``service_stats``: the transport's
     counts per FUSE opcode (requests, bytes, ns), for ``fuse_stat`` and
-    ``metrics``; ``daemon``: the values of DAEMON_FILES."""
+    ``metrics``; ``daemon``: the values of DAEMON_FILES; ``poll_stats``:
+    the columns of BUSY_POLL, for ``busy_poll``."""
     daemon = daemon or {}
     files = [
         ControlFile("mm_stat", "zram columns: " + " ".join(MM_STAT), _columns(MM_STAT)),
@@ -239,6 +245,8 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
                     lambda s: _metrics(s) + _fuse_metrics(service_stats)),
         ControlFile("fuse_stat", "per FUSE opcode answered: name, requests, bytes written or read, "
                     "busy µs (parse to reply, summed), mean µs", lambda _: _fuse_stat(service_stats)),
+        ControlFile("busy_poll", "FUSE channel threads polling before they sleep, columns: "
+                    + " ".join(BUSY_POLL), lambda _: " ".join(map(str, poll_stats())) + "\n"),
         ControlFile("backing_files", "backing files, one path per line",
                     lambda s: "".join(bf.path + "\n" for bf in s.backing_files())),
         ControlFile("pid", "the daemon's pid", lambda s: f"{os.getpid()}\n"),
@@ -278,5 +286,5 @@ def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
     return {f.name: f for f in files}
 
 
-__all__ = ["BD_STAT", "IO_STAT", "MM_STAT", "ControlFile", "build_control_files", "parse_size",
+__all__ = ["BD_STAT", "BUSY_POLL", "IO_STAT", "MM_STAT", "ControlFile", "build_control_files", "parse_size",
            "warn_of_the_pool"]

@@ -351,10 +351,12 @@ class Housekeeping(threading.Thread):
 
 
 async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
-              *, channels: int = 1, trim: bool = True, keeper: Keeper | None = None) -> None:
+              *, channels: int = 1, busy_poll_us: int = 0, trim: bool = True,
+              keeper: Keeper | None = None) -> None:
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
     ``channels``: FUSE channel threads that serve the image's I/O (0: the
-    event loop serves it); ``trim``: top memory up while busy and give it
+    event loop serves it), which poll for a request for up to
+    ``busy_poll_us`` before they sleep (``fuse.BusyPoll``); ``trim``: top memory up while busy and give it
     back when idle (see Housekeeping; off in reserve mode).  Whatever the
     event loop serves runs inline: no thread starts after the mount.
 
@@ -376,6 +378,7 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
             async def serving(task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED) -> None:
                 nonlocal unmounted
                 await serve(mountpoint, fs, FSTYPE, source=FSTYPE, channels=channels,
+                            busy_poll_us=busy_poll_us,
                             task_status=task_status, keep=keeper.put if keeper else None,
                             inherited=keeper.inherited if keeper else None)
                 unmounted = True

@@ -69,8 +69,10 @@ class SwapFS(Operations):
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns), handed over by init()
         self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
+        # and its channel threads' polling (Session.poll_stats), also from init()
+        self._poll_stats: Callable[[], tuple[int, int, int, int]] = lambda: (0, 0, 0, 0)
         self._files = list(build_control_files(space, lambda: self._service_stats(),
-                                               daemon or {}).values())
+                                               daemon or {}, lambda: self._poll_stats()).values())
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
         self._snapshots: dict[int, bytes] = {}  # control fh -> content read at open
         self._image_requests = 0  # reads and writes of the image (a lost count is harmless)
@@ -94,9 +96,11 @@ class SwapFS(Operations):
         engine lock has seen every such discard that lock let through."""
         return self._area_discards
 
-    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
-        """INIT is done: keep the transport's counts for ``fuse_stat``."""
-        self._service_stats = service_stats
+    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
+             poll_stats: Callable[[], tuple[int, int, int, int]]) -> None:
+        """INIT is done: keep the transport's counts for ``fuse_stat`` and
+        ``busy_poll``."""
+        self._service_stats, self._poll_stats = service_stats, poll_stats
 
     def channel_started(self) -> None:
         """On each channel thread: it serves the kernel, so it faults its

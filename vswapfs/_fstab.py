@@ -2,7 +2,7 @@
 
 mount(8) runs ``mount.fuse.vswapfs SOURCE MOUNTPOINT -o OPTS``; the helper
 turns vswapfs's own options (size=, pool_limit=, backing=, level=,
-first_level=, first_algorithm=, reserve=, channels=, algorithm=, zswap[=COMPRESSOR],
+first_level=, first_algorithm=, reserve=, channels=, busy_poll=, algorithm=, zswap[=COMPRESSOR],
 zswap_max_pool_percent=,
 zswap_shrinker) into a
 ``vswapfs mount`` command line and leaves the generic ones (defaults,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 OWN = {"size": "--size", "pool_limit": "--pool-limit", "backing": "--backing", "level": "--level",
        "first_level": "--first-level", "first_algorithm": "--first-algorithm", "reserve": "--reserve",
-       "channels": "--channels",
+       "channels": "--channels", "busy_poll": "--busy-poll",
        "algorithm": "--algorithm",
        "zswap_max_pool_percent": "--zswap-max-pool-percent"}
 FLAGS = {"zswap": "--zswap", "zswap_shrinker": "--zswap-shrinker"}  # also zswap=COMPRESSOR

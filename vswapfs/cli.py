@@ -39,6 +39,8 @@ def _size(text: str) -> int:
 
 DEFAULT_CHANNELS = 1
 MAX_CHANNELS = 64
+DEFAULT_BUSY_POLL_US = 50  # what polling saves is a wake-up of tens of µs on a VM (docs/sustained.md)
+MAX_BUSY_POLL_US = 1000
 
 
 def _channels(text: str) -> int:
@@ -48,6 +50,17 @@ def _channels(text: str) -> int:
         n = -1
     if not 0 <= n <= MAX_CHANNELS:
         raise argparse.ArgumentTypeError(f"channels must be an integer in 0..{MAX_CHANNELS}, not {text!r}")
+    return n
+
+
+def _busy_poll(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_BUSY_POLL_US:
+        raise argparse.ArgumentTypeError(
+            f"busy-poll must be a whole number of µs in 0..{MAX_BUSY_POLL_US}, not {text!r}")
     return n
 
 
@@ -84,6 +97,10 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=_channels, default=DEFAULT_CHANNELS, metavar="N",
                    help=f"threads that serve the image's I/O on their own /dev/fuse clone "
                         f"(default {DEFAULT_CHANNELS}; 0: the event loop serves it)")
+    p.add_argument("--busy-poll", type=_busy_poll, default=DEFAULT_BUSY_POLL_US, metavar="US",
+                   help=f"µs a channel thread may keep polling /dev/fuse before it sleeps, a window "
+                        f"that adapts to how close requests come (default {DEFAULT_BUSY_POLL_US}; "
+                        f"0: sleep at once)")
     p.add_argument("--zswap", nargs="?", const="", default=None, metavar="COMPRESSOR",
                    help="put the kernel's zswap in front (global: it fronts every swap device), "
                         "with COMPRESSOR or the fastest the kernel has (lz4, lzo-rle, lzo); "
@@ -159,6 +176,8 @@ def _mount_args(a: argparse.Namespace) -> list[str]:
         out += ["--reserve", str(a.reserve)]
     if a.channels != DEFAULT_CHANNELS:
         out += ["--channels", str(a.channels)]
+    if a.busy_poll != DEFAULT_BUSY_POLL_US:
+        out += ["--busy-poll", str(a.busy_poll)]
     if a.no_supervisor:
         out += ["--no-supervisor"]
     return out
@@ -287,7 +306,8 @@ def _cmd_mount(a: argparse.Namespace, argv: Sequence[str]) -> int:
         if "settings" in inherited:  # what control/ tuned in an earlier daemon
             _daemon.apply_settings(space, inherited["settings"])
         space.on_fds(keeper.put, keeper.drop)
-    trio.run(functools.partial(_daemon.run, channels=a.channels, trim=not a.reserve, keeper=keeper),
+    trio.run(functools.partial(_daemon.run, channels=a.channels, busy_poll_us=a.busy_poll,
+                               trim=not a.reserve, keeper=keeper),
              admin.canonical(a.mountpoint), space, a.ready_fd)
     return 0
 

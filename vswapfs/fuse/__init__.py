@@ -12,7 +12,7 @@ from ._abi import (
     ROOT_ID,
     Opcode,
 )
-from ._channel import MAX_WRITE
+from ._channel import MAX_WRITE, BusyPoll
 from ._mount import open_and_mount, unmount
 from ._ops import DEFER, Operations
 from ._session import Session, serve
@@ -20,7 +20,7 @@ from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened,
 
 __all__ = [
     "DEFER", "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_NONSEEKABLE", "FOPEN_PARALLEL_DIRECT_WRITES",
-    "MAX_WRITE", "ROOT_ID", "Attr", "Context", "DirEntry", "Entry", "FuseError", "InitInfo",
+    "MAX_WRITE", "ROOT_ID", "BusyPoll", "Attr", "Context", "DirEntry", "Entry", "FuseError", "InitInfo",
     "Opcode", "Opened", "Operations", "Session", "SetattrRequest", "StatFs", "open_and_mount",
     "serve", "unmount",
 ]

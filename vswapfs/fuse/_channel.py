@@ -15,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import struct
 import time
 from collections.abc import Callable
@@ -88,6 +89,43 @@ class ReadErrors:
 
 
 
+class BusyPoll:
+    """How long a channel thread keeps reading /dev/fuse without blocking
+    after it found no request, before it sleeps in poll(2).
+
+    A request that finds its thread asleep pays for waking it: on a VM an
+    interrupt to a halted vCPU, tens of µs, on every swap-in whose thread
+    had gone to sleep.  Polling a little first catches the request that
+    comes soon.  The window adapts as the guest's cpuidle-haltpoll does:
+    a sleep that a longer window would have avoided (the request came
+    within ``max``) doubles it, a sleep after which nothing came for longer
+    than ``max`` halves it (below ``max`` / 8: no polling), so a thread polls only
+    while requests keep coming close together and never once they stop:
+    an idle daemon sleeps after at most ``max``."""
+
+    __slots__ = ("max", "window", "caught", "slept")
+
+    def __init__(self, max_s: float) -> None:
+        self.max = max_s  # seconds a window may grow to; 0: never poll
+        self.window = 0.0  # seconds to poll before sleeping, now
+        self.caught = 0  # requests read while polling: the sleeps saved
+        self.slept = 0  # times the thread slept in poll(2) (0: it is off, read(2) blocks)
+
+    def came(self, idle: float, slept: bool) -> None:
+        """A request was read ``idle`` seconds after a read found none;
+        ``slept``: the thread slept meanwhile."""
+        if not slept:
+            self.caught += 1
+        elif idle <= self.max:  # a longer window would have caught it
+            self.window = min(self.max, max(self.window * 2, self.max / 8))
+        elif self.window:  # nothing came for longer than polling may last
+            self.window = self.window / 2 if self.window > self.max / 8 else 0.0
+
+
+_monotonic = time.monotonic
+_yield = os.sched_yield
+
+
 # typed here: the build's mypy meets _abi inside the package's import cycle at this point
 _OUT_HEADER: Final[struct.Struct] = A.OUT_HEADER  # type: ignore[has-type, unused-ignore]
 _pack_out = _OUT_HEADER.pack  # bound once: write_reply runs once a request
@@ -130,19 +168,40 @@ async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
 
 
 def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memoryview], bool],
-                 hand_over: Callable[[bytes, int], bool]) -> None:
+                 hand_over: Callable[[bytes, int], bool], poll: BusyPoll) -> None:
     """A channel thread's loop: read a request, ``serve`` it here, or, when
     that returns False, ``hand_over`` a copy (the buffer is reused at
     once); until the connection is gone or ``hand_over`` returns False."""
     mv = memoryview(buf)
     errors = ReadErrors()
+    # polling reads without blocking and sleeps in poll(2); else read(2) blocks.  Set
+    # either way: a clone handed over by an earlier daemon keeps that one's mode
+    os.set_blocking(fd, poll.max <= 0)
+    waiter = select.poll()
+    waiter.register(fd, select.POLLIN)
+    idle_since = -1.0  # when a read last found nothing, -1: the last read found a request
+    slept = False  # the thread slept since then
     while True:
         try:
             n = os.readv(fd, [buf])
+        except BlockingIOError:
+            now = _monotonic()
+            if idle_since < 0:
+                idle_since, slept = now, False
+            if now - idle_since < poll.window:
+                _yield()  # the CPU to whatever is runnable here: the kernel's side of the next request
+            else:
+                slept = True
+                poll.slept += 1
+                waiter.poll()
+            continue
         except OSError as e:
             if errors.gone(e, name):
                 return
             continue
+        if idle_since >= 0:
+            poll.came(_monotonic() - idle_since, slept)
+            idle_since = -1.0
         if errors.pause:
             errors.ok()
         if not n:

@@ -31,11 +31,13 @@ class Operations:
     :data:`DEFER` (the default) hands the request to the async method.
     """
 
-    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
+             poll_stats: Callable[[], tuple[int, int, int, int]]) -> None:
         """Called once INIT is answered, before any other request: what was
-        settled with the kernel, and a function that returns the
+        settled with the kernel, and functions that return the
         transport's counts per opcode (requests, bytes of file data, ns
-        spent), for the file system to show."""
+        spent) and its channel threads' polling (``Session.poll_stats``),
+        for the file system to show."""
 
     def channel_started(self) -> None:
         """Called on each channel thread before it reads its first request

@@ -123,11 +123,14 @@ class Session:
 
     def __init__(self, fd: int, ops: Operations, *, buffers: int = 16, channels: int = 0,
                  max_background: int = MAX_BACKGROUND,
-                 keep: Callable[[dict[str, int]], None] | None = None) -> None:
+                 keep: Callable[[dict[str, int]], None] | None = None,
+                 busy_poll_us: int = 0) -> None:
         self.fd = fd
         self.keep = keep  # hands the connection's fds to whoever outlives this process
         self.ops = ops
         self.channels = channels
+        self.busy_poll_us = busy_poll_us  # µs a channel thread may poll before it sleeps (C.BusyPoll)
+        self._polls: list[C.BusyPoll] = []  # one per channel thread
         self.max_background = max_background
         # opcode -> the ops' *_blocking method, looked up once
         self._blocking = {code: getattr(ops, op.method + "_blocking") for code, op in OPS.items()
@@ -144,6 +147,14 @@ class Session:
         self._loop_errors = C.ReadErrors()
         self._channel_fds: list[tuple[int, bytearray]] | None = None  # set by prepare()
         os.set_blocking(fd, False)
+
+    def poll_stats(self) -> tuple[int, int, int, int]:
+        """The channel threads' busy polling (``_channel.BusyPoll``): µs a
+        window may grow to, the widest window now in µs, requests caught
+        while polling and sleeps in poll(2), summed."""
+        polls = list(self._polls)
+        return (self.busy_poll_us, round(max((p.window for p in polls), default=0.0) * 1e6),
+                sum(p.caught for p in polls), sum(p.slept for p in polls))
 
     def service_stats(self) -> dict[str, tuple[int, int, int]]:
         """Per opcode answered so far: (requests, bytes of file data they
@@ -200,7 +211,7 @@ class Session:
                      "|".join(names) or "nothing", MAX_WRITE, MAX_PAGES, self.max_background,
                      "|".join(n for b, n in A.INIT_FLAG_NAMES.items()
                               if WANTED_FLAGS & b and not granted & b) or "nothing")
-            self.ops.init(self.init, self.service_stats)
+            self.ops.init(self.init, self.service_stats, self.poll_stats)
             return self.init
 
     def take_over(self, init_fd: int, clones: list[int]) -> InitInfo:
@@ -214,7 +225,7 @@ class Session:
         if not clones and not self._free:
             self._free = [C.new_buffer() for _ in range(FALLBACK_BUFFERS)]
             self._buffers = trio.Semaphore(FALLBACK_BUFFERS)
-        self.ops.init(self.init, self.service_stats)
+        self.ops.init(self.init, self.service_stats, self.poll_stats)
         try:
             C.notify_resend(self.fd)
         except OSError as e:  # before Linux 6.9: what the old server had read stays unanswered
@@ -442,8 +453,10 @@ class Session:
                         self.ops.channel_started()
                         tally = _Tally()
                         self._tallies.append(tally)
+                        poll = C.BusyPoll(self.busy_poll_us / 1e6)
+                        self._polls.append(poll)
                         C.serve_thread(fd, buf, threading.current_thread().name,
-                                       functools.partial(self._serve_here, tally), hand_over)
+                                       functools.partial(self._serve_here, tally), hand_over, poll)
                     finally:
                         try:
                             trio.from_thread.run_sync(done.release, trio_token=token)
@@ -476,12 +489,13 @@ def inherited_connection(fds: Mapping[str, int]) -> bool:
 
 
 async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = "none",
-                channels: int = 0,
+                channels: int = 0, busy_poll_us: int = 0,
                 task_status: trio.TaskStatus[Session] = trio.TASK_STATUS_IGNORED,
                 keep: Callable[[dict[str, int]], None] | None = None,
                 inherited: Mapping[str, int] | None = None) -> None:
     """Mount ``ops`` at ``mountpoint`` and serve it until unmounted, on the
-    event loop alone or with ``channels`` threads (see the module docstring).
+    event loop alone or with ``channels`` threads (see the module docstring),
+    which poll for up to ``busy_poll_us`` before they sleep (``_channel.BusyPoll``).
     ``keep``: hand each fd of the connection over as it is made;
     ``inherited``: serve the connection those fds hold instead of mounting.
 
@@ -492,14 +506,16 @@ async def serve(mountpoint: str, ops: Operations, fstype: str, *, source: str = 
         fd = inherited["fuse"]
         clones = [inherited[k] for k in sorted((k for k in inherited if k.startswith("fuse.channel.")),
                                                key=lambda k: int(k.rsplit(".", 1)[1]))]
-        session = Session(fd, ops, channels=len(clones), buffers=0 if clones else 16, keep=keep)
+        session = Session(fd, ops, channels=len(clones), buffers=0 if clones else 16, keep=keep,
+                          busy_poll_us=busy_poll_us)
         session.take_over(inherited["fuse.init"], clones)
     else:
         fd = open_and_mount(mountpoint, fstype, source=source)
         try:
             if keep is not None:
                 keep({"fuse": fd})
-            session = Session(fd, ops, channels=channels, buffers=0 if channels else 16, keep=keep)
+            session = Session(fd, ops, channels=channels, buffers=0 if channels else 16, keep=keep,
+                              busy_poll_us=busy_poll_us)
             await session.handshake()
             session.prepare()
         except BaseException:
