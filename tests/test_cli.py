@@ -54,10 +54,12 @@ def test_cli_bad_sizes(tmp_path: Path, size: str, word: str) -> None:
 
 
 @pytest.mark.parametrize(("opt", "word"), [("--channels=-1", "0..64"), ("--channels=65", "0..64"),
-                                           ("--channels=two", "0..64"), ("--reserve=1K", "smaller than one"),
+                                           ("--channels=two", "0..64"), ("--busy-poll=-5", "0..1000"),
+                                           ("--busy-poll=1001", "0..1000"), ("--busy-poll=5us", "0..1000"),
+                                           ("--reserve=1K", "smaller than one"),
                                            ("--reserve=lots", "not a size"),
                                            ("--algorithm=lzo", "choose from 'zstd', 'lz4'")])
-def test_cli_bad_channels_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
+def test_cli_bad_channels_busy_poll_reserve_and_algorithm(tmp_path: Path, opt: str, word: str) -> None:
     r = cli("mount", str(tmp_path), opt)
     assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr
     assert admin.mount_type(str(tmp_path)) is None

@@ -30,6 +30,7 @@ def test_fstab_options_translate_and_unknown_ones_are_named() -> None:
     assert options_to_args("zswap=lzo-rle") == ["--zswap", "lzo-rle"]
     assert options_to_args("level=3,first_level=-2") == ["--level", "3", "--first-level", "-2"]
     assert options_to_args("first_algorithm=zstd") == ["--first-algorithm", "zstd"]
+    assert options_to_args("channels=2,busy_poll=0") == ["--channels", "2", "--busy-poll", "0"]
     with pytest.raises(ValueError, match="zswap_shrinker=1"):
         options_to_args("zswap_shrinker=1")
     assert helper_main(["vswapfs", "/mnt/x", "-o", "rw,size=1G"]) == ["mount", "/mnt/x", "--size", "1G"]

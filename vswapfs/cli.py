@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import _sizing, admin, zswap
 from ._consts import (
@@ -43,25 +43,21 @@ DEFAULT_BUSY_POLL_US = 50  # what polling saves is a wake-up of tens of µs on a
 MAX_BUSY_POLL_US = 1000
 
 
-def _channels(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= MAX_CHANNELS:
-        raise argparse.ArgumentTypeError(f"channels must be an integer in 0..{MAX_CHANNELS}, not {text!r}")
-    return n
+def _whole_number(what: str, top: int) -> Callable[[str], int]:
+    """An argparse type: an integer in 0..``top``, else one clear line naming ``what``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= top:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer in 0..{top}, not {text!r}")
+        return n
+    return parse
 
 
-def _busy_poll(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 0 <= n <= MAX_BUSY_POLL_US:
-        raise argparse.ArgumentTypeError(
-            f"busy-poll must be a whole number of µs in 0..{MAX_BUSY_POLL_US}, not {text!r}")
-    return n
+_channels = _whole_number("channels", MAX_CHANNELS)
+_busy_poll = _whole_number("busy-poll (µs)", MAX_BUSY_POLL_US)
 
 
 def _limit(text: str) -> int:
