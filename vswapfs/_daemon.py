@@ -356,9 +356,10 @@ async def run(mountpoint: str, space: SwapSpace, ready_fd: int | None = None,
     """Mount ``space`` at ``mountpoint`` and serve it until unmounted.
     ``channels``: FUSE channel threads that serve the image's I/O (0: the
     event loop serves it), which poll for a request for up to
-    ``busy_poll_us`` before they sleep (``fuse.BusyPoll``); ``trim``: top memory up while busy and give it
-    back when idle (see Housekeeping; off in reserve mode).  Whatever the
-    event loop serves runs inline: no thread starts after the mount.
+    ``busy_poll_us`` before they sleep (``fuse.BusyPoll``); ``trim``: top
+    memory up while busy and give it back when idle (see Housekeeping; off
+    in reserve mode).  Whatever the event loop serves runs inline: no
+    thread starts after the mount.
 
     ``keeper``: the supervisor (see ``_supervisor``).  The connection's fds
     go to it as they are made; if it handed a connection over, that one is
