@@ -88,11 +88,16 @@ def test_daemon_killed_again_and_again_under_load_loses_no_page(swap: Path) -> N
     with MemCgroup("vswapfs-recovery", LIMIT) as cg:
         hog = start_hog(cg, HOG_MIB, 40, 1)
         time.sleep(3 + rng.random() * 2)
-        # while swap-out streams in: writes are being served at the kill
+        # while swap-out streams in: writes are being served at the kill.  The hog
+        # alternates writing its pages and verifying them (reads only): wait for a
+        # moment when WRITEs are coming, then kill at once
         for _ in range(2):
+            time.sleep(rng.random())
+            deadline = time.monotonic() + 30
             before = fuse_count(swap, "WRITE")
-            time.sleep(0.2 + rng.random())
-            assert fuse_count(swap, "WRITE") > before, "no writes: the hog does not swap"
+            while (now := fuse_count(swap, "WRITE")) == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert now > before, "no writes for 30 s: the hog does not swap"
             stalls.append(kill_daemon(swap)[1])
         # while the kernel discards: a second process's swap freed as it exits
         for k in range(2):
