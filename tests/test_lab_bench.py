@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
 from conftest import needs_root
 
-from vswapfs import admin, zswap
+from vswapfs import admin, linux, zswap
 from vswapfs_lab import bench, bench_requests
 
 
@@ -187,3 +189,31 @@ def test_the_instruction_counts_phases_serve_every_page_and_read_it_back() -> No
     bench_requests.serve_phase(40, 1, "write")
     with pytest.raises(SystemExit, match="refused"):  # more than one refill holds: said, not miscounted
         bench_requests.serve_phase(400, 32, "write")
+
+
+def test_a_phase_cpu_time_bounds_its_target_over_the_cpus() -> None:
+    s = bench.summarize({"fuse-floor-c": rows(usemem_write_s=3.0, usemem_write_cpu_s=4.5,
+                                              kv_rps=30_000.0, kv_get_cpu_s=2.5),
+                         "vswapfs": rows(usemem_write_s=6.0, usemem_write_cpu_s=9.0,
+                                         kv_rps=20_000.0, kv_get_cpu_s=4.0)})
+    # 9 CPU-s on 2 CPUs: no schedule writes faster than 4.5 s, 1.5x the floor's 3 s;
+    # the floor kept 1.5 CPUs busy, vswapfs 1.5 too
+    write = bench.cpu_bound(s, "vswapfs", "usemem_write_s", "fuse-floor-c", ncpu=2)
+    assert write == ("; its CPU time (9.0 CPU-s on 2 CPUs) allows at best 4.50 s, 1.50x the floor "
+                     "(CPUs busy: 1.50, the floor 1.50)")
+    # 50,000 GETs in 4 CPU-s on 2 CPUs: at best 25,000 a second; 2.5 s for 50,000 at 20,000 a second
+    kv = bench.cpu_bound(s, "vswapfs", "kv_rps", "fuse-floor-c", ncpu=2)
+    assert "allows at best 25,000 GETs/s, 0.83x the floor (CPUs busy: 1.60, the floor 1.50)" in kv
+    assert bench.cpu_bound(s, "vswapfs", "swapin_p50_us", "fuse-floor-c") == ""
+    del s["fuse-floor-c"]["usemem_write_cpu_s"]  # a run from before the figure: no bound, no error
+    assert bench.cpu_bound(s, "vswapfs", "usemem_write_s", "fuse-floor-c") == ""
+
+
+def test_the_machine_cpu_time_grows_by_the_work_done() -> None:
+    before = linux.cpu_busy_s()
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.5:  # half a second on a CPU
+        pass
+    grown = linux.cpu_busy_s() - before
+    # this process's half second, and at most as much on each other CPU meanwhile
+    assert 0.45 <= grown < 0.5 * (os.cpu_count() or 1) + 0.1

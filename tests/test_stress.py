@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,16 @@ def test_workload_verify_catches_wrong_slot_old_generation_and_corruption() -> N
     zero = next(i for i in order if workload.kind_of(i, 5) == "zero")
     mem[zero * 4096 + 77] = 1  # one flipped byte
     assert workload.verify(mem, order, 5, (1, 1, 1)) == sorted([text, rnd, zero])
+
+
+def test_workload_reports_the_machine_cpu_time_of_each_phase() -> None:
+    r = workload.run(64, rounds=2)
+    assert r["bad"] == 0 and r["verified"] == 2 * 64 * 256
+    for phase in ("write", "verify"):
+        cpu, wall = r[f"{phase}_cpu_s"], r[f"{phase}_s"]
+        assert isinstance(cpu, float) and isinstance(wall, float)
+        # this process's own work at least (ticks of 10 ms), no more than every CPU all along
+        assert 0 < cpu <= wall * (os.cpu_count() or 1) + 0.05, (phase, cpu, wall)
 
 
 @pytest.fixture

@@ -119,6 +119,19 @@ def vmstat() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split() for line in f)}
 
 
+_TICK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy_s() -> float:
+    """Seconds the machine's CPUs have spent busy since boot, all of them
+    together (/proc/stat: every state but idle and iowait; guest time is
+    already in user).  Its growth over a phase, over the CPU count, is the
+    shortest that phase's work could take on this machine."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
 def process_status(pid: int | str, key: str) -> int:
     """A number field of /proc/PID/status (VmRSS, VmLck: in KiB); 0 if absent."""
     with open(f"/proc/{pid}/status") as f:

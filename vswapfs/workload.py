@@ -172,6 +172,7 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
     written = verified = bad = 0
     bad_pages: list[int] = []
     t_write = t_verify = 0.0
+    cpu_write = cpu_verify = 0.0  # the machine's CPU-seconds in each phase (linux.cpu_busy_s)
     start = time.perf_counter()
     gen = 0
     while gen < rounds or (duration and time.perf_counter() - start < duration):
@@ -181,14 +182,14 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
             pat = "seq"  # there is nothing to copy yet
         if pat == "random":
             rng.shuffle(order)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), linux.cpu_busy_s()
         if pat == "cow":
             v, b = _cow_round(mem, order, gen, mix)
             verified += v
             bad += b
         else:
             fill(mem, order, gen, mix)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), linux.cpu_busy_s()
         if hold and gen == 1:
             print("filled", flush=True)
             sys.stdin.readline()
@@ -196,14 +197,17 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
             lat = swapin_latency(mem, n, latency, rng)
         if pat == "random":
             rng.shuffle(order)
+        c1b = linux.cpu_busy_s()  # the verify's CPU from here (not the latency sampling's)
         wrong = verify(mem, order, gen, mix)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), linux.cpu_busy_s()
         bad += len(wrong)
         bad_pages += wrong[:20 - len(bad_pages)]
         written += n
         verified += n
         t_write += t1 - t0
         t_verify += t2 - t1
+        cpu_write += c1 - c0
+        cpu_verify += c2 - c1b
         if report:
             print(json.dumps({"round": gen, "pattern": pat, "written": written, "verified": verified,
                               "bad": bad}), flush=True)
@@ -212,6 +216,7 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
     extra = {"latency": lat} if latency else {}
     return {**extra, "pages": n, "rounds": gen, "written": written, "verified": verified, "bad": bad,
             "bad_pages": bad_pages, "write_s": round(t_write, 3), "verify_s": round(t_verify, 3),
+            "write_cpu_s": round(cpu_write, 2), "verify_cpu_s": round(cpu_verify, 2),
             "free_s": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
 
 

@@ -519,6 +519,7 @@ def _usemem(b: Backend, limit_mib: int, mib: int, kind_run: int = 1) -> dict[str
     if b.served:
         row.update(served_delta(served, b.served()))
     row.update(usemem_write_s=float(r["write_s"]), usemem_verify_s=float(r["verify_s"]),
+               usemem_write_cpu_s=float(r["write_cpu_s"]), usemem_verify_cpu_s=float(r["verify_cpu_s"]),
                usemem_free_s=float(r["free_s"]), peak_mem_mib=mem["peak_mem_mib"],
                held_mib=mem["held_mib"],
                returned_pct=mem["returned_pct"])
@@ -558,6 +559,8 @@ DAEMON_METRICS = {
 METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or None)
     "usemem_write_s": ("usemem write (s)", True, 1.0),
     "usemem_verify_s": ("usemem verify (s)", True, 1.0),
+    "usemem_write_cpu_s": ("usemem write: CPU time of the whole machine (CPU-s)", True, None),
+    "usemem_verify_cpu_s": ("usemem verify: CPU time of the whole machine (CPU-s)", True, None),
     "usemem_free_s": ("usemem free (s)", True, None),
     "memhog_write_s": ("memhog write (s)", True, None),
     "memhog_verify_s": ("memhog verify (s)", True, None),
@@ -567,6 +570,7 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "kv_rps": ("redis random GETs per second (heap 3x its cgroup)", False, None),
     "kv_p99_ms": ("redis GET p99 (ms)", True, None),
     "kv_load_s": ("redis load of the heap (s)", True, None),
+    "kv_get_cpu_s": ("redis GETs: CPU time of the whole machine (CPU-s)", True, None),
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
@@ -663,6 +667,38 @@ FLOOR_TARGETS = {  # metric -> (bound on the ratio, measured against)
 }
 
 
+# The machine's CPU time during a target's phase (whole machine, every process
+# and the kernel): over the CPU count it bounds the phase, however the work is spread.
+CPU_OF = {"usemem_write_s": "usemem_write_cpu_s", "usemem_verify_s": "usemem_verify_cpu_s",
+          "kv_rps": "kv_get_cpu_s"}
+
+
+def cpu_bound(summary: dict[str, dict[str, dict[str, float]]], backend: str, m: str,
+              against: str, ncpu: int | None = None) -> str:
+    """What the CPU time of ``m``'s phase allows ``backend`` at best (every CPU
+    busy throughout), as a ratio to ``against``'s figure, and how many CPUs
+    each kept busy; "" without the figures.  A time can be no shorter than
+    the phase's CPU-seconds over the CPUs, GETs a second no more than the
+    GETs over that."""
+    cpu_m = CPU_OF.get(m)
+    mine, theirs = summary.get(backend, {}), summary.get(against, {})
+    if cpu_m is None or cpu_m not in mine or cpu_m not in theirs or m not in theirs:
+        return ""
+    ncpu = ncpu or os.cpu_count() or 1
+    cpu, base = mine[cpu_m]["median"], theirs[m]["median"]
+    if m == "kv_rps":
+        best = kv.REQUESTS * ncpu / cpu
+        busy = cpu / (kv.REQUESTS / mine[m]["median"]), theirs[cpu_m]["median"] / (kv.REQUESTS / base)
+        unit = f"{best:,.0f} GETs/s"
+    else:
+        best = cpu / ncpu
+        busy = cpu / mine[m]["median"], theirs[cpu_m]["median"] / base
+        unit = f"{best:.2f} s"
+    name = "the floor" if against == FLOOR else against
+    return (f"; its CPU time ({cpu:.1f} CPU-s on {ncpu} CPUs) allows at best {unit}, "
+            f"{best / base:.2f}x {name} (CPUs busy: {busy[0]:.2f}, {name} {busy[1]:.2f})")
+
+
 def floor_verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str = "vswapfs") -> list[str]:
     """One line per sustained-run target whose figures are all in ``summary``:
     the ratio of medians, the bound, and how far from it."""
@@ -678,7 +714,8 @@ def floor_verdicts(summary: dict[str, dict[str, dict[str, float]]], backend: str
         sign = "≤" if lower else "≥"
         name = "the floor" if against == FLOOR else against
         gap = "" if ok else f", {abs(r / bound - 1) * 100:.0f}% {'over' if lower else 'short of'} it"
-        out.append(f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x {name} (target {sign} {bound}x{gap})")
+        out.append(f"{'MET   ' if ok else 'MISSED'} {label}: {r:.2f}x {name} (target {sign} {bound}x{gap})"
+                   + cpu_bound(summary, backend, m, against))
     return out
 
 

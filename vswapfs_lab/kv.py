@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from vswapfs import MiB, workload
+from vswapfs import MiB, linux, workload
 from vswapfs.cgroup import MemCgroup
 
 VALUE_BYTES = 1000  # a value: what a cache of rendered fragments or JSON documents holds
@@ -170,19 +170,27 @@ def keys_for(heap_mib: int) -> int:
     return heap_mib * MiB // (VALUE_BYTES + KEY_OVERHEAD)
 
 
-def run(limit_mib: int, heap_mib: int | None = None, requests: int = 50_000, clients: int = 4,
+REQUESTS = 50_000  # GETs a run times
+
+
+def run(limit_mib: int, heap_mib: int | None = None, requests: int = REQUESTS, clients: int = 4,
         samples: int = 20_000, port: int = PORT) -> dict[str, float]:
     """The whole workload in a fresh cgroup; figures and the checked sample."""
     workload.use_file_corpus()
     keys = keys_for(heap_mib or 3 * limit_mib)
     with MemCgroup(f"vswapfs-kv-{os.getpid()}", limit_mib * MiB) as cg, server(cg, port):
+        c0 = linux.cpu_busy_s()
         load_s = load(port, keys)
+        c1 = linux.cpu_busy_s()
         figures = bench_gets(port, keys, requests, clients)
+        c2 = linux.cpu_busy_s()
         bad = check(port, keys, samples)
         peak = cg.peak()
     if bad:
         raise RuntimeError(f"kv: {bad} of {samples} values read back wrong")
-    return {**figures, "kv_load_s": round(load_s, 3), "kv_keys": float(keys),
+    return {**figures, "kv_load_s": round(load_s, 3),
+            "kv_load_cpu_s": round(c1 - c0, 2), "kv_get_cpu_s": round(c2 - c1, 2),
+"kv_keys": float(keys),
             "kv_checked": float(min(samples, keys)), "kv_cgroup_peak_mib": round(peak / MiB, 1)}
 
 
