@@ -85,10 +85,12 @@ def _metrics(space: SwapSpace) -> str:
 
 
 ServiceStats = Callable[[], dict[str, tuple[int, int, int]]]
-PollStats = Callable[[], tuple[int, int, int, int]]
+PollStats = Callable[[], tuple[int, int, int, int, int, int]]
 # busy_poll's columns: µs a thread's polling window may grow to (0: never polls), the
-# widest window now (µs), requests read while polling, sleeps in poll(2)
-BUSY_POLL = ("max_us", "window_us", "caught", "slept")
+# widest window now (µs), requests read while polling, sleeps in poll(2), spells whose
+# polling stopped because the CPU was wanted, and the highest share (percent) of recent idle
+# spells that ended within the maximum (a thread polls only while it is at least 75)
+BUSY_POLL = ("max_us", "window_us", "caught", "slept", "ceded", "within_pct")
 
 
 def _fuse_stat(stats: ServiceStats) -> str:
@@ -229,7 +231,7 @@ def _check(space: SwapSpace) -> str:
 
 def build_control_files(space: SwapSpace, service_stats: ServiceStats = dict,
                         daemon: dict[str, str] | None = None,
-                        poll_stats: PollStats = lambda: (0, 0, 0, 0)) -> dict[str, ControlFile]:
+                        poll_stats: PollStats = lambda: (0, 0, 0, 0, 0, 0)) -> dict[str, ControlFile]:
     """All control files, by name.  ``service_stats``: the transport's
     counts per FUSE opcode (requests, bytes, ns), for ``fuse_stat`` and
     ``metrics``; ``daemon``: the values of DAEMON_FILES; ``poll_stats``:

@@ -101,25 +101,48 @@ class BusyPoll:
     within ``max``) doubles it, a sleep after which nothing came for longer
     than ``max`` halves it (below ``max`` / 8: no polling), so a thread polls only
     while requests keep coming close together and never once they stop:
-    an idle daemon sleeps after at most ``max``."""
+    an idle daemon sleeps after at most ``max``.
 
-    __slots__ = ("max", "window", "caught", "slept")
+    Two rules keep polling from costing a busy machine its CPU.  A thread
+    polls only while most idle spells end within ``max`` (``rate``, a moving
+    share over about the last 16, at least ``min_rate``): in a sequential
+    read-back two spells in five outlast it, and each such miss burns a
+    window of CPU.  And a spell's polling stops the moment a yield between
+    tries gave the CPU away for longer than CEDE_S (``serve_thread``): a
+    task that was runnable here wants the CPU more than a request that may
+    come (on 2 CPUs the swap-out of a write-heavy workload is CPU-bound)."""
 
-    def __init__(self, max_s: float) -> None:
+    __slots__ = ("max", "window", "caught", "slept", "ceded", "rate", "min_rate")
+
+    MIN_RATE: Final = 0.75  # poll while at least 3 idle spells in 4 end within the maximum
+    RATE_WEIGHT: Final = 1 / 16  # of the newest spell in ``rate``
+
+    def __init__(self, max_s: float, min_rate: float = MIN_RATE) -> None:
         self.max = max_s  # seconds a window may grow to; 0: never poll
         self.window = 0.0  # seconds to poll before sleeping, now
         self.caught = 0  # requests read while polling: the sleeps saved
         self.slept = 0  # times the thread slept in poll(2) (0: it is off, read(2) blocks)
+        self.ceded = 0  # spells whose polling stopped because a yield gave the CPU away
+        self.rate = 0.0  # moving share of idle spells that ended within ``max``
+        self.min_rate = min_rate  # below that share: no polling
 
     def came(self, idle: float, slept: bool) -> None:
         """A request was read ``idle`` seconds after a read found none;
         ``slept``: the thread slept meanwhile."""
+        within = idle <= self.max
+        self.rate += ((1.0 if within else 0.0) - self.rate) * self.RATE_WEIGHT
         if not slept:
             self.caught += 1
-        elif idle <= self.max:  # a longer window would have caught it
+        elif within:  # a longer window would have caught it
             self.window = min(self.max, max(self.window * 2, self.max / 8))
         elif self.window:  # nothing came for longer than polling may last
             self.window = self.window / 2 if self.window > self.max / 8 else 0.0
+        if self.rate < self.min_rate:  # too many spells outlast it: polling would mostly miss
+            self.window = 0.0
+
+
+# a yield between polling tries that took longer than this ran someone else here: stop polling
+CEDE_S: Final = 20e-6
 
 
 _monotonic = time.monotonic
@@ -181,19 +204,23 @@ def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memor
     waiter.register(fd, select.POLLIN)
     idle_since = -1.0  # when a read last found nothing, -1: the last read found a request
     slept = False  # the thread slept since then
+    last_try = -1.0  # when this spell's last try yielded, -1: none yet
     while True:
         try:
             n = os.readv(fd, [buf])
         except BlockingIOError:
             now = _monotonic()
             if idle_since < 0:
-                idle_since, slept = now, False
-            if now - idle_since < poll.window:
-                _yield()  # the CPU to whatever is runnable here: the kernel's side of the next request
-            else:
-                slept = True
-                poll.slept += 1
-                waiter.poll()
+                idle_since, slept, last_try = now, False, -1.0
+            if not slept and now - idle_since < poll.window:  # poll, until the spell's first sleep
+                if last_try < 0 or now - last_try < CEDE_S:
+                    last_try = now
+                    _yield()  # the CPU to whatever is runnable here: the kernel's side of the next request
+                    continue
+                poll.ceded += 1  # that yield ran someone else for long: the CPU is wanted
+            slept = True
+            poll.slept += 1
+            waiter.poll()
             continue
         except OSError as e:
             if errors.gone(e, name):

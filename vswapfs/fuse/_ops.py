@@ -32,7 +32,7 @@ class Operations:
     """
 
     def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
-             poll_stats: Callable[[], tuple[int, int, int, int]]) -> None:
+             poll_stats: Callable[[], tuple[int, int, int, int, int, int]]) -> None:
         """Called once INIT is answered, before any other request: what was
         settled with the kernel, and functions that return the
         transport's counts per opcode (requests, bytes of file data, ns

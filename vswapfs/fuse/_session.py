@@ -148,13 +148,16 @@ class Session:
         self._channel_fds: list[tuple[int, bytearray]] | None = None  # set by prepare()
         os.set_blocking(fd, False)
 
-    def poll_stats(self) -> tuple[int, int, int, int]:
+    def poll_stats(self) -> tuple[int, int, int, int, int, int]:
         """The channel threads' busy polling (``_channel.BusyPoll``): µs a
         window may grow to, the widest window now in µs, requests caught
-        while polling and sleeps in poll(2), summed."""
+        while polling, sleeps in poll(2) and spells whose polling stopped
+        because the CPU was wanted, summed; and the highest share, in
+        percent, of recent idle spells that ended within the maximum."""
         polls = list(self._polls)
         return (self.busy_poll_us, round(max((p.window for p in polls), default=0.0) * 1e6),
-                sum(p.caught for p in polls), sum(p.slept for p in polls))
+                sum(p.caught for p in polls), sum(p.slept for p in polls), sum(p.ceded for p in polls),
+                round(max((p.rate for p in polls), default=0.0) * 100))
 
     def service_stats(self) -> dict[str, tuple[int, int, int]]:
         """Per opcode answered so far: (requests, bytes of file data they
