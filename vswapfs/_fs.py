@@ -27,7 +27,7 @@ import trio
 
 from . import linux
 from ._consts import CLUSTER_BYTES, PAGE, SERVING_THREAD
-from ._control import ControlFile, build_control_files
+from ._control import ControlFile, PollStats, build_control_files
 from ._ratelimit import RateLimited
 from .engine import NoSpaceError, SwapSpace
 from .fuse import (
@@ -70,7 +70,7 @@ class SwapFS(Operations):
         # the transport's per-opcode (requests, bytes, ns), handed over by init()
         self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
         # and its channel threads' polling (Session.poll_stats), also from init()
-        self._poll_stats: Callable[[], tuple[int, int, int, int, int, int]] = lambda: (0, 0, 0, 0, 0, 0)
+        self._poll_stats: PollStats = lambda: (0, 0, 0, 0, 0, 0)
         self._files = list(build_control_files(space, lambda: self._service_stats(),
                                                daemon or {}, lambda: self._poll_stats()).values())
         self._by_name = {f.name.encode(): i + FIRST_CONTROL_FILE_INO for i, f in enumerate(self._files)}
@@ -97,7 +97,7 @@ class SwapFS(Operations):
         return self._area_discards
 
     def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
-             poll_stats: Callable[[], tuple[int, int, int, int, int, int]]) -> None:
+             poll_stats: PollStats) -> None:
         """INIT is done: keep the transport's counts for ``fuse_stat`` and
         ``busy_poll``."""
         self._service_stats, self._poll_stats = service_stats, poll_stats
