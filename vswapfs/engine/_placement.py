@@ -219,7 +219,7 @@ class Placement:
         todo = [i for i, w in enumerate(words) if not w]
         if self.pool_full or (limit and self.pool.mem_used + len(todo) * CHUNK_BYTES > limit):
             return False
-        store = self.pool.store
+        pool = self.pool
         done: list[int] = []
         raw = 0
         try:
@@ -231,7 +231,7 @@ class Placement:
                     raw += 1
                 else:
                     blob = packed
-                words[i] = E.pool_word(store(blob), len(blob))
+                words[i] = E.pool_word(pool.store(blob), len(blob))
                 done.append(i)
         except PoolExhausted:
             for i in done:

@@ -269,8 +269,9 @@ class Pool:
         length = len(data)
         cls = self._classes[size_class(length)]
         obj = self._alloc(cls)
-        no, k = divmod(obj, cls.per_chunk)
-        off = cls.chunks[no] + k * cls.size
+        per = cls.per_chunk  # not divmod: compiled, // and % stay native int arithmetic
+        no = obj // per
+        off = cls.chunks[no] + obj % per * cls.size
         self._map[off:off + length] = data
         if _inject.armed:
             _inject.point("pool.store")
@@ -327,8 +328,8 @@ class Pool:
     def load(self, obj: int, length: int) -> bytes:
         """A copy of the object's bytes."""
         cls = self._classes[size_class(length)]
-        no, k = divmod(obj, cls.per_chunk)
-        off = cls.chunks[no] + k * cls.size
+        per = cls.per_chunk  # not divmod: compiled, // and % stay native int arithmetic
+        off = cls.chunks[obj // per] + obj % per * cls.size
         return self._map[off:off + length]
 
     def holds(self, obj: int, length: int) -> bool:

@@ -211,7 +211,8 @@ class Table:
     def set(self, slot: int, word: int) -> None:
         """Point ``slot`` at ``word``, releasing what it held; creates and
         drops its cluster as needed.  The caller has stored the data."""
-        ci, idx = divmod(slot, CLUSTER_SLOTS)
+        ci = slot // CLUSTER_SLOTS  # not divmod: compiled, // and % stay native int arithmetic
+        idx = slot % CLUSTER_SLOTS
         cl = self.clusters.get(ci)
         if cl is None:
             if not word:
@@ -245,9 +246,8 @@ class Table:
         """:meth:`set` the slots from ``first`` on to ``words``, then make
         their clusters the youngest (:meth:`touch`): what a write does.
         ``fresh``: mark the slots for recompression (:meth:`fresh_words`)."""
-        put = self.set
         for i, w in enumerate(words):
-            put(first + i, w)
+            self.set(first + i, w)  # a direct call, compiled; a bound method in a local is not
         if fresh:
             self.mark_fresh(first, len(words))
         self.touch(first, len(words))
@@ -257,7 +257,8 @@ class Table:
         clusters = self.clusters
         end = first + count
         while first < end:  # a cluster's run of slots at a time
-            ci, idx = divmod(first, CLUSTER_SLOTS)
+            ci = first // CLUSTER_SLOTS
+            idx = first % CLUSTER_SLOTS
             n = min(end - first, CLUSTER_SLOTS - idx)
             cl = clusters.get(ci)
             if cl is not None:  # None: its slots hold nothing
