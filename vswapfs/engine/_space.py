@@ -442,9 +442,9 @@ class SwapSpace:
             joined = self._codec.gather(pages, blobs)  # lz4 in C: decoded into one object
             if joined is not None:
                 return joined
-        decode = self._codec.decode
+        codec = self._codec  # a direct call, compiled: a swap-in's one page comes this way
         for i, blob in blobs:
-            pages[i] = decode(blob)
+            pages[i] = codec.decode(blob)
         return pages[0] if count == 1 else b"".join(pages)
 
     def _read_phys_stable(self, slot: int, word: int, bf: BackingFile) -> bytes:

@@ -204,7 +204,8 @@ class Table:
 
     def _account(self, word: int, delta: int) -> None:
         t = word & E.TAG_MASK
-        self.tag_pages[t] += delta
+        tp = self.tag_pages
+        tp[t] = tp[t] + delta
         if t == E.POOL and E.pool_length(word) == PAGE:
             self.huge_pages += delta
 
@@ -230,7 +231,8 @@ class Table:
             cl.pool -= (old & E.TAG_MASK) == E.POOL
         if word:
             t = word & E.TAG_MASK  # _account(word, 1), inline: once per page written
-            self.tag_pages[t] += 1
+            tp = self.tag_pages
+            tp[t] = tp[t] + 1  # not ``+=`` on the item: compiled, that is a generic in-place add
             if t == E.POOL:
                 cl.pool += 1
                 if E.pool_length(word) == PAGE:

@@ -145,15 +145,16 @@ class BusyPoll:
 CEDE_S: Final = 20e-6
 
 
-_monotonic = time.monotonic
-_yield = os.sched_yield
+# Final: compiled, a C static rather than a lookup in the module's dict per use
+_monotonic: Final = time.monotonic
+_yield: Final = os.sched_yield
 
 
 # typed here: the build's mypy meets _abi inside the package's import cycle at this point
 _OUT_HEADER: Final[struct.Struct] = A.OUT_HEADER  # type: ignore[has-type, unused-ignore]
-_pack_out = _OUT_HEADER.pack  # bound once: write_reply runs once a request
+_pack_out: Final = _OUT_HEADER.pack  # bound once: write_reply runs once a request
 _OUT_SIZE: Final = _OUT_HEADER.size
-_writev = os.writev
+_writev: Final = os.writev
 
 
 def write_reply(fd: int, unique: int, error: int = 0, payload: bytes | bytearray | memoryview = b"") -> None:

@@ -9,7 +9,7 @@ Operations method takes after ``(ctx, ino)``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from . import _abi as A
 from ._types import Context, SetattrRequest
@@ -37,9 +37,10 @@ class MalformedHeader(MalformedRequest):
         self.header = h
 
 
-_HEADER_SIZE = A.IN_HEADER.size
-_unpack_header = A.IN_HEADER.unpack_from
-_tuple_new = tuple.__new__  # a NamedTuple without its Python-level __new__: once per request
+# Final: compiled, a C static rather than a lookup in the module's dict per use
+_HEADER_SIZE: Final = A.IN_HEADER.size
+_unpack_header: Final = A.IN_HEADER.unpack_from
+_tuple_new: Final = tuple.__new__  # a NamedTuple without its Python-level __new__: once per request
 
 
 def header(req: memoryview) -> Header:

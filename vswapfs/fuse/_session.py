@@ -78,11 +78,12 @@ HAND_OVER: Final[Any] = object()  # _open's answer on a channel thread: the even
 # a 1-page READ counted 22,733 instructions under callgrind against 22,013)
 _READ: Final = int(A.Opcode.READ)
 _WRITE: Final = int(A.Opcode.WRITE)
-_unpack_data_in = A.DATA_IN.unpack_from
+_unpack_data_in: Final = A.DATA_IN.unpack_from
 _DATA_IN_SIZE: Final = A.DATA_IN.size
 _WRITE_DATA_AT: Final = A.IN_HEADER.size + A.WRITE_IN_SIZE  # where a WRITE's data starts
-_pack_written = A.WRITE_OUT.pack
-_now_ns = time.perf_counter_ns  # bound once: looked up per request otherwise
+_pack_written: Final = A.WRITE_OUT.pack
+# bound once, and Final: compiled, a Final is a C static, any other global a dict lookup per use
+_now_ns: Final = time.perf_counter_ns
 
 
 class _Tally:
@@ -100,9 +101,11 @@ class _Tally:
 
     def add(self, opcode: int, t0: int, data: int = 0) -> None:
         if opcode < OPCODES_TALLIED:
-            self.count[opcode] += 1
-            self.data[opcode] += data
-            self.ns[opcode] += _now_ns() - t0
+            # not ``+=``: compiled, an item's ``+=`` is a generic in-place add, ``x = x + n`` int arithmetic
+            count, moved, ns = self.count, self.data, self.ns
+            count[opcode] = count[opcode] + 1
+            moved[opcode] = moved[opcode] + data
+            ns[opcode] = ns[opcode] + (_now_ns() - t0)
 
 
 class _Request(NamedTuple):
