@@ -52,6 +52,8 @@ from .._consts import (
 from . import _entry as E
 from . import _inject
 
+_ARMED: Final = _inject.armed  # changed in place, never rebound; Final: a C static when compiled
+
 MIN_LEVEL, MAX_LEVEL = ZSTD_LEVELS  # zstd's fast levels (negative) trade ratio for speed
 assert MAX_LEVEL == zstandard.MAX_COMPRESSION_LEVEL, "ZSTD_LEVELS is not this zstd's"
 DEFAULT_HUGE_THRESHOLD: Final = PAGE * 3 // 4
@@ -224,7 +226,7 @@ class Codec:
         """The page compressed (may be longer than the page): as the first
         store does (lz4, or zstd at ``first_level``) unless a zstd ``level``
         is asked for."""
-        if _inject.armed:
+        if _ARMED:
             _inject.point("codec.compress")
         if self._lz4 is not None:  # stateless: no context to pool
             return self._lz4.compress(page, False)
@@ -250,7 +252,7 @@ class Codec:
     def decode(self, blob: bytes) -> bytes:
         """The page a pool object holds.  A corrupt object is an I/O error
         (EIO), as a bad backing page is."""
-        if _inject.armed:
+        if _ARMED:
             _inject.point("codec.decompress")
         if len(blob) == PAGE:
             return blob
@@ -291,7 +293,7 @@ class Codec:
         :meth:`decode` does.  None when the C module is not there or a fault
         is armed, or for more pages than it takes: the caller decodes and
         joins.  ``pages`` is changed."""
-        if _inject.armed:
+        if _ARMED:
             return None
         lz, skip = self._lz4, 0
         if lz is None:
@@ -326,7 +328,7 @@ class Codec:
         compress (``data`` is read, not kept).  None when that is not how
         they are stored (a zstd ``level``, python-lz4, a fault armed): the
         caller then encodes page by page."""
-        if _inject.armed:
+        if _ARMED:
             return None
         lz, mark = self._lz4, False
         if lz is None:

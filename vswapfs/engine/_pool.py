@@ -59,6 +59,8 @@ from .. import linux
 from .._consts import PAGE as _PAGE
 from . import _inject
 
+_ARMED: Final = _inject.armed  # changed in place, never rebound; Final: a C static when compiled
+
 CLASS_STEP: Final = 16
 N_CLASSES: Final = 4096 // CLASS_STEP
 CHUNK_BYTES: Final = 64 * 1024  # the largest chunk, and the arena's slot size
@@ -200,7 +202,7 @@ class Pool:
         one yet); the GIL is released while the kernel works.  Raises
         PoolExhausted if the kernel has no memory for them."""
         try:
-            if _inject.armed:
+            if _ARMED:
                 for _ in offs:
                     _inject.point("pool.chunk")
             linux.populate_all(self._base, offs, CHUNK_BYTES)  # adjacent chunks in one call
@@ -273,7 +275,7 @@ class Pool:
         no = obj // per
         off = cls.chunks[no] + obj % per * cls.size
         self._map[off:off + length] = data
-        if _inject.armed:
+        if _ARMED:
             _inject.point("pool.store")
         cls.live[no] += 1
         self.payload += length
@@ -314,7 +316,7 @@ class Pool:
         no = cls.next_no
         cls.next_no += 1
         self._dir[off // CHUNK_BYTES] = (no << DIR_NO_SHIFT) | (size_class(cls.size) + 1)
-        if _inject.armed:
+        if _ARMED:
             _inject.point("pool.new")
         cls.chunks[no] = off
         cls.live[no] = 0
@@ -358,7 +360,7 @@ class Pool:
         self.mem_used -= cls.chunk_bytes
         off = cls.chunks.pop(no)
         self._dir[off // CHUNK_BYTES] = 0  # empty: no word names it any more
-        if _inject.armed:
+        if _ARMED:
             _inject.point("pool.drop")
         if self.reserve:
             self._spare.append(off)  # stays faulted in for the next chunk
@@ -429,7 +431,7 @@ class Pool:
     def copy(self, obj: int, length: int) -> int:
         """Copy an object out of a draining chunk; return the new index.
         The caller points the word at it, then frees the old one."""
-        if _inject.armed:
+        if _ARMED:
             _inject.point("pool.move")
         return self.store(self.load(obj, length))
 

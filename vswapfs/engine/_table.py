@@ -52,6 +52,8 @@ from . import _entry as E
 from . import _inject
 from ._stats import Counters
 
+_ARMED: Final = _inject.armed  # changed in place, never rebound; Final: a C static when compiled
+
 TABLE_PAGE: Final = 8 * CLUSTER_SLOTS  # bytes of one cluster's words: one 4 KiB page
 # Dynamic mode: spare pages kept while idle (256 KiB, for 128 MiB of new clusters), and
 # refilled to while busy (4 MiB, for 2 GiB): under memory pressure housekeeping may wait
@@ -222,7 +224,7 @@ class Table:
             self._counters.clusters_created += 1
         old = cl.table[idx]
         cl.table[idx] = word  # the commit point: the data is in place, the old still whole
-        if _inject.armed:
+        if _ARMED:
             _inject.point("table.set")
         if old:
             self._release(old)  # only now: a crash before this leaks, never loses
@@ -346,7 +348,7 @@ class Table:
         words = cl.table.tolist()
         del self.clusters[ci]
         self._owner[cl.page] = 0  # the whole cluster is gone at once, before what it held
-        if _inject.armed:
+        if _ARMED:
             _inject.point("table.drop")
         for w in words:
             if w:
