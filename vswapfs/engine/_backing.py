@@ -37,6 +37,8 @@ from .. import linux
 from .._consts import CLUSTER_BYTES, CLUSTER_SLOTS, PAGE
 from . import _inject
 
+_ARMED: Final = _inject.armed  # changed in place, never rebound; Final: a C static when compiled
+
 _STAGE_PAGES: Final = 256
 _FREE_RMAP: Final = array("q", [-1] * CLUSTER_SLOTS)
 
@@ -216,7 +218,7 @@ class BackingFile:
             self.free_clusters.discard(c)
             return c
         c = len(self.used)
-        if _inject.armed:
+        if _ARMED:
             _inject.point("backing.grow")
         if c >= self.max_clusters:
             raise OSError(errno.ENOSPC, f"{self.path}: {c} clusters, the most it may hold")
@@ -229,7 +231,7 @@ class BackingFile:
         """Record that ``pslot`` now holds virtual slot ``vslot``."""
         self.rmap[pslot] = vslot
         self.csum[pslot] = csum
-        if _inject.armed:
+        if _ARMED:
             _inject.point("backing.bind")
 
     def free(self, pslot: int) -> None:
@@ -253,7 +255,7 @@ class BackingFile:
 
     def _punch(self, c: int) -> None:
         try:
-            if _inject.armed:
+            if _ARMED:
                 _inject.point("backing.punch")
             linux.punch_hole(self.fd, c * CLUSTER_BYTES, CLUSTER_BYTES)
             self.unpunched.discard(c)
@@ -276,7 +278,7 @@ class BackingFile:
         if n == len(self.used):
             return
         try:
-            if _inject.armed:
+            if _ARMED:
                 _inject.point("backing.cut")
             os.ftruncate(self.fd, n * CLUSTER_BYTES)
         except OSError:
@@ -342,7 +344,7 @@ class BackingFile:
             self._pwrite(stage[:n * PAGE], first * PAGE)
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
-        if _inject.armed:
+        if _ARMED:
             _inject.point("backing.write")
         done = os.pwritev(self.fd, [buf], offset)
         if done != len(buf):
@@ -357,7 +359,7 @@ class BackingFile:
         buf = getattr(self._tls, "buf", None)
         if buf is None:
             buf = self._tls.buf = mmap.mmap(-1, PAGE)
-        if _inject.armed:
+        if _ARMED:
             _inject.point("backing.read")
         got = os.preadv(self.fd, [buf], pslot * PAGE)
         if got != PAGE:
