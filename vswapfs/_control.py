@@ -20,6 +20,7 @@ from ._consts import FIRST_ALGORITHMS
 from ._sizing import mount_warnings
 from ._units import parse_limit, parse_size
 from .engine import CODECS, COUNTERS, DESCRIPTIONS, SwapSpace
+from .fuse import PollStats, ServiceStats
 
 MM_STAT = ("orig_data_size", "compr_data_size", "mem_used_total", "mem_limit", "mem_used_max",
            "same_pages", "pages_compacted", "huge_pages", "huge_pages_since")
@@ -84,8 +85,6 @@ def _metrics(space: SwapSpace) -> str:
     return "\n".join(out) + "\n"
 
 
-ServiceStats = Callable[[], dict[str, tuple[int, int, int]]]
-PollStats = Callable[[], tuple[int, int, int, int, int, int]]
 # busy_poll's columns: µs a thread's polling window may grow to (0: never polls), the
 # widest window now (µs), requests read while polling, sleeps in poll(2), spells whose
 # polling stopped because the CPU was wanted, and the highest share (percent) of recent idle

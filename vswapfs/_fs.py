@@ -27,7 +27,7 @@ import trio
 
 from . import linux
 from ._consts import CLUSTER_BYTES, PAGE, SERVING_THREAD
-from ._control import ControlFile, PollStats, build_control_files
+from ._control import ControlFile, build_control_files
 from ._ratelimit import RateLimited
 from .engine import NoSpaceError, SwapSpace
 from .fuse import (
@@ -43,6 +43,8 @@ from .fuse import (
     InitInfo,
     Opened,
     Operations,
+    PollStats,
+    ServiceStats,
     SetattrRequest,
     StatFs,
 )
@@ -68,7 +70,7 @@ class SwapFS(Operations):
         self._limiter = trio.CapacityLimiter(max(threads, 1))
         self._inline_all = threads == 0  # reserve mode: no thread hops at all
         # the transport's per-opcode (requests, bytes, ns), handed over by init()
-        self._service_stats: Callable[[], dict[str, tuple[int, int, int]]] = dict
+        self._service_stats: ServiceStats = dict
         # and its channel threads' polling (Session.poll_stats), also from init()
         self._poll_stats: PollStats = lambda: (0, 0, 0, 0, 0, 0)
         self._files = list(build_control_files(space, lambda: self._service_stats(),
@@ -96,8 +98,7 @@ class SwapFS(Operations):
         engine lock has seen every such discard that lock let through."""
         return self._area_discards
 
-    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
-             poll_stats: PollStats) -> None:
+    def init(self, info: InitInfo, service_stats: ServiceStats, poll_stats: PollStats) -> None:
         """INIT is done: keep the transport's counts for ``fuse_stat`` and
         ``busy_poll``."""
         self._service_stats, self._poll_stats = service_stats, poll_stats

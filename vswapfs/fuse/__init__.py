@@ -14,13 +14,13 @@ from ._abi import (
 )
 from ._channel import MAX_WRITE, BusyPoll
 from ._mount import open_and_mount, unmount
-from ._ops import DEFER, Operations
+from ._ops import DEFER, Operations, PollStats, ServiceStats
 from ._session import Session, serve
 from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
 __all__ = [
     "DEFER", "FOPEN_DIRECT_IO", "FOPEN_KEEP_CACHE", "FOPEN_NONSEEKABLE", "FOPEN_PARALLEL_DIRECT_WRITES",
     "MAX_WRITE", "ROOT_ID", "BusyPoll", "Attr", "Context", "DirEntry", "Entry", "FuseError", "InitInfo",
-    "Opcode", "Opened", "Operations", "Session", "SetattrRequest", "StatFs", "open_and_mount",
-    "serve", "unmount",
+    "Opcode", "Opened", "Operations", "PollStats", "ServiceStats", "Session", "SetattrRequest", "StatFs",
+    "open_and_mount", "serve", "unmount",
 ]

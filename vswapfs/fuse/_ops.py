@@ -10,6 +10,13 @@ from mypy_extensions import mypyc_attr
 
 from ._types import Attr, Context, DirEntry, Entry, FuseError, InitInfo, Opened, SetattrRequest, StatFs
 
+# What the transport hands Operations.init (Session.service_stats, Session.poll_stats):
+# per opcode name (requests, bytes of file data, ns spent); and the channel threads'
+# polling: max_us, window_us, caught, slept, ceded, within_pct (control/busy_poll's columns)
+ServiceStats = Callable[[], dict[str, tuple[int, int, int]]]
+PollCounts = tuple[int, int, int, int, int, int]
+PollStats = Callable[[], PollCounts]
+
 DEFER: Final[Any] = type("Defer", (), {"__repr__": lambda self: "DEFER"})()
 """Returned by a ``*_blocking`` method: serve this request with the async
 method on the event loop instead."""
@@ -31,8 +38,7 @@ class Operations:
     :data:`DEFER` (the default) hands the request to the async method.
     """
 
-    def init(self, info: InitInfo, service_stats: Callable[[], dict[str, tuple[int, int, int]]],
-             poll_stats: Callable[[], tuple[int, int, int, int, int, int]]) -> None:
+    def init(self, info: InitInfo, service_stats: ServiceStats, poll_stats: PollStats) -> None:
         """Called once INIT is answered, before any other request: what was
         settled with the kernel, and functions that return the
         transport's counts per opcode (requests, bytes of file data, ns

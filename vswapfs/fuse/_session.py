@@ -60,7 +60,7 @@ from . import _abi as A
 from . import _channel as C
 from ._mount import open_and_mount
 from ._opcodes import OPS, Op, data_bytes
-from ._ops import DEFER, Operations
+from ._ops import DEFER, Operations, PollCounts
 from ._reader import MalformedHeader, MalformedRequest, _tuple_new, header
 from ._replies import errno_of
 from ._types import Context, InitInfo
@@ -151,7 +151,7 @@ class Session:
         self._channel_fds: list[tuple[int, bytearray]] | None = None  # set by prepare()
         os.set_blocking(fd, False)
 
-    def poll_stats(self) -> tuple[int, int, int, int, int, int]:
+    def poll_stats(self) -> PollCounts:
         """The channel threads' busy polling (``_channel.BusyPoll``): µs a
         window may grow to, the widest window now in µs, requests caught
         while polling, sleeps in poll(2) and spells whose polling stopped
