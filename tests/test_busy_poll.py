@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import _mount, needs_root
@@ -107,25 +108,48 @@ def _read_spaced(mnt: Path, reads: int, gap: float) -> None:
         os.close(fd)
 
 
+def _read_spaced_until(mnt: Path, shows: Callable[[dict[str, int]], bool], tries: int = 3) -> dict[str, int]:
+    """``_read_spaced(mnt, 1000, 200e-6)`` until ``shows`` holds for what
+    ``control/busy_poll`` counted over one run of it (caught, slept and
+    ceded as differences), at most ``tries`` times; the last run's counts.
+    On a shared VM the host can take the serving thread's CPU for longer than
+    the gap now and then (a CI run saw 458 idle spells for 1,000 reads): the
+    behaviour has to show in one run of three, not in every one."""
+    for _ in range(tries):
+        before = _busy_poll(mnt)
+        _read_spaced(mnt, 1000, 200e-6)
+        after = _busy_poll(mnt)
+        seen = {k: after[k] - before[k] if k in ("caught", "slept", "ceded") else after[k] for k in after}
+        if shows(seen):
+            break
+    return seen
+
+
+def _caught_within_window(seen: dict[str, int]) -> bool:
+    # the window opens once most spells end within it (22 sleeps); then every read is caught,
+    # or the thread gave up polling because something else ran on its CPU (ceded)
+    return (seen["max_us"] == 1000 and seen["caught"] + seen["ceded"] > 900 and seen["caught"] > 500
+            and seen["slept"] - seen["ceded"] < 50 and seen["within_pct"] >= 75)
+
+
 @needs_root
 def test_busy_poll_catches_requests_that_come_within_its_window() -> None:
     for mnt in _mount(["--size", "64M", "--busy-poll", "1000"]):
-        _read_spaced(mnt, 1000, 200e-6)
-        seen = _busy_poll(mnt)
-        # the window opens once most spells end within it (22 sleeps); then every read is caught,
-        # or the thread gave up polling because something else ran on its CPU (ceded)
-        assert seen["max_us"] == 1000 and seen["caught"] + seen["ceded"] > 900, seen
-        assert seen["caught"] > 500 and seen["slept"] - seen["ceded"] < 50, seen
-        assert seen["within_pct"] >= 75
+        seen = _read_spaced_until(mnt, _caught_within_window)
+        assert _caught_within_window(seen), seen
+
+
+def _slept_between(seen: dict[str, int]) -> bool:
+    return seen["max_us"] == 50 and seen["caught"] < 100 and seen["slept"] > 900
 
 
 @needs_root
 def test_busy_poll_is_on_by_default_stops_polling_for_requests_further_apart_and_sleeps_when_idle() -> None:
     for mnt in _mount(["--size", "64M"]):
         pid = int((mnt / "control" / "pid").read_text())
-        _read_spaced(mnt, 1000, 200e-6)  # 200 µs apart: longer than the default 50 µs
+        seen = _read_spaced_until(mnt, _slept_between)  # 200 µs apart: longer than the default 50 µs
+        assert _slept_between(seen), seen
         seen = _busy_poll(mnt)
-        assert seen["max_us"] == 50 and seen["caught"] < 100 and seen["slept"] > 900, seen
         time.sleep(0.5)  # let the thread settle into its sleep
         before = _serving_cpu_s(pid)
         time.sleep(3)
