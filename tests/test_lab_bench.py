@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +43,25 @@ def test_verdicts_say_met_and_missed_honestly() -> None:
                          "vswapfs": rows(returned_pct=100.0, return99_s=0.05)})
     assert "MET    memory returned within 2 s: 100.0% (target ≥ 99%), 99% of it back 0.050 s after exit" \
         in bench.verdicts(s)
+
+
+def test_verdicts_against_zram_are_left_out_when_zram_did_not_run() -> None:
+    s = bench.summarize({"fuse-floor-c": rows(usemem_write_s=3.0),
+                         "vswapfs": rows(usemem_write_s=4.5, returned_pct=100.0)})
+    lines = bench.verdicts(s)
+    assert not any("zram" in line for line in lines)
+    assert any("memory returned" in line for line in lines)  # not a ratio to zram: still said
+    assert "1.50x the floor" in "\n".join(bench.floor_verdicts(s))
+
+
+def test_the_floor_with_lz4_gets_the_sustained_verdicts_when_it_ran() -> None:
+    s = bench.summarize({"fuse-floor-c": rows(usemem_write_s=4.0, kv_rps=20_000.0),
+                         "fuse-floor-c-lz4": rows(usemem_write_s=5.2, kv_rps=15_000.0),
+                         "vswapfs": rows(usemem_write_s=7.6, kv_rps=12_000.0)})
+    lines = bench.all_verdicts(s)
+    at = next(i for i, line in enumerate(lines) if line.startswith("fuse-floor-c-lz4 ("))
+    assert "1.30x the floor" in lines[at + 1] and lines[at + 1].startswith("MISSED")
+    assert "0.75x the floor" in lines[at + 2]
 
 
 def test_markdown_table_has_every_backend_and_missing_ones_named() -> None:
@@ -217,3 +237,34 @@ def test_the_machine_cpu_time_grows_by_the_work_done() -> None:
     grown = linux.cpu_busy_s() - before
     # this process's half second, and at most as much on each other CPU meanwhile
     assert 0.45 <= grown < 0.5 * (os.cpu_count() or 1) + 0.1
+
+
+@needs_root
+def test_the_lz4_floor_gives_back_every_kind_of_page(tmp_path: Path) -> None:
+    """The floor's --lz4 (the yardstick for a daemon as dense as vswapfs's
+    first store) keeps same-filled, compressible and random pages and gives
+    each back, rewritten or punched out, byte for byte."""
+    page = 4096
+    text = (b"the floor keeps what vswapfs's first store keeps " * 90)[:page]
+    odd = bytearray(b"\xab" * page)
+    odd[-1] = 0  # same-filled but for its last byte: compressed, not kept as a value
+    kinds = [bytes(page), b"\xab" * page, text, os.urandom(page), bytes(odd), (7).to_bytes(8, "little") * 512]
+    proc, mnt = bench.start_floor(str(tmp_path), 64 * page, lz4=True)
+    try:
+        fd = os.open(os.path.join(mnt, "swap"), os.O_RDWR)
+        try:
+            os.pwrite(fd, b"".join(kinds), 8 * page)  # one WRITE of every kind
+            assert os.pread(fd, len(kinds) * page, 8 * page) == b"".join(kinds)
+            for i, k in enumerate(kinds):
+                assert os.pread(fd, page, (8 + i) * page) == k
+            os.pwrite(fd, kinds[3] + kinds[2], 8 * page)  # the zero and same-filled pages rewritten
+            assert os.pread(fd, 2 * page, 8 * page) == kinds[3] + kinds[2]
+            linux.punch_hole(fd, 10 * page, 2 * page)  # what a discard becomes
+            assert os.pread(fd, 4 * page, 9 * page) == kinds[2] + bytes(2 * page) + kinds[4]
+            held = os.statvfs(mnt)
+            assert held.f_blocks - held.f_bfree == 4  # pages 8, 9, 12, 13
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["umount", mnt], check=False)
+        proc.wait(10)

@@ -18,8 +18,22 @@
  * "fuse-floor-c-uring" backend: what the kernel path costs over the other
  * transport this kernel offers (on the 2-CPU test machine: no less).
  *
- *     cc -O2 -pthread -o fuse_floor fuse_floor.c
- *     fuse_floor [--uring] MOUNTPOINT SIZE_BYTES   # serves until unmounted
+ * With --lz4 it also does what vswapfs's first store does to a page, in C
+ * and nothing more: a same-filled page is kept as its 8-byte value, any
+ * other is compressed with lz4 (liblz4.so.1, the state cleared and
+ * acceleration 1, as vswapfs's _lz4page.c does) and kept in a malloc'd
+ * object of its size, or raw if it takes more than 3/4 of a page
+ * (vswapfs's huge_threshold); a READ decompresses.  That is the
+ * "fuse-floor-c-lz4" backend: what a daemon that stores pages as densely as
+ * vswapfs's first store costs with no Python at all, so a target it misses
+ * is out of reach of any such daemon on the machine, and what lies between
+ * it and vswapfs is the daemon's own code.  It is a yardstick for speed and
+ * for the memory at the peak, not for giving memory back: glibc returns only
+ * the top of a heap of objects of every size, and mlockall'd memory cannot
+ * be madvised away.
+ *
+ *     cc -O2 -pthread -o fuse_floor fuse_floor.c [-Wl,--no-as-needed -l:liblz4.so.1]  # that for --lz4
+ *     fuse_floor [--uring] [--lz4] MOUNTPOINT SIZE_BYTES   # serves until unmounted
  *
  * The file system type is fuse.vswapfloor, so vswapfs tools never take it for theirs.
  */
@@ -55,15 +69,79 @@ struct uring_ent_in_out { uint64_t flags, commit_id; uint32_t payload_sz, paddin
 struct uring_req_header { char in_out[128]; char op_in[128]; struct uring_ent_in_out ent; };
 struct uring_cmd_req { uint64_t flags, commit_id; uint16_t qid; uint8_t padding[6]; };
 
+/* lz4 (liblz4.so.1; Debian ships lz4.h only in liblz4-dev): declared as lz4.h declares them,
+ * weak so that the floor without --lz4 links without it (hence --no-as-needed with it: the
+ * linker keeps no library for weak references alone) */
+typedef union LZ4_stream_u LZ4_stream_t;
+extern LZ4_stream_t *LZ4_initStream(void *buffer, size_t size) __attribute__((weak));
+extern int LZ4_compress_fast_continue(LZ4_stream_t *stream, const char *src, char *dst,
+                                      int src_size, int dst_capacity, int acceleration) __attribute__((weak));
+extern int LZ4_decompress_safe(const char *src, char *dst, int compressed_size, int dst_capacity)
+    __attribute__((weak));
+#define LZ4_STATE_BYTES 16416           /* LZ4_STREAMSIZE at lz4's default memory usage */
+#define LZ4_BOUND (PAGE + PAGE / 255 + 16)
+#define HUGE_THRESHOLD (PAGE * 3 / 4)   /* vswapfs's default: a page compressed past this is kept raw */
+#define SAME ((unsigned char *)1)       /* pages[i] of a same-filled page (--lz4): its value in fill[i] */
+
 static int fd;
 static uint64_t size;
 static unsigned char **pages; /* one pointer per 4 KiB page; NULL: a hole (zeros) */
 static uint64_t stored;
+static int lz4;          /* --lz4: pages are stored as vswapfs's first store keeps them */
+static uint64_t *fill;   /* --lz4: the value of a same-filled page */
+static uint16_t *length; /* --lz4: the bytes of a page's object (PAGE: raw) */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long served_dev, served_uring; /* requests answered over /dev/fuse and over the ring */
 
 static void report(void) {
     fprintf(stderr, "fuse_floor: served %lu requests over /dev/fuse, %lu over io_uring\n", served_dev, served_uring);
+}
+
+/* --lz4: page i's object freed (it may be SAME or NULL). */
+static void drop(uint64_t i) {
+    if (pages[i] && pages[i] != SAME) free(pages[i]);
+    if (pages[i]) stored--;
+    pages[i] = NULL;
+}
+
+/* --lz4: store the page at src as slot i (what it held is dropped first); 0 or -ENOSPC. */
+static int store_lz4(uint64_t i, const unsigned char *src) {
+    static _Alignas(16) char state[LZ4_STATE_BYTES];
+    static char block[LZ4_BOUND];
+    uint64_t head, word;
+    memcpy(&head, src, 8);
+    int same = 1;
+    for (int off = 8; off < PAGE && same; off += 8) {
+        memcpy(&word, src + off, 8);
+        same = word == head;
+    }
+    drop(i);
+    if (same) {
+        pages[i] = SAME;
+        fill[i] = head;
+        stored++;
+        return 0;
+    }
+    int n = LZ4_compress_fast_continue(LZ4_initStream(state, sizeof state), (const char *)src, block, PAGE,
+                                       sizeof block, 1);
+    if (n <= 0 || n > HUGE_THRESHOLD) n = PAGE;  /* compresses poorly: kept raw */
+    if (!(pages[i] = malloc(n))) return -ENOSPC;
+    memcpy(pages[i], n == PAGE ? (const char *)src : block, n);
+    length[i] = (uint16_t)n;
+    stored++;
+    return 0;
+}
+
+/* --lz4: page i into `to`; 0 or -EIO. */
+static int load_lz4(uint64_t i, unsigned char *to) {
+    unsigned char *p = pages[i];
+    if (!p) { memset(to, 0, PAGE); return 0; }
+    if (p == SAME) {
+        for (int off = 0; off < PAGE; off += 8) memcpy(to + off, &fill[i], 8);
+        return 0;
+    }
+    if (length[i] == PAGE) { memcpy(to, p, PAGE); return 0; }
+    return LZ4_decompress_safe((const char *)p, (char *)to, length[i], PAGE) == PAGE ? 0 : -EIO;
 }
 
 static void attr_of(uint64_t ino, struct fuse_attr *a) {
@@ -111,7 +189,9 @@ static long handle(const struct fuse_in_header *h, const void *op, const unsigne
         if (in->offset % PAGE || end % PAGE || in->offset > end || end - in->offset > MAX_WRITE) return -EINVAL;
         for (uint64_t off = in->offset; off < end; off += PAGE) {
             unsigned char *p = pages[off / PAGE], *to = (unsigned char *)out + (off - in->offset);
-            if (p) memcpy(to, p, PAGE); else memset(to, 0, PAGE);
+            if (lz4) {
+                if (load_lz4(off / PAGE, to)) return -EIO;
+            } else if (p) memcpy(to, p, PAGE); else memset(to, 0, PAGE);
         }
         return (long)(end - in->offset);
     }
@@ -120,6 +200,10 @@ static long handle(const struct fuse_in_header *h, const void *op, const unsigne
         struct fuse_write_out *o = out;
         if (in->offset % PAGE || in->size % PAGE || in->offset + in->size > size) return -EINVAL;
         for (uint64_t i = 0; i < in->size / PAGE; i++) {
+            if (lz4) {
+                if (store_lz4(in->offset / PAGE + i, data + i * PAGE)) return -ENOSPC;
+                continue;
+            }
             unsigned char **slot = &pages[in->offset / PAGE + i];
             if (!*slot) {
                 if (!(*slot = malloc(PAGE))) return -ENOSPC;
@@ -136,7 +220,8 @@ static long handle(const struct fuse_in_header *h, const void *op, const unsigne
         if (in->mode != (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)) return -EOPNOTSUPP;
         uint64_t first = (in->offset + PAGE - 1) / PAGE, last = (in->offset + in->length) / PAGE;
         for (uint64_t i = first; i < last && i < size / PAGE; i++)
-            if (pages[i]) { free(pages[i]); pages[i] = NULL; stored--; }
+            if (lz4) drop(i);
+            else if (pages[i]) { free(pages[i]); pages[i] = NULL; stored--; }
         return 0;
     }
     case FUSE_STATFS: {
@@ -314,15 +399,22 @@ static void serve_uring(void) {
 int main(int argc, char **argv) {
     char opts[128];
     int uring = argc > 1 && !strcmp(argv[1], "--uring");
-    if (argc != 3 + uring || !(size = strtoull(argv[2 + uring], NULL, 0)) || size % PAGE) {
-        fprintf(stderr, "usage: fuse_floor [--uring] MOUNTPOINT SIZE_BYTES (a multiple of 4096)\n");
+    lz4 = argc > 1 + uring && !strcmp(argv[1 + uring], "--lz4");
+    int opts_n = uring + lz4;
+    if (argc != 3 + opts_n || !(size = strtoull(argv[2 + opts_n], NULL, 0)) || size % PAGE) {
+        fprintf(stderr, "usage: fuse_floor [--uring] [--lz4] MOUNTPOINT SIZE_BYTES (a multiple of 4096)\n");
         return 2;
     }
     if (!(pages = calloc(size / PAGE, sizeof *pages))) { perror("fuse_floor: calloc"); return 1; }
+    if (lz4 && !LZ4_initStream) { fprintf(stderr, "fuse_floor: --lz4, but not linked with liblz4.so.1\n"); return 2; }
+    if (lz4 && (!(fill = calloc(size / PAGE, sizeof *fill)) || !(length = calloc(size / PAGE, sizeof *length)))) {
+        perror("fuse_floor: calloc");
+        return 1;
+    }
     if (mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)) perror("fuse_floor: mlockall"); /* as vswapfs does */
     if ((fd = open("/dev/fuse", O_RDWR | O_CLOEXEC)) < 0) { perror("fuse_floor: /dev/fuse"); return 1; }
     snprintf(opts, sizeof opts, "fd=%d,rootmode=40000,user_id=0,group_id=0,allow_other", fd);
-    if (mount("vswapfloor", argv[1 + uring], "fuse.vswapfloor", MS_NOSUID | MS_NODEV, opts)) {
+    if (mount("vswapfloor", argv[1 + opts_n], "fuse.vswapfloor", MS_NOSUID | MS_NODEV, opts)) {
         perror("fuse_floor: mount");
         return 1;
     }
