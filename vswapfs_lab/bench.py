@@ -38,8 +38,8 @@ compression costs and what the rest of the daemon does;
 FUSE-over-io_uring, the other transport this kernel has;
 ``fuse-floor-c-lz4`` (also only when named) is the yardstick storing pages
 as vswapfs's first store does (same-filled ones as their value, the rest
-lz4), in C: what a daemon as dense as that pays with no Python at all, so a
-target it misses no such daemon meets here; ``vswapfs-onestep``
+lz4), in C: what a daemon as dense as that pays with no Python at all, one
+thread doing the work a request brings; ``vswapfs-onestep``
 (also only when named) stores pages at zstd level 1 at once, without the
 fast first store and the recompression when idle; ``vswapfs-small-image``
 (also only when named) is vswapfs on a 2.5 GiB image instead of 4 GiB, which
@@ -320,7 +320,8 @@ def floor_backend(size: int = 4 << 30, uring: bool = False, lz4: bool = False) -
     over FUSE-over-io_uring (``enable_uring`` is turned on while it runs).
     ``lz4``: pages kept as vswapfs's first store keeps them (same-filled as
     their value, else lz4, raw past 3/4 of a page), in C: what that density
-    costs with no Python, the bound for any daemon that stores so."""
+    costs with no Python, on one thread (no CPU is idle to compress on
+    another: docs/sustained.md)."""
     st: dict[str, Any] = {}
 
     def available() -> str | None:

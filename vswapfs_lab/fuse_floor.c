@@ -25,12 +25,12 @@
  * object of its size, or raw if it takes more than 3/4 of a page
  * (vswapfs's huge_threshold); a READ decompresses.  That is the
  * "fuse-floor-c-lz4" backend: what a daemon that stores pages as densely as
- * vswapfs's first store costs with no Python at all, so a target it misses
- * is out of reach of any such daemon on the machine, and what lies between
- * it and vswapfs is the daemon's own code.  It is a yardstick for speed and
- * for the memory at the peak, not for giving memory back: glibc returns only
- * the top of a heap of objects of every size, and mlockall'd memory cannot
- * be madvised away.
+ * vswapfs's first store costs with no Python at all, on one thread (with no
+ * CPU to spare, compressing on another does not help: docs/sustained.md),
+ * so what lies between it and vswapfs is the daemon's own code.  It is a
+ * yardstick for speed and for the memory at the peak, not for giving memory
+ * back: glibc returns only the top of a heap of objects of every size, and
+ * mlockall'd memory cannot be madvised away.
  *
  *     cc -O2 -pthread -o fuse_floor fuse_floor.c [-Wl,--no-as-needed -l:liblz4.so.1]  # that for --lz4
  *     fuse_floor [--uring] [--lz4] MOUNTPOINT SIZE_BYTES   # serves until unmounted
