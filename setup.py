@@ -11,9 +11,11 @@ one truth: the same modules run as pure Python, and do so
 * when the build cannot compile (no mypyc in the build environment, no C
   compiler, no ``Python.h``): the build says so and goes on.
 
-With the compiled modules comes one written in C, the codec's lz4
-(``vswapfs/engine/_lz4page.c``); where it does not build (no
-``liblz4.so.1``), python-lz4 does its work.  ``python3 -m vswapfs
+With the compiled modules come two written in C, the codec's lz4
+(``vswapfs/engine/_lz4page.c``; where it does not build, no
+``liblz4.so.1``, python-lz4 does its work) and a channel thread's READ and
+WRITE (``vswapfs/fuse/_wire.c``; where it does not build, the session's
+Python does it).  ``python3 -m vswapfs
 --version`` tells which build is installed.  In an
 editable install (``pip install -e .``) the compiled modules sit next to
 their source and shadow it: run the install again after an edit (the
@@ -38,7 +40,7 @@ from setuptools.command.build_ext import build_ext
 # of (a compiled class's methods are fixed), and the rest, which runs once a
 # mount or once a second, not once a request.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vswapfs._build import BUILT_FROM, NATIVE_LZ4, SERVING_MODULES, source_digest
+from vswapfs._build import BUILT_FROM, NATIVE_LZ4, NATIVE_WIRE, SERVING_MODULES, source_digest
 
 COMPILED = [name.replace(".", "/") + ".py" for name in SERVING_MODULES]
 
@@ -47,6 +49,10 @@ COMPILED = [name.replace(".", "/") + ".py" for name in SERVING_MODULES]
 # linked against liblz4.so.1 itself.  Optional on its own: where it does
 # not build, python-lz4 does its work (vswapfs.engine._codec.Lz4).
 LZ4_PAGE = Extension(NATIVE_LZ4, ["vswapfs/engine/_lz4page.c"], libraries=[":liblz4.so.1"])
+# A channel thread's READ and WRITE in C (vswapfs/fuse/_wire.c), no library.
+# Optional too: where it does not build, Session._serve_data does its work.
+WIRE = Extension(NATIVE_WIRE, ["vswapfs/fuse/_wire.c"])
+NATIVE = (NATIVE_LZ4, NATIVE_WIRE)  # the modules written in C, each optional
 
 
 def _why_not_compiled() -> str | None:
@@ -71,14 +77,15 @@ class OptionalBuildExt(build_ext):
     nothing half-built behind and the package still imports."""
 
     def build_extension(self, ext: Any) -> None:
-        if ext.name != NATIVE_LZ4:
+        if ext.name not in NATIVE:
             super().build_extension(ext)
             return
         try:
             super().build_extension(ext)
-        except Exception as e:  # no liblz4.so.1, most likely: the mypyc modules stay
-            print(f"vswapfs: the C lz4 page codec did not build ({e}); python-lz4 does its work",
-                  file=sys.stderr)
+        except Exception as e:  # for lz4, no liblz4.so.1 most likely: the mypyc modules stay
+            what = ("the C lz4 page codec", "python-lz4") if ext.name == NATIVE_LZ4 else (
+                "the C data path", "Python")
+            print(f"vswapfs: {what[0]} did not build ({e}); {what[1]} does its work", file=sys.stderr)
 
     def run(self) -> None:
         try:
@@ -91,7 +98,7 @@ class OptionalBuildExt(build_ext):
             print(f"vswapfs: compiling with mypyc failed ({e}); installing pure Python",
                   file=sys.stderr)
             return
-        if any(ext.name != NATIVE_LZ4 for ext in self.extensions):  # what they were built
+        if any(ext.name not in NATIVE for ext in self.extensions):  # what they were built
             # from, for _build.stale_modules
             where = os.path.join("." if self.inplace else self.build_lib, "vswapfs", BUILT_FROM)
             with open(where, "w") as f:
@@ -105,12 +112,12 @@ def _extensions() -> list[Any]:
         try:
             # the third-party libraries need not be in the build environment:
             # to mypyc their calls are calls into Python either way
-            return [*mypycify(["--ignore-missing-imports", *COMPILED], opt_level="3"), LZ4_PAGE]
+            return [*mypycify(["--ignore-missing-imports", *COMPILED], opt_level="3"), LZ4_PAGE, WIRE]
         except (Exception, SystemExit) as e:  # mypyc refused the source: same fallback
             # (on a type error mypyc prints it and exits)
             why = "mypyc: type errors, above" if isinstance(e, SystemExit) else f"mypyc: {e}"
-            print(f"vswapfs: building pure Python ({why}), lz4 in C", file=sys.stderr)
-            return [LZ4_PAGE]
+            print(f"vswapfs: building pure Python ({why}), lz4 and the data path in C", file=sys.stderr)
+            return [LZ4_PAGE, WIRE]
     print(f"vswapfs: building pure Python ({why})", file=sys.stderr)
     return []
 

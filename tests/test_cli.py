@@ -135,7 +135,8 @@ def test_the_serving_path_is_compiled_unless_a_pure_build_was_asked_for() -> Non
     assert space_module.__file__.endswith(".py") == (want == "python")
     r = subprocess.run([sys.executable, "-m", "vswapfs", "--version"], capture_output=True, text=True,
                        timeout=60)
-    says = "python build" if want == "python" else "mypyc build, lz4 in C"  # see test_engine_codec
+    # see test_engine_codec and test_fuse_session: the C modules built with the compiled ones
+    says = "python build" if want == "python" else "mypyc build, lz4 and data path in C"
     assert r.returncode == 0 and r.stdout == f"vswapfs {VERSION} ({says})\n", r
 
 

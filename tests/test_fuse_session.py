@@ -21,7 +21,7 @@ from conftest import needs_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vswapfs import MiB, linux
+from vswapfs import MiB, _build, linux
 from vswapfs.fuse import (
     DEFER,
     FOPEN_DIRECT_IO,
@@ -36,6 +36,7 @@ from vswapfs.fuse import (
     Operations,
     Session,
     StatFs,
+    _session,
     serve,
     unmount,
 )
@@ -169,14 +170,30 @@ def test_a_stub_fs_mounted_for_real_reads_writes_punches_and_counts(tmp_path: Pa
 
 # -- the FUSE request parser ---------------------------------------------------
 
-async def answer(raw: bytes, fs: StubFS | None = None, *,
-                 on_thread: bool = False) -> list[tuple[int, int, bytes]]:
+# The channel thread's short path for READ and WRITE: the C module's (vswapfs/fuse/_wire.c),
+# or the session's Python (Session._serve_data), which serves where the module was not built
+SHORT_PATHS = ["c", "python"]
+
+
+def short_path(session: Session, path: str) -> bool:
+    """Make ``session`` serve READ and WRITE on a channel thread by ``path``;
+    False for "c" in a pure build, which has no C module (that is checked in
+    test_the_c_data_path_is_built_with_the_compiled_modules)."""
+    if path == "python":
+        session._serve_data_c = None
+    return session._serve_data_c is not None
+
+
+async def answer(raw: bytes, fs: StubFS | None = None, *, on_thread: bool = False,
+                 path: str = "c") -> list[tuple[int, int, bytes]]:
     """Feed one raw request to a real Session over a stub file system; return the
     replies (error, unique, payload) it wrote (to a pipe, as to /dev/fuse).
-    ``on_thread``: serve it as a channel thread does, not on the event loop."""
+    ``on_thread``: serve it as a channel thread does, not on the event loop,
+    a READ or WRITE by the short ``path`` ("c" or "python")."""
     r, w = os.pipe()
     try:
         session = Session(w, StubFS() if fs is None else fs, buffers=1)
+        short_path(session, path)
         if on_thread:
             assert session._serve_here(session._loop_tally, w, memoryview(raw)), "handed over"
         else:
@@ -225,12 +242,35 @@ def _write_body(offset: int, data: bytes, size: int | None = None) -> bytes:
     return struct.pack("<QQII", 0, offset, len(data) if size is None else size, 0) + bytes(24) + data
 
 
-def test_a_channel_thread_answers_reads_and_writes_as_the_event_loop_does() -> None:
+def test_the_c_data_path_is_built_with_the_compiled_modules() -> None:
+    """Where the request path is compiled, so is a channel thread's READ and
+    WRITE in C (no library needed), and sessions take it; its codes are the
+    ones the session reads."""
+    if os.environ.get("VSWAPFS_PURE") == "1":
+        assert not _build.native_wire() and _session._SERVE_DATA_C is None
+        return
+    from vswapfs.fuse import _wire
+    assert _build.native_wire() and _session._SERVE_DATA_C is _wire.serve_data
+    r, w = os.pipe()
+    try:
+        assert Session(w, StubFS(), buffers=0)._serve_data_c is _wire.serve_data
+    finally:
+        os.close(r)
+        os.close(w)
+    assert (_wire.NOT_MINE, _wire.DEFERRED, _wire.REPLY_FAILED) == (
+        _session._NOT_MINE, _session._DEFERRED, _session._REPLY_FAILED)
+    assert _wire.SERVED not in (_wire.NOT_MINE, _wire.DEFERRED) and _wire.SERVED < _wire.REPLY_FAILED
+
+
+@pytest.mark.parametrize("path", SHORT_PATHS)
+def test_a_channel_thread_answers_reads_and_writes_as_the_event_loop_does(path: str) -> None:
     """On a channel thread a READ or WRITE whose header and size check takes
-    a short path (``Session._serve_data``) instead of the request objects
-    and the opcode table: every such request, well-formed or not, gets the
-    same reply, leaves the file the same and is counted the same as
-    through the general path."""
+    a short path (``_wire.serve_data`` in C, or ``Session._serve_data``)
+    instead of the request objects and the opcode table: every such
+    request, well-formed or not, gets the same reply, leaves the file the
+    same and is counted the same as through the general path."""
+    if path == "c" and _session._SERVE_DATA_C is None:
+        return  # a pure build: no C path (see the test above)
     data = os.urandom(8192)
     extension = IN_HEADER.pack(IN_HEADER.size + 24 + 8, Opcode.READ, 7, 2, 0, 0, 1, 1, 0)
     cases = [
@@ -250,13 +290,14 @@ def test_a_channel_thread_answers_reads_and_writes_as_the_event_loop_does() -> N
         on_loop, on_thread = StubFS(), StubFS()
         on_loop.data[:] = on_thread.data[:] = os.urandom(FILE_BYTES)
         assert trio.run(partial(answer, raw, on_loop)) == trio.run(
-            partial(answer, raw, on_thread, on_thread=True)), raw[:64]
+            partial(answer, raw, on_thread, on_thread=True, path=path)), raw[:64]
         assert on_loop.data == on_thread.data
         assert {op: c[:2] for op, c in on_loop.stats().items()} == {
             op: c[:2] for op, c in on_thread.stats().items()}
 
 
-def test_a_read_the_file_system_defers_is_handed_to_the_event_loop() -> None:
+@pytest.mark.parametrize("path", SHORT_PATHS)
+def test_a_read_the_file_system_defers_is_handed_to_the_event_loop(path: str) -> None:
     """``read_blocking`` returning DEFER on a channel thread: nothing is
     answered there, and the request goes to the event loop."""
 
@@ -267,11 +308,68 @@ def test_a_read_the_file_system_defers_is_handed_to_the_event_loop() -> None:
     r, w = os.pipe()
     with os.fdopen(r, "rb") as reader, os.fdopen(w, "wb") as writer:
         session = Session(writer.fileno(), Deferring(), buffers=1)
+        if not short_path(session, path):
+            return  # a pure build
         raw = memoryview(request(Opcode.READ, _read_body(0, 4096)))
         assert not session._serve_here(session._loop_tally, writer.fileno(), raw)
         assert session.requests == 0 and session.service_stats() == {}
         os.set_blocking(reader.fileno(), False)
         assert reader.read() is None  # no reply was written
+
+
+@pytest.mark.parametrize("path", SHORT_PATHS)
+def test_a_reply_that_cannot_be_written_is_logged_and_the_request_counted(
+        path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A reply whose write fails (here EPIPE: nobody reads the fd) is logged
+    with the request's unique and the errno; the request still counts as
+    served, on either short path."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        fs = StubFS()
+        session = Session(w, fs, buffers=0)
+        if not short_path(session, path):
+            return  # a pure build
+        for raw in (request(Opcode.READ, _read_body(0, 4096), unique=41),
+                    request(Opcode.WRITE, struct.pack("<QQII", 0, 0, 4096, 0) + bytes(16) + b"x" * 4096,
+                            unique=42)):  # fuse_write_in is 40 bytes, then the data
+            assert session._serve_here(session._loop_tally, w, memoryview(raw))
+    finally:
+        os.close(w)
+    failed = [rec.getMessage() for rec in caplog.records if "reply to request" in rec.getMessage()]
+    assert failed == ["reply to request 41 failed: Broken pipe", "reply to request 42 failed: Broken pipe"]
+    assert session.requests == 2 and fs.data[:4096] == b"x" * 4096
+    assert {op: c[:2] for op, c in session.service_stats().items()} == {
+        "READ": (1, 4096), "WRITE": (1, 4096)}
+
+
+@pytest.mark.parametrize("path", SHORT_PATHS)
+def test_what_is_not_an_error_goes_up_through_either_short_path(path: str) -> None:
+    """A method that raises an Exception is answered with its errno; one that
+    raises what is not an Exception (KeyboardInterrupt, SystemExit) is not
+    caught: it goes up out of the channel thread's call, unanswered."""
+
+    class Stop(BaseException):
+        pass
+
+    class Stopping(StubFS):
+        def write_blocking(self, ctx: Context, ino: int, fh: int, offset: int, data: memoryview) -> Any:
+            raise Stop()
+
+    r, w = os.pipe()
+    try:
+        session = Session(w, Stopping(), buffers=0)
+        if not short_path(session, path):
+            return  # a pure build
+        with pytest.raises(Stop):
+            session._serve_here(session._loop_tally, w, memoryview(
+                request(Opcode.WRITE, _write_body(0, b"y" * 4096))))
+        os.set_blocking(r, False)
+        with pytest.raises(BlockingIOError):
+            os.read(r, 100)  # nothing was answered
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_unknown_opcode_gets_enosys_and_forget_gets_no_reply() -> None:

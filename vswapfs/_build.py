@@ -36,6 +36,9 @@ SERVING_MODULES: Final = (
 # The codec's lz4 in C (engine/_lz4page.c), built with the compiled modules
 # where liblz4.so.1 is; python-lz4 does its work where it is not.
 NATIVE_LZ4: Final = "vswapfs.engine._lz4page"
+# A channel thread's READ and WRITE in C (fuse/_wire.c), built with them too;
+# the session's Python serves them where it is not.
+NATIVE_WIRE: Final = "vswapfs.fuse._wire"
 
 PACKAGE_DIR: Final = os.path.dirname(os.path.abspath(__file__))
 BUILT_FROM: Final = "_built_from.json"  # {module: sha256 of the source it was compiled from}
@@ -57,19 +60,31 @@ def compiled_modules() -> list[str]:
     return [name for name in SERVING_MODULES if not _origin(name).endswith(".py")]
 
 
-def native_lz4() -> bool:
-    """True if the codec's lz4 is the C module (``NATIVE_LZ4``, which has no
-    Python source: it is there built or not at all)."""
+def _built(name: str) -> bool:
+    """True if the C module ``name`` (which has no Python source: it is there
+    built or not at all) was built."""
     try:
-        _origin(NATIVE_LZ4)
+        _origin(name)
     except ImportError:
         return False
     return True
 
 
+def native_lz4() -> bool:
+    """True if the codec's lz4 is the C module (``NATIVE_LZ4``)."""
+    return _built(NATIVE_LZ4)
+
+
+def native_wire() -> bool:
+    """True if a channel thread's READ and WRITE are the C module's (``NATIVE_WIRE``)."""
+    return _built(NATIVE_WIRE)
+
+
 def describe() -> str:
-    """What ``--version`` says of the build: ``mypyc build, lz4 in C`` and the like."""
-    return f"{kind()} build" + (", lz4 in C" if native_lz4() else "")
+    """What ``--version`` says of the build: ``mypyc build, lz4 and data path in C``
+    and the like."""
+    native = [what for what, built in (("lz4", native_lz4()), ("data path", native_wire())) if built]
+    return f"{kind()} build" + (f", {' and '.join(native)} in C" if native else "")
 
 
 def kind() -> str:

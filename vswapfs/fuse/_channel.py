@@ -165,7 +165,12 @@ def write_reply(fd: int, unique: int, error: int = 0, payload: bytes | bytearray
         _writev(fd, [hdr, payload] if n else [hdr])
     except OSError as e:  # ENOENT: the request was aborted meanwhile
         if e.errno != errno.ENOENT and e.errno not in GONE:
-            log.warning("reply to request %d failed: %s", unique, e)
+            reply_failed(unique, e.errno or 0)
+
+
+def reply_failed(unique: int, err: int) -> None:
+    """Say that the reply to request ``unique`` could not be written."""
+    log.warning("reply to request %d failed: %s", unique, os.strerror(err))
 
 
 def notify_resend(fd: int) -> None:

@@ -16,9 +16,11 @@ the header, looks the opcode up and parses the body; the method is called
 (awaited on the loop, called on a thread); :meth:`Session._answer` builds
 and writes the reply, or the errno, and counts it.  One shortcut: on a
 channel thread, a READ or WRITE whose header and size check is served by
-:meth:`Session._serve_data`, which does the same without the request
-objects and the opcode table (half a 1-page READ's instructions); a test
-holds the two paths to the same replies.
+``_wire.serve_data`` (C, ``_wire.c``), or where that was not built by
+:meth:`Session._serve_data`, which do the same without the request objects
+and the opcode table (the C one without the Python objects of the header
+and the reply too: a fifth of a 2-page READ's instructions); a test holds
+the paths to the same replies.
 
 Request buffers come from a fixed set, faulted in at start: one per
 channel thread, or, when the event loop reads, a pool for it; when all of
@@ -84,6 +86,24 @@ _WRITE_DATA_AT: Final = A.IN_HEADER.size + A.WRITE_IN_SIZE  # where a WRITE's da
 _pack_written: Final = A.WRITE_OUT.pack
 # bound once, and Final: compiled, a Final is a C static, any other global a dict lookup per use
 _now_ns: Final = time.perf_counter_ns
+# what _wire.serve_data returns (the C module's own constants, which a test compares)
+_NOT_MINE: Final = 0
+_DEFERRED: Final = 2
+_REPLY_FAILED: Final = 1000
+
+
+def _native_data_path() -> Callable[..., int] | None:
+    """``_wire.serve_data``, the short path for READ and WRITE in C, set up;
+    None where the module was not built (``Session._serve_data`` serves)."""
+    try:
+        from . import _wire
+    except ImportError:
+        return None
+    _wire.setup(Context, DEFER)
+    return _wire.serve_data
+
+
+_SERVE_DATA_C: Final = _native_data_path()
 
 
 class _Tally:
@@ -138,6 +158,12 @@ class Session:
         # opcode -> the ops' *_blocking method, looked up once
         self._blocking = {code: getattr(ops, op.method + "_blocking") for code, op in OPS.items()
                           if op.thread}
+        # the short path for READ and WRITE: in C where it was built (None: in Python, as
+        # _serve_data; a test takes both), with what it calls bound once
+        self._serve_data_c = _SERVE_DATA_C
+        self._read_blocking = ops.read_blocking
+        self._write_blocking = ops.write_blocking
+        self._fail_bound: Callable[..., None] = self._fail
         self.init = InitInfo()
         self.requests = 0  # requests served
         self.malformed = 0  # requests answered EIO (or dropped) because they did not parse
@@ -316,9 +342,20 @@ class Session:
 
     def _serve_here(self, tally: _Tally, fd: int, req: memoryview) -> bool:
         """Serve a request on this channel thread; False to hand it over.
-        A well-formed READ or WRITE takes :meth:`_serve_data`."""
-        n = len(req)
-        if n >= _DATA_IN_SIZE:
+        A well-formed READ or WRITE takes the short path: ``_wire.serve_data``
+        in C, or :meth:`_serve_data` where that was not built."""
+        serve_c = self._serve_data_c
+        if serve_c is not None:
+            done = serve_c(fd, req, self._read_blocking, self._write_blocking, self._fail_bound, tally,
+                           tally.count, tally.data, tally.ns)
+            if done != _NOT_MINE:
+                if done == _DEFERRED:
+                    return False
+                if done >= _REPLY_FAILED:
+                    C.reply_failed(A.IN_HEADER.unpack_from(req)[2], done - _REPLY_FAILED)
+                self.requests += 1
+                return True
+        elif (n := len(req)) >= _DATA_IN_SIZE:
             t0 = _now_ns()  # busy time counts from parsing, as _open's does
             length, opcode, unique, nodeid, uid, gid, pid, extlen, _, fh, offset, size, _ = \
                 _unpack_data_in(req)
