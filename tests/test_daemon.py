@@ -252,7 +252,8 @@ def test_default_daemon_in_its_hogs_cgroup_ten_runs_in_a_row_never_hangs() -> No
     assert admin.mounts() == []
     print("serving-thread faults per run:", [r["serving_thread_faults"] for r in results],
           "daemon faults:", [r["daemon_faults_while_serving"] for r in results],
-          "seconds:", [r["seconds"] for r in results])
+          "seconds:", [r["seconds"] for r in results],
+          "writes refused:", [r["stats"]["failed_writes"] for r in results])  # type: ignore[index]
 
 
 def test_refused_writes_are_logged_a_few_times_not_each_time(tmp_path: Path) -> None:

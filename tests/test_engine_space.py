@@ -644,6 +644,56 @@ def test_a_dynamic_space_stores_only_into_spares_and_answers_from_what_it_has(tm
     s.close()
 
 
+def test_a_refill_hands_its_chunks_over_a_batch_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dynamic mode: housekeeping's refill faults spare chunks in
+    REFILL_BATCH at a time, and each batch is a spare as soon as it is in:
+    a daemon in a full memory cgroup stores writes in the first batches
+    while a later one waits on reclaim (which those very writes feed).  If
+    the kernel fails a batch, the batches before it stay spares and the
+    rest of the refill goes back.  (The kernel's faulting is watched, not
+    replaced: each call goes through to the real ``populate_all``.)"""
+    from vswapfs import linux
+    from vswapfs.engine._placement import REFILL_BATCH
+    from vswapfs.engine._pool import CHUNK_BYTES, SPARE_HIGH
+
+    real = linux.populate_all
+    spare_at_batch: list[int] = []  # pool_spare as each batch of chunks begins to fault in
+    fail_batch = 0  # the batch the kernel fails (1-based; 0: none)
+    stored_meanwhile: list[bytes] = []
+
+    def watched(base: int, offsets: set[int] | list[int], length: int, *, owned: bool = True) -> None:
+        if length == CHUNK_BYTES:  # the pool's chunks (not the directory's pages)
+            assert len(offsets) <= REFILL_BATCH
+            spare_at_batch.append(s.stats()["pool_spare"])
+            if len(spare_at_batch) == 3 and not fail_batch:  # a write comes mid-refill
+                s.write(0, text_page(5))
+                stored_meanwhile.append(bytes(s.read(0, PAGE)))
+            if len(spare_at_batch) == fail_batch:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        real(base, offsets, length, owned=owned)
+
+    monkeypatch.setattr(linux, "populate_all", watched)
+    s = SwapSpace(64 * MiB, dynamic=True)
+    s.replenish()
+    batch = REFILL_BATCH * CHUNK_BYTES
+    assert len(spare_at_batch) == SPARE_HIGH // REFILL_BATCH
+    assert spare_at_batch[:2] == [0, batch]  # each batch handed over before the next one began
+    assert stored_meanwhile == [text_page(5)]  # served from the first batches while the refill went on
+    assert s.stats()["failed_writes"] == 0 and s.stats()["spare_waits"] == 0 and s.check() == []
+    s.close()
+
+    spare_at_batch.clear()
+    fail_batch = 3
+    s = SwapSpace(64 * MiB, dynamic=True)
+    s.replenish()
+    assert len(spare_at_batch) == 3 and s.stats()["pool_spare"] == 2 * batch  # kept what got in
+    assert s.check() == []
+    fail_batch = 0
+    s.replenish()  # the slots given back are faulted in the next time
+    assert s.stats()["pool_spare"] == SPARE_HIGH * CHUNK_BYTES and s.check() == []
+    s.close()
+
+
 def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None:
     """Dynamic mode: a write that finds no spare chunk asks for some
     (``spares_wanted``) and waits, the engine lock released, until

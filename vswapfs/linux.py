@@ -383,18 +383,27 @@ def set_thread_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
 
 
-def thread_faults(pid: int) -> dict[str, int]:
-    """Page faults (minor + major) so far per thread name of process ``pid``."""
-    out: dict[str, int] = {}
+def task_faults(pid: int) -> dict[int, tuple[str, int]]:
+    """(name, page faults (minor + major) so far) of each thread of process
+    ``pid``, by thread id."""
+    out: dict[int, tuple[str, int]] = {}
     for task in glob.glob(f"/proc/{pid}/task/*/stat"):
         try:
             with open(task) as f:
                 text = f.read()
         except OSError:
-            continue
+            continue  # the thread is gone
         name = text[text.index("(") + 1:text.rindex(")")]
         fields = text[text.rindex(")") + 2:].split()
-        out[name] = out.get(name, 0) + int(fields[7]) + int(fields[9])
+        out[int(task.split("/")[-2])] = (name, int(fields[7]) + int(fields[9]))
+    return out
+
+
+def thread_faults(pid: int) -> dict[str, int]:
+    """Page faults (minor + major) so far per thread name of process ``pid``."""
+    out: dict[str, int] = {}
+    for name, faults in task_faults(pid).values():
+        out[name] = out.get(name, 0) + faults
     return out
 
 

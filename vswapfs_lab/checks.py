@@ -17,6 +17,7 @@ only if nothing was wrong.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -205,23 +206,34 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
         out["daemon_charge_mib"] = round(cg.usage() / MiB, 1)
         before = _faults_and_rss(daemon)
         serving_before = _serving_faults(daemon)
+        threads_before = _faults_by_thread(daemon)
         t0 = time.monotonic()
         hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(hog_mib), "--mix", "1:2:0",
                         "--pattern", "random", "--rounds", str(rounds)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            res = json.loads(hog.communicate(timeout=seconds)[0].decode().strip().splitlines()[-1])
-            out.update(seconds=round(time.monotonic() - t0, 1), hog_rc=hog.returncode,
-                       verified=res["verified"], bad=res["bad"])
+            said = hog.communicate(timeout=seconds)[0].decode().strip()
+            out.update(seconds=round(time.monotonic() - t0, 1), hog_rc=hog.returncode)  # -9: OOM-killed
+            res = json.loads(said.splitlines()[-1])
+            out.update(verified=res["verified"], bad=res["bad"])
             after = _faults_and_rss(daemon)
             out["daemon_faults_while_serving"] = after[0] - before[0]
             out["serving_thread_faults"] = _serving_faults(daemon) - serving_before
+            out["faults_by_thread"] = {t: n - threads_before.get(t, 0)
+                                       for t, n in _faults_by_thread(daemon).items()
+                                       if n != threads_before.get(t, 0)}
             out["daemon_rss_growth_kib"] = after[1] - before[1]
             out["stats"] = {k: v for k, v in _settled_stats(mnt).items()
                             if k in ("notify_free", "mem_used_max", "pool_reserve", "failed_writes",
                                      "pool_spare")}
         except subprocess.TimeoutExpired:
             out["hung"] = True
+            # Before anything is aborted: where each thread waits, what the
+            # cgroup holds and what the daemon last logged, so that a hang
+            # in CI says why.
+            out["threads"] = where_waiting(cg.pids())
+            out["cgroup_usage_mib"] = round(cg.usage() / MiB, 1)
+            out["log_tail"] = _log_tail(mnt)
         except (ValueError, IndexError, KeyError) as e:
             out["hog_error"] = repr(e)
     finally:
@@ -257,10 +269,53 @@ def _serving_faults(pid: int | None) -> int:
     return linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
 
 
+def _faults_by_thread(pid: int | None) -> dict[str, int]:
+    """Page faults so far of each of the daemon's threads, as "name/tid"
+    (housekeeping, which faults memory in on purpose, is "vswapfs-keeper")."""
+    return {f"{name}/{tid}": n for tid, (name, n) in linux.task_faults(pid or 0).items()}
+
+
 def _faults_and_rss(pid: int | None) -> tuple[int, int]:
     """(minor + major page faults so far, VmRSS in KiB) of ``pid``."""
     who = "self" if pid is None else pid
     return linux.page_faults(who), linux.process_status(who, "VmRSS")
+
+
+def where_waiting(pids: list[int]) -> list[str]:
+    """One line per thread of ``pids``: pid/tid, name, state, and the kernel
+    functions it waits in (``/proc/PID/task/TID/stack``, root only, offsets
+    dropped; else ``wchan``), innermost first."""
+    lines = []
+    for pid in pids:
+        for task in sorted(glob.glob(f"/proc/{pid}/task/*"), key=lambda t: int(t.rsplit("/", 1)[1])):
+            try:
+                with open(f"{task}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue  # the thread is gone
+            try:
+                with open(f"{task}/stack") as f:
+                    stack = [line.split()[-1].split("+")[0] for line in f if line.strip()]
+            except OSError:  # not permitted: the one function it waits in
+                try:
+                    with open(f"{task}/wchan") as f:
+                        stack = [f.read().strip()]
+                except OSError:
+                    stack = ["?"]
+            name = stat[stat.index("(") + 1:stat.rindex(")")]
+            state = stat[stat.rindex(")") + 2]
+            where = " < ".join(stack[:12]) or "(in user space)"
+            lines.append(f"{pid}/{task.rsplit('/', 1)[1]} {name} {state}: {where}")
+    return lines
+
+
+def _log_tail(mnt: str, lines: int = 20) -> list[str]:
+    """The last ``lines`` lines of the daemon's log (on tmpfs: never a read
+    through the mount, which may be the thing that hangs)."""
+    try:
+        return admin.log_path(mnt).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
 
 
 def _recover(mnt: str, hog: subprocess.Popen[bytes] | None) -> list[str]:

@@ -45,6 +45,7 @@ Page = bytes | memoryview
 
 DEFAULT_ACCEPT_THRESHOLD: Final = 90
 WRITEBACK_BATCH: Final = 256
+REFILL_BATCH: Final = 8  # spare chunks faulted in per call and handed over at once (512 KiB)
 QUARANTINED: Final = -3  # rmap value of a freed physical slot a reader may still read
 
 
@@ -494,7 +495,17 @@ class Placement:
         """Fault spare chunks in up to ``mark`` (dynamic mode); returns the
         bytes.  The one method that takes the engine lock itself (the lock
         of ``added``), and only for its short steps: the faulting runs
-        without it.  Writers waiting on ``added`` are woken."""
+        without it.  Writers waiting on ``added`` are woken.
+
+        The chunks are faulted in REFILL_BATCH at a time, and each batch
+        is a spare as soon as it is in.  When the daemon shares a full
+        memory cgroup with what swaps to it, faulting a chunk in waits for
+        reclaim, and reclaim for the pages it swaps out: stored in the
+        spares there are, they free the memory the next batch needs.  A
+        refill handed over whole (up to 16 MiB) left the serving threads
+        without spares until all of it was in, so they refused the very
+        writes that would have freed that memory (measured: see
+        docs/safety.md)."""
         with added:
             offs = self.pool.refill_wanted(mark)
             pages = self.table.refill_wanted(TABLE_SPARE_HIGH if mark >= SPARE_HIGH else TABLE_SPARE_LOW)
@@ -510,19 +521,29 @@ class Placement:
             with added:
                 self.table.give_back(pages)
             pages = []
-        try:
-            self.pool.fault_in(offs)
-        except PoolExhausted:
-            with added:
-                self.pool.give_back_slots(offs)
-            offs = []
+        done = 0
+        hand = pages  # the table's pages go with the first batch: a write wants both
+        for i in range(0, len(offs), REFILL_BATCH):
+            batch = offs[i:i + REFILL_BATCH]
+            try:
+                self.pool.fault_in(batch)
+            except PoolExhausted:
+                with added:
+                    self.pool.give_back_slots(offs[i:])
+                break
+            with added:  # spares now, not once the whole refill is in
+                self.pool.add_spare(batch)
+                self.table.add_spare(hand)
+                self.refill_stuck = False
+                added.notify_all()
+            hand = []
+            done += len(batch)
         with added:
-            self.pool.add_spare(offs)
-            self.table.add_spare(pages)
-            if offs or pages:
+            self.table.add_spare(hand)  # no chunk was wanted, or none got in
+            if hand:
                 self.refill_stuck = False
             added.notify_all()
-        return len(offs) * CHUNK_BYTES + len(pages) * PAGE
+        return done * CHUNK_BYTES + len(pages) * PAGE
 
     # -- state -----------------------------------------------------------------
 

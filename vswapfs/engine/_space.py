@@ -55,6 +55,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
@@ -170,7 +171,7 @@ class SwapSpace:
         self.counters = Counters()
         self._lock = threading.Lock()  # the engine lock: see the module docstring
         # dynamic mode: a write short of spare chunks sets spares_wanted (housekeeping
-        # waits on it) and waits on spares_added, at most SPARE_WAIT_S, then tries once more
+        # waits on it) and waits on spares_added, trying again at each batch, at most SPARE_WAIT_S
         self.spares_wanted = threading.Event()
         self._spares_added = threading.Condition(self._lock)
         pool = Pool(reserve, dynamic=dynamic, capacity=pool_capacity,
@@ -364,10 +365,21 @@ class SwapSpace:
                     if place.refill_stuck:  # the last wait came to nothing: fail fast until
                         raise  # housekeeping brings spares (see below)
                     self.counters.spare_waits += 1
-                    # the lock is released meanwhile
-                    if not self._spares_added.wait(SPARE_WAIT_S):
-                        place.refill_stuck = True
-                    place.commit(first, pages, encoded)
+                    # the lock is released meanwhile; a refill hands its chunks over a
+                    # batch at a time, so wait for more until the time is up
+                    until = time.monotonic() + SPARE_WAIT_S
+                    while True:
+                        left = until - time.monotonic()
+                        if left <= 0 or not self._spares_added.wait(left):
+                            place.refill_stuck = True
+                            place.commit(first, pages, encoded)  # the last try
+                            break
+                        try:
+                            place.commit(first, pages, encoded)
+                            break
+                        except NoSpaceError:
+                            if not place.short_of_spares:
+                                raise
         except MemoryError as e:  # no memory for the work itself: the kernel gets ENOSPC
             self.counters.failed_writes += 1
             raise NoSpaceError(f"out of memory: {e}") from None
