@@ -399,14 +399,6 @@ def task_faults(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
-def thread_faults(pid: int) -> dict[str, int]:
-    """Page faults (minor + major) so far per thread name of process ``pid``."""
-    out: dict[str, int] = {}
-    for name, faults in task_faults(pid).values():
-        out[name] = out.get(name, 0) + faults
-    return out
-
-
 def prctl(option: int, arg2: int = 0) -> int:
     """prctl(2) with one argument."""
     return _check(_libc.prctl(option, arg2, 0, 0, 0), f"prctl({option})")

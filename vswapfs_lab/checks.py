@@ -205,7 +205,6 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
         out["daemon_in_cgroup"] = daemon in cg.pids()
         out["daemon_charge_mib"] = round(cg.usage() / MiB, 1)
         before = _faults_and_rss(daemon)
-        serving_before = _serving_faults(daemon)
         threads_before = _faults_by_thread(daemon)
         t0 = time.monotonic()
         hog = cg.popen([sys.executable, "-m", "vswapfs.workload", "--mib", str(hog_mib), "--mix", "1:2:0",
@@ -218,10 +217,11 @@ def same_cgroup(reserve_mib: int = 64, limit_mib: int = 320, hog_mib: int = 384,
             out.update(verified=res["verified"], bad=res["bad"])
             after = _faults_and_rss(daemon)
             out["daemon_faults_while_serving"] = after[0] - before[0]
-            out["serving_thread_faults"] = _serving_faults(daemon) - serving_before
-            out["faults_by_thread"] = {t: n - threads_before.get(t, 0)
-                                       for t, n in _faults_by_thread(daemon).items()
-                                       if n != threads_before.get(t, 0)}
+            by_thread = {t: n - threads_before.get(t, 0) for t, n in _faults_by_thread(daemon).items()
+                         if n != threads_before.get(t, 0)}
+            out["faults_by_thread"] = by_thread
+            out["serving_thread_faults"] = sum(n for t, n in by_thread.items()
+                                               if t.rsplit("/", 1)[0] == SERVING_THREAD)
             out["daemon_rss_growth_kib"] = after[1] - before[1]
             out["stats"] = {k: v for k, v in _settled_stats(mnt).items()
                             if k in ("notify_free", "mem_used_max", "pool_reserve", "failed_writes",
@@ -260,13 +260,6 @@ def _settled_stats(mnt: str, quiet: float = 1.0, timeout: float = 30) -> dict[st
             return now
         seen = now
     return seen
-
-
-def _serving_faults(pid: int | None) -> int:
-    """Page faults so far of the daemon's threads that answer the kernel
-    (its channel threads, named SERVING_THREAD)."""
-
-    return linux.thread_faults(pid or 0).get(SERVING_THREAD, 0)
 
 
 def _faults_by_thread(pid: int | None) -> dict[str, int]:

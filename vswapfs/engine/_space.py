@@ -365,27 +365,34 @@ class SwapSpace:
                     if place.refill_stuck:  # the last wait came to nothing: fail fast until
                         raise  # housekeeping brings spares (see below)
                     self.counters.spare_waits += 1
-                    # the lock is released meanwhile; a refill hands its chunks over a
-                    # batch at a time, so wait for more until the time is up
-                    until = time.monotonic() + SPARE_WAIT_S
-                    while True:
-                        left = until - time.monotonic()
-                        if left <= 0 or not self._spares_added.wait(left):
-                            place.refill_stuck = True
-                            place.commit(first, pages, encoded)  # the last try
-                            break
-                        try:
-                            place.commit(first, pages, encoded)
-                            break
-                        except NoSpaceError:
-                            if not place.short_of_spares:
-                                raise
+                    self._commit_when_spares_come(first, pages, encoded)
         except MemoryError as e:  # no memory for the work itself: the kernel gets ENOSPC
             self.counters.failed_writes += 1
             raise NoSpaceError(f"out of memory: {e}") from None
         except OSError:
             self.counters.failed_writes += 1
             raise
+
+    def _commit_when_spares_come(self, first: int, pages: list[Page],
+                                 encoded: list[tuple[int, bytes | None]]) -> None:
+        """With the lock held, by a write short of spares: wait for housekeeping's
+        refill (the lock released meanwhile), committing again at each batch it
+        hands over, for at most SPARE_WAIT_S; then mark the refill stuck and
+        try once more (raising NoSpaceError if still short)."""
+        place = self._place
+        until = time.monotonic() + SPARE_WAIT_S
+        while True:
+            left = until - time.monotonic()
+            if left <= 0 or not self._spares_added.wait(left):
+                place.refill_stuck = True
+                place.commit(first, pages, encoded)  # the last try
+                return
+            try:
+                place.commit(first, pages, encoded)
+                return
+            except NoSpaceError:
+                if not place.short_of_spares:
+                    raise
 
     def read(self, offset: int, size: int) -> bytes | memoryview:
         """Read ``size`` bytes at ``offset``; never-written space reads as
