@@ -59,6 +59,16 @@ def stats(mnt: Path) -> dict[str, int]:
     return json.loads((mnt / "control" / "stats.json").read_text())
 
 
+def classes_apart(n: int, seed: int = 1) -> bytes:
+    """``n`` pages whose lz4 objects each fall in a pool size class of their
+    own (for ``n`` up to about 240): random bytes at the head of each page,
+    more page by page, zeros after."""
+    import random
+
+    rnd = random.Random(seed)
+    return b"".join(rnd.randbytes(k) + bytes(4096 - k) for k in (40 + i * 3900 // n for i in range(n)))
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse")
 

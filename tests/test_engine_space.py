@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import classes_apart
 
 from vswapfs import MiB
 from vswapfs.engine import CLUSTER_SLOTS, PAGE, NoSpaceError, SwapSpace, _stats
@@ -742,6 +743,68 @@ def test_a_write_short_of_spares_waits_a_moment_for_them_and_no_longer() -> None
     stats = s.stats()
     assert stats["failed_writes"] == 2 and stats["spare_waits"] == 1  # the refusal at once waited not
     assert s.check() == []
+    s.close()
+
+
+def test_a_write_needing_more_chunks_than_the_spares_waits_for_them_without_using_them_up() -> None:
+    """Dynamic mode: a write of many pages, each in a size class of its own,
+    needs a new chunk for each (a burst of the kernel's swap writes after
+    an idle spell: 128 pages at once, and 32 spares kept while idle).  It
+    must wait for housekeeping's refill and be stored, not refused.  Before,
+    it tried to store page by page, ran out of spares halfway, and undoing
+    that gave the chunks it had taken back to the kernel, not to the
+    spares: trying again at each batch of the refill, it used every batch
+    up and was refused after its wait, every time.  Now a store that might
+    not fit is checked first and takes no spare unless it fits, and the
+    refill brings at least what the waiting write needs, even past the
+    busy mark."""
+    from vswapfs.engine._pool import SPARE_HIGH, SPARE_LOW
+
+    data = classes_apart(128)
+    s = SwapSpace(64 * MiB, dynamic=True)
+    s.replenish(busy=False)  # idle: the low mark
+    assert s._pool.spare_chunks == SPARE_LOW < 128
+
+    def keeper() -> None:  # what the daemon's housekeeping thread does
+        if s.spares_wanted.wait(5):
+            s.spares_wanted.clear()
+            s.replenish()
+
+    t = threading.Thread(target=keeper)
+    t.start()
+    s.write(0, data)  # waits for the refill, then is stored
+    t.join()
+    assert bytes(s.read(0, len(data))) == data
+    stats = s.stats()
+    assert stats["failed_writes"] == 0 and stats["spare_waits"] == 1 and s.check() == []
+    s.close()
+
+    # nobody refills: refused after the wait, with no spare used up trying
+    s = SwapSpace(64 * MiB, dynamic=True)
+    s.replenish(busy=False)
+    with pytest.raises(NoSpaceError, match="is ready"):
+        s.write(0, data)
+    assert s._pool.spare_chunks == SPARE_LOW and s.stats()["stored_pages"] == 0
+    need = s._place.spares_needed  # what the refused write needed at once
+    assert SPARE_LOW < need <= 128
+    s.replenish(busy=False)  # even the idle mark's refill brings that much now
+    assert s._pool.spare_chunks >= need
+    s.write(0, data)  # stored at once
+    assert bytes(s.read(0, len(data))) == data
+    stats = s.stats()
+    assert stats["failed_writes"] == 1 and stats["spare_waits"] == 1 and s.check() == []
+    s.close()
+
+    # a refill reaches what a waiting write needs even where the mark would stop it
+    s = SwapSpace(64 * MiB, dynamic=True)
+    pool = s._pool
+    pool.add_spare(got := pool.refill_wanted(SPARE_HIGH))
+    pool.fault_in(got)
+    pool._spare = pool._spare[:SPARE_HIGH * 3 // 4]  # as many as the busy mark is content with
+    assert pool.refill_wanted(SPARE_HIGH) == []
+    s._place.spares_needed = SPARE_HIGH  # a write of 256 pages in 256 classes waits
+    s.replenish()
+    assert pool.spare_chunks == SPARE_HIGH
     s.close()
 
 

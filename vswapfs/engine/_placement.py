@@ -84,6 +84,7 @@ class Placement:
         self.writeback_enabled = writeback_enabled
         self.pool_full = False  # zswap's hysteresis: set at the limit, cleared below the threshold
         self.short_of_spares = False  # the last commit found no chunk ready (dynamic mode), not the limit
+        self.spares_needed = 0  # new chunks the write short of spares needs at once (the refill brings them)
         self.refill_stuck = False  # a write's wait for spares timed out; cleared by the next refill
 
     # -- freeing -------------------------------------------------------------
@@ -197,6 +198,7 @@ class Placement:
         turns out not to be ready is the store undone and the policy's
         full path (room, writeback, the backing file) taken."""
         self.short_of_spares = False
+        self.spares_needed = 0
         table = self.table
         if not table.ready(first, len(pages)):
             self.short_of_spares = True  # a new cluster needs a page faulted in beforehand
@@ -221,6 +223,14 @@ class Placement:
         if self.pool_full or (limit and self.pool.mem_used + len(todo) * CHUNK_BYTES > limit):
             return False
         pool = self.pool
+        if len(todo) > pool.spare_chunks:
+            # Each page takes one new chunk at most, so only a write of more pages than
+            # there are spares can run out of them halfway; and undoing that gives the
+            # chunks it took back to the kernel, not to the spares: a write waiting for a
+            # refill, trying again at each batch, would use every batch up that way.
+            lengths = [PAGE if (b := encoded[i][1]) is None else len(b) for i in todo]
+            if not pool.fits(lengths):
+                return False
         done: list[int] = []
         raw = 0
         try:
@@ -317,6 +327,7 @@ class Placement:
         if self.pool.fits(lengths, chunks):
             return True
         self.short_of_spares = True
+        self.spares_needed = chunks
         return False
 
     def settle(self, batch: list[tuple[int, int, bytes]], dense: list[bytes | None]) -> bool:
@@ -507,7 +518,10 @@ class Placement:
         writes that would have freed that memory (measured: see
         docs/safety.md)."""
         with added:
-            offs = self.pool.refill_wanted(mark)
+            # at least what a waiting write needs at once (up to a chunk for each of its
+            # pages), even past the mark: a refill that stopped short of it would leave
+            # that write waiting for chunks that never come
+            offs = self.pool.refill_wanted(max(mark, self.spares_needed), self.spares_needed)
             pages = self.table.refill_wanted(TABLE_SPARE_HIGH if mark >= SPARE_HIGH else TABLE_SPARE_LOW)
             files = [bf for bf in self.backing if bf is not None]
         if not offs and not pages and not files:

@@ -189,11 +189,18 @@ class Pool:
     def _punch(self, off: int, length: int = CHUNK_BYTES) -> None:
         linux.punch_hole(self._fd, off, length)
 
-    def refill_wanted(self, mark: int = SPARE_HIGH) -> list[int]:
+    @property
+    def spare_chunks(self) -> int:
+        """Faulted-in chunks not in use: a store of this many objects or fewer
+        never finds none ready (each object takes one new chunk at most)."""
+        return len(self._spare)
+
+    def refill_wanted(self, mark: int = SPARE_HIGH, need: int = 0) -> list[int]:
         """Slots to fault in so that the spare list reaches ``mark``
-        (dynamic mode; none otherwise).  Call with the owner's lock; fault
-        them in with :meth:`fault_in` without it, then :meth:`add_spare`."""
-        if not self.dynamic or len(self._spare) >= mark * 3 // 4:
+        (dynamic mode; none otherwise), if it is below 3/4 of it or below
+        ``need``.  Call with the owner's lock; fault them in with
+        :meth:`fault_in` without it, then :meth:`add_spare`."""
+        if not self.dynamic or len(self._spare) >= max(mark * 3 // 4, need):
             return []
         return self._take_slots(mark - len(self._spare))
 
