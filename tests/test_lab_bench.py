@@ -138,6 +138,10 @@ def test_fuse_stat_deltas_become_the_daemon_rows() -> None:
         "usemem_read_requests": 10.0, "usemem_read_pages_per_request": 2.0,
         "usemem_read_busy_s": 0.001}
     assert bench.served_delta(after, after)["usemem_write_requests"] == 0.0
+    # vswapfs's served() also counts the writes it refused: a row of its own
+    refused = {**after, bench.REFUSED: (7, 0, 0)}
+    assert bench.served_delta({**before, bench.REFUSED: (2, 0, 0)}, refused)["usemem_write_refused"] == 5.0
+    assert "usemem_write_refused" not in bench.served_delta(before, after)
     assert bench.served_delta(before, after, "kv")["kv_read_pages_per_request"] == 2.0
     s = bench.summarize({"zram-lzo-rle": rows(usemem_write_s=2.0),
                          "vswapfs": rows(usemem_write_s=1.0, usemem_write_busy_s=0.5,

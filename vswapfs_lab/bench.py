@@ -125,8 +125,12 @@ class Backend:
     held: Callable[[], int] = lambda: 0  # bytes of swapped data it holds, before compression
     available: Callable[[], str | None] = lambda: None  # why not, or None
     state: dict[str, object] = field(default_factory=dict)
-    # per FUSE opcode, (requests, bytes, busy µs) the daemon has answered (vswapfs's fuse_stat)
+    # per FUSE opcode, (requests, bytes, busy µs) the daemon has answered (vswapfs's fuse_stat),
+    # and under REFUSED (the writes it refused, 0, 0): its control/failed_writes
     served: Callable[[], dict[str, tuple[int, int, int]]] | None = None
+
+
+REFUSED = "refused"  # the key of ``served()``'s count of writes refused (ENOSPC, EIO)
 
 
 def parse_fuse_stat(text: str) -> dict[str, tuple[int, int, int]]:
@@ -217,7 +221,10 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
         return rss(int(st["pid"])) + own + (meminfo("Zswap") if front else 0)
 
     def served() -> dict[str, tuple[int, int, int]]:
-        return parse_fuse_stat(Path(str(st["mnt"]), "control", "fuse_stat").read_text())
+        control = Path(str(st["mnt"]), "control")
+        out = parse_fuse_stat((control / "fuse_stat").read_text())
+        out[REFUSED] = (int((control / "failed_writes").read_text()), 0, 0)
+        return out
 
     return Backend(name, up, down, memory, held, available, state=st, served=served)
 
@@ -569,6 +576,8 @@ def served_delta(before: dict[str, tuple[int, int, int]],
         if n1 > n0:
             row[f"{workload}_{key}_pages_per_request"] = round((b1 - b0) / 4096 / (n1 - n0), 2)
         row[f"{workload}_{key}_busy_s"] = round((us1 - us0) / 1e6, 3)
+    if REFUSED in after:  # each is a swap-out that freed nothing (the kernel logs a write error)
+        row[f"{workload}_write_refused"] = float(after[REFUSED][0] - before.get(REFUSED, (0, 0, 0))[0])
     return row
 
 
@@ -581,6 +590,7 @@ DAEMON_METRICS = {
         ("write_requests", "WRITE requests the daemon answered", True),
         ("write_pages_per_request", "pages per WRITE", False),
         ("write_busy_s", "daemon busy on WRITE (s)", True),
+        ("write_refused", "WRITEs the daemon refused (ENOSPC: the kernel keeps the page)", True),
         ("read_requests", "READ requests the daemon answered", True),
         ("read_pages_per_request", "pages per READ", False),
         ("read_busy_s", "daemon busy on READ (s)", True))

@@ -223,11 +223,12 @@ class Placement:
         if self.pool_full or (limit and self.pool.mem_used + len(todo) * CHUNK_BYTES > limit):
             return False
         pool = self.pool
-        if len(todo) > pool.spare_chunks:
+        if pool.dynamic and len(todo) > pool.spare_chunks:
             # Each page takes one new chunk at most, so only a write of more pages than
             # there are spares can run out of them halfway; and undoing that gives the
             # chunks it took back to the kernel, not to the spares: a write waiting for a
             # refill, trying again at each batch, would use every batch up that way.
+            # (A reserve's emptied chunks stay spares; inline, a store faults its own.)
             lengths = [PAGE if (b := encoded[i][1]) is None else len(b) for i in todo]
             if not pool.fits(lengths):
                 return False
