@@ -798,9 +798,10 @@ def test_a_write_needing_more_chunks_than_the_spares_waits_for_them_without_usin
     # a refill reaches what a waiting write needs even where the mark would stop it
     s = SwapSpace(64 * MiB, dynamic=True)
     pool = s._pool
-    pool.add_spare(got := pool.refill_wanted(SPARE_HIGH))
-    pool.fault_in(got)
-    pool._spare = pool._spare[:SPARE_HIGH * 3 // 4]  # as many as the busy mark is content with
+    offs = pool.refill_wanted(SPARE_HIGH)
+    pool.give_back_slots(offs[SPARE_HIGH * 3 // 4:])  # as many spares as the busy mark is content with
+    pool.fault_in(offs[:SPARE_HIGH * 3 // 4])
+    pool.add_spare(offs[:SPARE_HIGH * 3 // 4])
     assert pool.refill_wanted(SPARE_HIGH) == []
     s._place.spares_needed = SPARE_HIGH  # a write of 256 pages in 256 classes waits
     s.replenish()
