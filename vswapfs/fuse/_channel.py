@@ -67,18 +67,20 @@ class ReadErrors:
         self.last_log = -1e9
         self.count = 0  # unexpected errors since the channel started
 
-    def gone(self, e: OSError, where: str, sleep: bool = True) -> bool:
-        """True if the connection is gone; else wait ``self.pause`` (unless
-        ``sleep`` is false: the event loop awaits it instead), then False."""
-        if e.errno in GONE:
+    def gone(self, err: int, where: str, sleep: bool = True) -> bool:
+        """True if the read's errno ``err`` says the connection is gone; else
+        wait ``self.pause`` (unless ``sleep`` is false: the event loop awaits
+        it instead), then False."""
+        if err in GONE:
             return True
-        if e.errno in AGAIN:
+        if err in AGAIN:
             return False
         self.count += 1
         now = time.monotonic()
         if now - self.last_log >= 5:
             self.last_log = now
-            log.error("%s: read from /dev/fuse failed (%s); retrying (%d so far)", where, e, self.count)
+            log.error("%s: read from /dev/fuse failed ([Errno %d] %s); retrying (%d so far)",
+                      where, err, os.strerror(err), self.count)
         self.pause = min(max(self.pause * 2, 0.001), RETRY_MAX_S)
         if sleep:
             time.sleep(self.pause)
@@ -191,9 +193,34 @@ async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
         except BlockingIOError:
             await trio.lowlevel.wait_readable(fd)
         except OSError as e:
-            if errors.gone(e, "event loop", sleep=False):
+            if errors.gone(e.errno or errno.EIO, "event loop", sleep=False):
                 return 0
             await trio.sleep(errors.pause)
+
+
+def read_into(fd: int, buf: bytearray) -> int:
+    """One read(2) of a request into ``buf``: the bytes read, or minus the
+    errno.  The Python twin of ``_wire.read_request``, which channel threads
+    use where it was built: between requests a non-blocking read finds
+    nothing (EAGAIN), and the exception os.readv raises for that cost a
+    busy thread 7% of its time (docs/sustained.md)."""
+    try:
+        return os.readv(fd, [buf])
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+
+
+def _native_read() -> Callable[[int, bytearray], int]:
+    """``_wire.read_request`` where the C module was built, else ``read_into``."""
+    try:
+        from . import _wire
+    except ImportError:
+        return read_into
+    return _wire.read_request
+
+
+_read: Final = _native_read()  # a channel thread's read(2): bytes, or minus the errno
+_NOTHING: Final = -errno.EAGAIN  # what _read returns where a non-blocking fd has no request
 
 
 def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memoryview], bool],
@@ -212,9 +239,8 @@ def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memor
     slept = False  # the thread slept since then
     last_try = -1.0  # when this spell's last try yielded, -1: none yet
     while True:
-        try:
-            n = os.readv(fd, [buf])
-        except BlockingIOError:
+        n = _read(fd, buf)
+        if n == _NOTHING:
             now = _monotonic()
             if idle_since < 0:
                 idle_since, slept, last_try = now, False, -1.0
@@ -228,8 +254,8 @@ def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memor
             poll.slept += 1
             waiter.poll()
             continue
-        except OSError as e:
-            if errors.gone(e, name):
+        if n < 0:
+            if errors.gone(-n, name):
                 return
             continue
         if idle_since >= 0:

@@ -7,6 +7,7 @@ SERVED: Final[int]  # answered and counted
 DEFERRED: Final[int]  # the method returned DEFER: to be handed over
 REPLY_FAILED: Final[int]  # and the errno added: the reply could not be written
 
+def read_request(fd: int, buf: bytearray | memoryview, /) -> int: ...
 def setup(context_type: type, defer: object, /) -> None: ...
 def serve_data(fd: int, req: memoryview, read: Callable[..., Any], write: Callable[..., Any],
                fail: Callable[..., None], tally: object, count: list[int], data: list[int],
