@@ -8,7 +8,7 @@ import random
 import pytest
 
 from vswapfs import linux
-from vswapfs.engine._pool import CHUNK_BYTES, Pool, PoolExhausted, chunk_bytes_for
+from vswapfs.engine._pool import CHUNK_BYTES, SPARE_LOW, Pool, PoolExhausted, chunk_bytes_for
 
 
 def test_objects_round_trip_and_memory_follows_payload() -> None:
@@ -145,12 +145,14 @@ def _spares(pool: Pool, n: int) -> None:
 
 def test_a_dynamic_pool_leaves_a_new_chunks_tail_to_housekeeping_and_it_goes_back() -> None:
     """A new chunk of a class smaller than a spare slot does not punch the
-    slot's unused tail on the storing thread: punch_tails does, later."""
-    pool = Pool(dynamic=True, capacity=64 * CHUNK_BYTES)
+    slot's unused tail on the storing thread while the spares are at their
+    low mark: punch_tails does, later.  Below it (the refill is behind,
+    memory may be short) the tail goes back at once."""
+    pool = Pool(dynamic=True, capacity=(SPARE_LOW + 8) * CHUNK_BYTES)
     size = next(s for s in range(16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
-    _spares(pool, 4)
+    _spares(pool, SPARE_LOW + 1)
     before = _arena_bytes(pool)
-    assert before == 4 * CHUNK_BYTES
+    assert before == (SPARE_LOW + 1) * CHUNK_BYTES
     obj = pool.store(b"a" * size)
     assert pool.tails_pending == 1 and _arena_bytes(pool) == before  # still faulted in
     assert pool.punch_tails(8) == 0 and pool.tails_pending == 0
@@ -158,22 +160,29 @@ def test_a_dynamic_pool_leaves_a_new_chunks_tail_to_housekeeping_and_it_goes_bac
     assert pool.load(obj, size) == b"a" * size
     whole = pool.store(b"b" * 4096)  # a class of 64 KiB chunks: no tail
     assert pool.tails_pending == 0 and pool.load(whole, 4096) == b"b" * 4096
+    assert pool.spare_chunks == SPARE_LOW - 1  # below the low mark now
+    before = _arena_bytes(pool)
+    other = next(s for s in range(size + 16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
+    obj2 = pool.store(b"c" * other)
+    assert pool.tails_pending == 0
+    assert _arena_bytes(pool) == before - (CHUNK_BYTES - chunk_bytes_for(other))
+    assert pool.load(obj2, other) == b"c" * other
 
 
 def test_a_slot_taken_again_never_loses_its_new_chunk_to_a_tail_left_from_before() -> None:
     """A chunk whose tail is still to punch empties, and its slot is taken
     again by a class whose chunks fill the whole slot: the old tail is
     punched before the slot is reused, never out of the new chunk's data."""
-    pool = Pool(dynamic=True, capacity=64 * CHUNK_BYTES)
+    pool = Pool(dynamic=True, capacity=(SPARE_LOW + 8) * CHUNK_BYTES)
     size = next(s for s in range(16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
-    _spares(pool, 1)
+    _spares(pool, SPARE_LOW + 1)
     obj = pool.store(b"s" * size)
     assert pool.tails_pending == 1
     pool.free(obj, size)  # its chunk empties: the slot is a hole again
-    _spares(pool, 1)  # the same slot (holes first), taken again
+    _spares(pool, 1)  # the same slot (holes first), taken again: the newest spare
     assert pool.tails_pending == 0
     pages = [bytes([i + 1]) * 4096 for i in range(CHUNK_BYTES // 4096)]
     objs = [pool.store(p) for p in pages]  # the whole slot, its old tail included
     assert pool.punch_tails(8) == 0
     assert [pool.load(o, 4096) for o in objs] == pages
-    assert pool.chunks == 1 and _arena_bytes(pool) == CHUNK_BYTES
+    assert pool.chunks == 1 and _arena_bytes(pool) == (SPARE_LOW + 1) * CHUNK_BYTES

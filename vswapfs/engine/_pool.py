@@ -18,7 +18,9 @@ whole.  So the daemon's mapping count does not grow with the data, and
 list of *spare* chunks whose memory was faulted in beforehand.  A spare is
 a whole 64 KiB slot; a chunk of a smaller class gives the rest back, and in
 dynamic mode that punch (23 µs, measured) is left to housekeeping
-(:meth:`Pool.punch_tails`), off the thread that stores.  Three modes:
+(:meth:`Pool.punch_tails`), off the thread that stores, while the spares
+are at their low mark or above (below it the refill is behind, memory may
+be short, and the tail goes back at once).  Three modes:
 
 - ``inline`` (a library user, the default): an empty spare list is refilled
   on the spot, by the thread that stores;
@@ -344,9 +346,9 @@ class Pool:
             self._spare.extend(offs)
         off = self._spare.pop()
         if cls.chunk_bytes < CHUNK_BYTES and not self.reserve:  # the unused tail goes back
-            if self.dynamic:
+            if self.dynamic and len(self._spare) >= SPARE_LOW:
                 self._tails.append(off + cls.chunk_bytes)  # by housekeeping (punch_tails)
-            else:
+            else:  # inline, or the refill is behind (memory may be short): at once
                 self._punch(off + cls.chunk_bytes, CHUNK_BYTES - cls.chunk_bytes)
         no = cls.next_no
         cls.next_no += 1
