@@ -93,6 +93,18 @@ static PyObject *setup(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ss
     Py_RETURN_NONE;
 }
 
+/* The file descriptor ``arg`` names, or -1 with an exception set (``fn`` says whose). */
+static int fd_arg(PyObject *arg, const char *fn) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "%s: not a file descriptor", fn);
+        return -1;
+    }
+    return (int)fd;
+}
+
 /* list[i] += by, for a list of ints: 0, or -1 with an exception set. */
 static int bump(PyObject *list, Py_ssize_t i, int64_t by) {
     PyObject *old = PyList_GET_ITEM(list, i);
@@ -183,14 +195,9 @@ static PyObject *serve_data(PyObject *Py_UNUSED(module), PyObject *const *args, 
         return NULL;
     }
     int64_t t0 = now_ns(); /* from parsing on, as Session._serve_here counts */
-    long fd_long = PyLong_AsLong(args[0]);
-    if (fd_long == -1 && PyErr_Occurred())
+    int fd = fd_arg(args[0], "serve_data");
+    if (fd < 0)
         return NULL;
-    if (fd_long < 0 || fd_long > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "serve_data: not a file descriptor");
-        return NULL;
-    }
-    int fd = (int)fd_long;
     PyObject *count = args[6], *data = args[7], *ns = args[8];
     if (!PyList_CheckExact(count) || !PyList_CheckExact(data) || !PyList_CheckExact(ns) ||
         PyList_GET_SIZE(count) <= OP_WRITE || PyList_GET_SIZE(data) <= OP_WRITE ||
@@ -280,19 +287,15 @@ static PyObject *read_request(PyObject *Py_UNUSED(module), PyObject *const *args
         PyErr_Format(PyExc_TypeError, "read_request takes 2 arguments, not %zd", nargs);
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    if (fd == -1 && PyErr_Occurred())
+    int fd = fd_arg(args[0], "read_request");
+    if (fd < 0)
         return NULL;
-    if (fd < 0 || fd > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "read_request: not a file descriptor");
-        return NULL;
-    }
     Py_buffer buf;
     if (PyObject_GetBuffer(args[1], &buf, PyBUF_WRITABLE) < 0)
         return NULL;
     ssize_t n;
     Py_BEGIN_ALLOW_THREADS
-    n = read((int)fd, buf.buf, (size_t)buf.len);
+    n = read(fd, buf.buf, (size_t)buf.len);
     if (n < 0)
         n = -(ssize_t)errno;
     Py_END_ALLOW_THREADS
