@@ -8,7 +8,7 @@ import random
 import pytest
 
 from vswapfs import linux
-from vswapfs.engine._pool import CHUNK_BYTES, SPARE_LOW, Pool, PoolExhausted, chunk_bytes_for
+from vswapfs.engine._pool import CHUNK_BYTES, Pool, PoolExhausted, chunk_bytes_for
 
 
 def test_objects_round_trip_and_memory_follows_payload() -> None:
@@ -128,61 +128,3 @@ def test_populate_touches_pages_by_reading_where_they_hold_data() -> None:
         assert m[:] == b"\xa5" * len(m)
         linux.populate(linux.buffer_address(m) + 1, 2 * 4096)  # owned: a byte per page written
         assert m[1] == 0 and m[4097] == 0 and m[2] == 0xa5
-
-
-def _arena_bytes(pool: Pool) -> int:
-    """Bytes of the pool's arena memfd that hold memory now."""
-    return os.fstat(pool.fds["pool"]).st_blocks * 512
-
-
-def _spares(pool: Pool, n: int) -> None:
-    """Give a dynamic pool ``n`` spare chunks, as housekeeping does."""
-    want = pool.spare_chunks + n
-    offs = pool.refill_wanted(want, want)
-    pool.fault_in(offs)
-    pool.add_spare(offs)
-
-
-def test_a_dynamic_pool_leaves_a_new_chunks_tail_to_housekeeping_and_it_goes_back() -> None:
-    """A new chunk of a class smaller than a spare slot does not punch the
-    slot's unused tail on the storing thread while the spares are at their
-    low mark: punch_tails does, later.  Below it (the refill is behind,
-    memory may be short) the tail goes back at once."""
-    pool = Pool(dynamic=True, capacity=(SPARE_LOW + 8) * CHUNK_BYTES)
-    size = next(s for s in range(16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
-    _spares(pool, SPARE_LOW + 1)
-    before = _arena_bytes(pool)
-    assert before == (SPARE_LOW + 1) * CHUNK_BYTES
-    obj = pool.store(b"a" * size)
-    assert pool.tails_pending == 1 and _arena_bytes(pool) == before  # still faulted in
-    assert pool.punch_tails(8) == 0 and pool.tails_pending == 0
-    assert _arena_bytes(pool) == before - (CHUNK_BYTES - chunk_bytes_for(size))
-    assert pool.load(obj, size) == b"a" * size
-    whole = pool.store(b"b" * 4096)  # a class of 64 KiB chunks: no tail
-    assert pool.tails_pending == 0 and pool.load(whole, 4096) == b"b" * 4096
-    assert pool.spare_chunks == SPARE_LOW - 1  # below the low mark now
-    before = _arena_bytes(pool)
-    other = next(s for s in range(size + 16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
-    obj2 = pool.store(b"c" * other)
-    assert pool.tails_pending == 0
-    assert _arena_bytes(pool) == before - (CHUNK_BYTES - chunk_bytes_for(other))
-    assert pool.load(obj2, other) == b"c" * other
-
-
-def test_a_slot_taken_again_never_loses_its_new_chunk_to_a_tail_left_from_before() -> None:
-    """A chunk whose tail is still to punch empties, and its slot is taken
-    again by a class whose chunks fill the whole slot: the old tail is
-    punched before the slot is reused, never out of the new chunk's data."""
-    pool = Pool(dynamic=True, capacity=(SPARE_LOW + 8) * CHUNK_BYTES)
-    size = next(s for s in range(16, 4097, 16) if chunk_bytes_for(s) < CHUNK_BYTES)
-    _spares(pool, SPARE_LOW + 1)
-    obj = pool.store(b"s" * size)
-    assert pool.tails_pending == 1
-    pool.free(obj, size)  # its chunk empties: the slot is a hole again
-    _spares(pool, 1)  # the same slot (holes first), taken again: the newest spare
-    assert pool.tails_pending == 0
-    pages = [bytes([i + 1]) * 4096 for i in range(CHUNK_BYTES // 4096)]
-    objs = [pool.store(p) for p in pages]  # the whole slot, its old tail included
-    assert pool.punch_tails(8) == 0
-    assert [pool.load(o, 4096) for o in objs] == pages
-    assert pool.chunks == 1 and _arena_bytes(pool) == (SPARE_LOW + 1) * CHUNK_BYTES

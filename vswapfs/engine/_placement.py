@@ -46,7 +46,6 @@ Page = bytes | memoryview
 DEFAULT_ACCEPT_THRESHOLD: Final = 90
 WRITEBACK_BATCH: Final = 256
 REFILL_BATCH: Final = 8  # spare chunks faulted in per call and handed over at once (512 KiB)
-TAIL_BATCH: Final = 4  # new chunks' tails punched per hold of the lock (a punch takes ~25 µs)
 QUARANTINED: Final = -3  # rmap value of a freed physical slot a reader may still read
 
 
@@ -518,15 +517,7 @@ class Placement:
         refill handed over whole (up to 16 MiB) left the serving threads
         without spares until all of it was in, so they refused the very
         writes that would have freed that memory (measured: see
-        docs/safety.md).
-
-        First it gives back the unused tails of the chunks taken since
-        (``Pool.punch_tails``), a few at a time: the serving threads that
-        took them leave that to it."""
-        left = 1
-        while left:
-            with added:
-                left = self.pool.punch_tails(TAIL_BATCH)
+        docs/safety.md)."""
         with added:
             # at least what a waiting write needs at once (up to a chunk for each of its
             # pages), even past the mark: a refill that stopped short of it would leave
@@ -560,9 +551,6 @@ class Placement:
                 self.table.add_spare(hand)
                 self.refill_stuck = False
                 added.notify_all()
-                # tails of the chunks taken meanwhile: a refill that waits on reclaim
-                # (a shared, full cgroup) does not keep them faulted in until it ends
-                self.pool.punch_tails(TAIL_BATCH)
             hand = []
             done += len(batch)
         with added:

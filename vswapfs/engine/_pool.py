@@ -15,12 +15,7 @@ whole.  So the daemon's mapping count does not grow with the data, and
 ``vm.max_map_count`` never caps the pool.
 
 **The serving path never faults memory in.**  A new chunk is taken from a
-list of *spare* chunks whose memory was faulted in beforehand.  A spare is
-a whole 64 KiB slot; a chunk of a smaller class gives the rest back, and in
-dynamic mode that punch (23 µs, measured) is left to housekeeping
-(:meth:`Pool.punch_tails`), off the thread that stores, while the spares
-are at their low mark or above (below it the refill is behind, memory may
-be short, and the tail goes back at once).  Three modes:
+list of *spare* chunks whose memory was faulted in beforehand.  Three modes:
 
 - ``inline`` (a library user, the default): an empty spare list is refilled
   on the spot, by the thread that stores;
@@ -157,9 +152,6 @@ class Pool:
         self._next_slot = 0  # slots below this have been used at least once
         self._free_slots = array("Q")  # offsets of slots below _next_slot not in use (holes)
         self._spare = array("Q")  # offsets of faulted-in slots not in use
-        # dynamic mode: where the unused tails of new chunks start, still faulted in until
-        # punch_tails; none is left when a slot is taken again (see _take_slots)
-        self._tails = array("Q")
         self._classes = [_SizeClass((i + 1) * CLASS_STEP, CHUNK_BYTES if self.reserve
                                     else chunk_bytes_for((i + 1) * CLASS_STEP)) for i in range(N_CLASSES)]
         self.mem_used = 0  # bytes of chunks given to classes (zram mem_used_total)
@@ -184,11 +176,7 @@ class Pool:
     # -- the arena's slots ------------------------------------------------
 
     def _take_slots(self, n: int) -> list[int]:
-        """Up to ``n`` unused slot offsets (holes first), not yet spare.
-        Every tail still to punch is punched first: a tail left for later
-        in a slot taken again would be punched out of its next chunk."""
-        if self._tails:
-            self.punch_tails(len(self._tails))
+        """Up to ``n`` unused slot offsets (holes first), not yet spare."""
         out: list[int] = []
         free = self._free_slots
         while free and len(out) < n:
@@ -200,21 +188,6 @@ class Pool:
 
     def _punch(self, off: int, length: int = CHUNK_BYTES) -> None:
         linux.punch_hole(self._fd, off, length)
-
-    @property
-    def tails_pending(self) -> int:
-        """New chunks whose unused tail is still to be punched (dynamic mode)."""
-        return len(self._tails)
-
-    def punch_tails(self, most: int) -> int:
-        """Give back the unused tails of up to ``most`` new chunks (with the
-        owner's lock: a few at a time, each punch takes tens of µs);
-        returns how many are left."""
-        tails = self._tails
-        for _ in range(min(most, len(tails))):
-            start = tails.pop()
-            self._punch(start, CHUNK_BYTES - start % CHUNK_BYTES)
-        return len(tails)
 
     @property
     def spare_chunks(self) -> int:
@@ -345,11 +318,8 @@ class Pool:
                 raise
             self._spare.extend(offs)
         off = self._spare.pop()
-        if cls.chunk_bytes < CHUNK_BYTES and not self.reserve:  # the unused tail goes back
-            if self.dynamic and len(self._spare) >= SPARE_LOW:
-                self._tails.append(off + cls.chunk_bytes)  # by housekeeping (punch_tails)
-            else:  # inline, or the refill is behind (memory may be short): at once
-                self._punch(off + cls.chunk_bytes, CHUNK_BYTES - cls.chunk_bytes)
+        if cls.chunk_bytes < CHUNK_BYTES and not self.reserve:
+            self._punch(off + cls.chunk_bytes, CHUNK_BYTES - cls.chunk_bytes)  # the unused tail
         no = cls.next_no
         cls.next_no += 1
         self._dir[off // CHUNK_BYTES] = (no << DIR_NO_SHIFT) | (size_class(cls.size) + 1)
@@ -404,8 +374,8 @@ class Pool:
         elif self.dynamic and cls.chunk_bytes == CHUNK_BYTES and len(self._spare) < SPARE_LOW:
             self._spare.append(off)  # whole and faulted in: a spare as it is (beyond the low
             # mark it is given back at once, so memory returns as soon as it is freed)
-        else:  # the whole slot: its tail too, if it was not punched yet
-            self._punch(off)
+        else:
+            self._punch(off, cls.chunk_bytes)
             self._free_slots.append(off)
         del cls.live[no]
         self.chunks -= 1

@@ -625,7 +625,6 @@ class SwapSpace:
             for bf in self.backing_files():
                 bf.release_buffers()
                 bf.tidy()
-            self._pool.punch_tails(self._pool.tails_pending)
             self._pool.shed()
             self._table.shed()
 
