@@ -182,22 +182,6 @@ def notify_resend(fd: int) -> None:
     os.write(fd, A.OUT_HEADER.pack(A.OUT_HEADER.size, A.NOTIFY_RESEND, 0))
 
 
-async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
-    """Read one request into ``buf`` on the event loop (``fd`` is
-    non-blocking); 0 when the connection is gone."""
-    while True:
-        try:
-            n = os.readv(fd, [buf])
-            errors.ok()
-            return n
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(fd)
-        except OSError as e:
-            if errors.gone(e.errno or errno.EIO, "event loop", sleep=False):
-                return 0
-            await trio.sleep(errors.pause)
-
-
 def read_into(fd: int, buf: bytearray) -> int:
     """One read(2) of a request into ``buf``: the bytes read, or minus the
     errno.  The Python twin of ``_wire.read_request``, which channel threads
@@ -221,6 +205,22 @@ def _native_read() -> Callable[[int, bytearray], int]:
 
 _read: Final = _native_read()  # a channel thread's read(2): bytes, or minus the errno
 _NOTHING: Final = -errno.EAGAIN  # what _read returns where a non-blocking fd has no request
+
+
+async def read_request(fd: int, buf: bytearray, errors: ReadErrors) -> int:
+    """Read one request into ``buf`` on the event loop (``fd`` is
+    non-blocking); 0 when the connection is gone."""
+    while True:
+        n = _read(fd, buf)
+        if n >= 0:
+            errors.ok()
+            return n
+        if n == _NOTHING:
+            await trio.lowlevel.wait_readable(fd)
+        elif errors.gone(-n, "event loop", sleep=False):
+            return 0
+        else:
+            await trio.sleep(errors.pause)
 
 
 def serve_thread(fd: int, buf: bytearray, name: str, serve: Callable[[int, memoryview], bool],
