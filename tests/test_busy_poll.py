@@ -15,6 +15,7 @@ from conftest import _mount, needs_root
 from vswapfs import PAGE
 from vswapfs._control import BUSY_POLL
 from vswapfs._fs import SERVING_THREAD
+from vswapfs.cli import DEFAULT_BUSY_POLL_US
 from vswapfs.fuse import BusyPoll
 from vswapfs_lab.profile_daemon import thread_times
 
@@ -108,8 +109,9 @@ def _read_spaced(mnt: Path, reads: int, gap: float) -> None:
         os.close(fd)
 
 
-def _read_spaced_until(mnt: Path, shows: Callable[[dict[str, int]], bool], tries: int = 3) -> dict[str, int]:
-    """``_read_spaced(mnt, 1000, 200e-6)`` until ``shows`` holds for what
+def _read_spaced_until(mnt: Path, shows: Callable[[dict[str, int]], bool], gap: float = 200e-6,
+                       tries: int = 3) -> dict[str, int]:
+    """``_read_spaced(mnt, 1000, gap)`` until ``shows`` holds for what
     ``control/busy_poll`` counted over one run of it (caught, slept and
     ceded as differences), at most ``tries`` times; the last run's counts.
     On a shared VM the host can take the serving thread's CPU for longer than
@@ -117,7 +119,7 @@ def _read_spaced_until(mnt: Path, shows: Callable[[dict[str, int]], bool], tries
     behaviour has to show in one run of three, not in every one."""
     for _ in range(tries):
         before = _busy_poll(mnt)
-        _read_spaced(mnt, 1000, 200e-6)
+        _read_spaced(mnt, 1000, gap)
         after = _busy_poll(mnt)
         seen = {k: after[k] - before[k] if k in ("caught", "slept", "ceded") else after[k] for k in after}
         if shows(seen):
@@ -140,14 +142,15 @@ def test_busy_poll_catches_requests_that_come_within_its_window() -> None:
 
 
 def _slept_between(seen: dict[str, int]) -> bool:
-    return seen["max_us"] == 50 and seen["caught"] < 100 and seen["slept"] > 900
+    return seen["max_us"] == DEFAULT_BUSY_POLL_US and seen["caught"] < 100 and seen["slept"] > 900
 
 
 @needs_root
 def test_busy_poll_is_on_by_default_stops_polling_for_requests_further_apart_and_sleeps_when_idle() -> None:
     for mnt in _mount(["--size", "64M"]):
         pid = int((mnt / "control" / "pid").read_text())
-        seen = _read_spaced_until(mnt, _slept_between)  # 200 µs apart: longer than the default 50 µs
+        # 1 ms apart: five times the default window
+        seen = _read_spaced_until(mnt, _slept_between, gap=5 * DEFAULT_BUSY_POLL_US * 1e-6)
         assert _slept_between(seen), seen
         seen = _busy_poll(mnt)
         time.sleep(0.5)  # let the thread settle into its sleep
