@@ -40,7 +40,8 @@ def _size(text: str) -> int:
 DEFAULT_CHANNELS = 1
 MAX_CHANNELS = 64
 # what polling saves is a wake-up of tens of µs on a VM; 200, not 50: on a host where a swap-in's
-# gaps outlast 50 µs, 50 never polled (docs/sustained.md, "Busy polling's window")
+# gaps outlast 50 µs, 50 never polled (docs/sustained.md, "What a READ waits on, and busy
+# polling's window")
 DEFAULT_BUSY_POLL_US = 200
 MAX_BUSY_POLL_US = 1000
 

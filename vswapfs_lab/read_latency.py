@@ -102,13 +102,20 @@ def parse(text: str) -> Iterable[tuple[float, int, str, str]]:
 def split(evs: Iterable[tuple[float, int, str, str]], tid: int) -> dict[str, list[float]]:
     """Per READ, in µs: ``wake``, ``own``, ``reply``, ``total``; and
     ``behind`` (the totals of READs queued while a WRITE was outstanding),
-    ``clear`` (the others' totals), ``write`` (WRITEs' totals)."""
+    ``clear`` (the others' totals), ``write`` (WRITEs' totals).
+
+    The kernel hands requests out in the order they were queued, so the
+    serving thread's next read(2) of a READ's size takes the oldest READ
+    not yet taken, and its next writev(2) is that READ's reply (one thread
+    serves a request at a time).  A READ another thread took (a control
+    file's, on the event loop) is dropped when it ends."""
     rd, wv = SYSCALLS[platform.machine()]
     sent: dict[tuple[str, str], tuple[float, int]] = {}
     done: list[tuple[float, float, int]] = []  # (queued, ended, opcode)
     parts: dict[str, list[float]] = {"wake": [], "own": [], "reply": []}
-    cur: dict[str, float] | None = None  # the READ being followed: one at a time
-    cur_req: tuple[str, str] | None = None
+    waiting: dict[tuple[str, str], float] = {}  # READs queued, not yet read: when queued (in order)
+    taken: dict[tuple[str, str], list[float]] = {}  # READs read: [queued, read, writev]
+    last: tuple[str, str] | None = None  # the READ the thread read last, until its reply
     for t, who, ev, rest in evs:
         if ev == "fuse:fuse_request_send" or ev == "fuse:fuse_request_end":
             m = _REQ.search(rest)
@@ -118,24 +125,26 @@ def split(evs: Iterable[tuple[float, int, str, str]], tid: int) -> dict[str, lis
             if ev.endswith("send"):
                 op = int(m.group(3) or 0)
                 sent[req] = (t, op)
-                if op == OP_READ and cur is None:
-                    cur, cur_req = {"send": t}, req
+                if op == OP_READ:
+                    waiting[req] = t
             elif req in sent:
                 t0, op = sent.pop(req)
                 done.append((t0, t, op))
-                if req == cur_req and cur is not None:
-                    if "writev" in cur:
-                        parts["wake"].append((cur["read"] - cur["send"]) * 1e6)
-                        parts["own"].append((cur["writev"] - cur["read"]) * 1e6)
-                        parts["reply"].append((t - cur["writev"]) * 1e6)
-                    cur = cur_req = None
-        elif who == tid and cur is not None:
-            if ev == "raw_syscalls:sys_exit" and "read" not in cur \
-                    and rest.startswith(f"NR {rd} ") and rest.endswith(f"= {READ_REQUEST_BYTES}"):
-                cur["read"] = t
-            elif ev == "raw_syscalls:sys_enter" and "read" in cur and "writev" not in cur \
-                    and rest.startswith(f"NR {wv} "):
-                cur["writev"] = t
+                waiting.pop(req, None)
+                times = taken.pop(req, None)
+                if times is not None and len(times) == 3:
+                    parts["wake"].append((times[1] - times[0]) * 1e6)
+                    parts["own"].append((times[2] - times[1]) * 1e6)
+                    parts["reply"].append((t - times[2]) * 1e6)
+        elif who == tid:
+            if ev == "raw_syscalls:sys_exit" and rest.startswith(f"NR {rd} "):
+                last = None
+                if rest.endswith(f"= {READ_REQUEST_BYTES}") and waiting:
+                    last = next(iter(waiting))
+                    taken[last] = [waiting.pop(last), t]
+            elif ev == "raw_syscalls:sys_enter" and rest.startswith(f"NR {wv} ") and last in taken:
+                taken[last].append(t)
+                last = None
     done.sort()
     writes = [(a, b) for a, b, op in done if op == OP_WRITE]
     starts = [a for a, _ in writes]
