@@ -23,7 +23,7 @@ between the backends; tracing slows every backend a little.  Needs root,
 ``perf`` and redis (Debian's ``linux-perf``, ``redis-server``, ``redis-tools``).
 
     python3 -m vswapfs_lab.read_latency [--rounds 3] [--only fuse-floor-c,fuse-floor-c-lz4,vswapfs]
-        [--variant NAME=ARGS]...   # vswapfs with these options too, e.g. bp200="--busy-poll 200"
+        [--variant NAME=ARGS]...   # vswapfs with these options too, e.g. bp50="--busy-poll 50"
 """
 
 from __future__ import annotations
@@ -81,7 +81,21 @@ def record(out: str) -> subprocess.Popen[bytes]:
                           "-e", "raw_syscalls:sys_enter", "--filter", f"id == {wv}"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # perf has its buffers mapped before the first GET
+    if p.poll() is not None:
+        raise RuntimeError(f"perf record exited ({p.returncode}): does this kernel have the "
+                           "fuse:fuse_request_send tracepoint (perf list fuse)?")
     return p
+
+
+def stop(p: subprocess.Popen[bytes]) -> None:
+    """Stop a recording: SIGINT, so perf writes its file out; killed if it hangs."""
+    p.send_signal(signal.SIGINT)
+    try:
+        p.wait(60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
 
 
 def events(data: str) -> Iterable[tuple[float, int, str, str]]:
@@ -191,8 +205,7 @@ def one(b: bench.Backend, work: str) -> dict[str, float]:
             row = kv.bench_gets(kv.PORT, keys, kv.REQUESTS, 4)
             row["kv_get_cpu_s"] = round(linux.cpu_busy_s() - c0, 2)
         finally:
-            perf.send_signal(signal.SIGINT)
-            perf.wait(60)
+            stop(perf)
         bad = kv.check(kv.PORT, keys, 2000)
     if bad:
         raise RuntimeError(f"{b.name}: {bad} values read back wrong")
@@ -234,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", default="fuse-floor-c,fuse-floor-c-lz4,vswapfs")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=ARGS",
-                   help="vswapfs with these options as well (e.g. bp200='--busy-poll 200')")
+                   help="vswapfs with these options as well (e.g. bp50='--busy-poll 50')")
     a = p.parse_args(argv)
     admin.check_root()
+    if platform.machine() not in SYSCALLS:
+        raise SystemExit(f"read_latency knows the syscall numbers of {', '.join(SYSCALLS)} only")
     for tool in ("perf", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
             raise SystemExit(f"read_latency needs {tool}")
