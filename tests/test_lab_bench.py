@@ -7,13 +7,14 @@ import json
 import math
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from conftest import needs_root
 
-from vswapfs import admin, linux, zswap
+from vswapfs import MiB, admin, linux, zswap
 from vswapfs_lab import bench, bench_requests
 
 
@@ -108,6 +109,26 @@ def test_give_back_time_is_when_99_percent_of_the_peak_was_back() -> None:
     assert bench.give_back_s(samples, baseline=100, exit_at=2.0, share=0.5) == 0.5
     assert bench.give_back_s(samples[:5], baseline=100, exit_at=2.0, share=1.0) is None  # never all
     assert bench.give_back_s([(0.0, 100)], baseline=100, exit_at=0.0) == 0.0
+
+
+def test_sampled_takes_the_peak_while_the_block_runs_and_what_came_back_after_it() -> None:
+    level = {"mem": 100 * MiB, "held": 0}
+    b = bench.Backend("sampled", lambda: None, lambda: None, memory=lambda: level["mem"],
+                      held=lambda: level["held"])
+    with bench.sampled(b, sample_held=True) as mem:
+        level.update(mem=300 * MiB, held=500 * MiB)
+        time.sleep(0.3)  # the memory sampler looks every 20 ms, the held one every 100 ms
+        level["mem"] = 100 * MiB  # all of it given back as the block ends
+    assert mem["peak_mem_mib"] == 300.0 and mem["held_mib"] == 500.0
+    assert mem["returned_pct"] == 100.0 and 0.0 <= mem["return99_s"] < 0.5
+
+
+def test_sampled_stops_its_samplers_when_the_block_fails() -> None:
+    b = bench.Backend("sampled", lambda: None, lambda: None, memory=lambda: 1)
+    with pytest.raises(RuntimeError, match="the workload failed"), bench.sampled(b) as mem:
+        raise RuntimeError("the workload failed")
+    assert mem == {}  # no figures from a run that did not finish
+    assert not [t for t in threading.enumerate() if isinstance(t, bench.Sampler)]
 
 
 @needs_root

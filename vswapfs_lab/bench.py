@@ -471,35 +471,47 @@ def give_back_s(samples: list[tuple[float, int]], baseline: int, exit_at: float,
                  if t >= exit_at and m - baseline <= peak * (1 - share)), None)
 
 
-def run_workload(b: Backend, limit_mib: int, cmd: list[str],
-                 sample_held: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
-    """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory figures).
-    ``sample_held``: also sample the data held (for vswapfs that reads a
-    control file through the mount, which the timed workloads should not see)."""
+@contextlib.contextmanager
+def sampled(b: Backend, sample_held: bool = False) -> Iterator[dict[str, float]]:
+    """Sample ``b``'s memory (and, with ``sample_held``, the data it holds)
+    while the block runs and for 2.2 s after it ends; the dict yielded is
+    then filled with the peak, the data held at the peak, and how much of
+    the memory came back after the block ended.  ``sample_held`` reads, for
+    vswapfs, a control file through the mount, 10 times a second."""
     baseline = b.memory()
     sampler = Sampler(b.memory)
     held = Sampler(b.held if sample_held else (lambda: 0), 0.1)
     sampler.start()
     held.start()
-    with MemCgroup(f"vswapfs-bench-{os.getpid()}", limit_mib * MiB) as cg:
+    mem: dict[str, float] = {}
+    try:
+        yield mem
+        exit_at = time.monotonic()
+        time.sleep(2.2)
+    finally:
+        for s in (sampler, held):
+            s.halt.set()
+            s.join()
+    peak = max((m for _, m in sampler.samples), default=baseline)
+    mem.update(peak_mem_mib=round(peak / MiB, 1),
+               held_mib=round(max((h for _, h in held.samples), default=0) / MiB, 1),
+               returned_pct=returned(sampler.samples, baseline, exit_at))
+    soon = give_back_s(sampler.samples, baseline, exit_at)
+    if soon is not None:  # not within the window: the round has no figure
+        mem["return99_s"] = soon
+
+
+def run_workload(b: Backend, limit_mib: int, cmd: list[str],
+                 sample_held: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run ``cmd`` in a cgroup of ``limit_mib``; returns (its JSON, memory
+    figures: :func:`sampled`'s)."""
+    with sampled(b, sample_held) as mem, MemCgroup(f"vswapfs-bench-{os.getpid()}", limit_mib * MiB) as cg:
         proc = cg.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = proc.communicate(timeout=1800)
-    exit_at = time.monotonic()
-    time.sleep(2.2)
-    for s in (sampler, held):
-        s.halt.set()
-        s.join()
     if proc.returncode:
         raise RuntimeError(f"{b.name}: {' '.join(cmd[:4])} failed ({proc.returncode}): {err.decode()[-500:]}")
     text = out.decode().strip().splitlines()[-1]
     result = json.loads(text) if text.startswith("{") else {"seconds": float(text)}
-    peak = max((m for _, m in sampler.samples), default=baseline)
-    mem = {"peak_mem_mib": round(peak / MiB, 1),
-           "held_mib": round(max((h for _, h in held.samples), default=0) / MiB, 1),
-           "returned_pct": returned(sampler.samples, baseline, exit_at)}
-    soon = give_back_s(sampler.samples, baseline, exit_at)
-    if soon is not None:  # not within the window: the round has no figure
-        mem["return99_s"] = soon
     return result, mem
 
 
@@ -536,7 +548,9 @@ def one_round(b: Backend, limit_mib: int, mib: int | None = None,
             print(f"{b.name}: pyheap did not finish: {str(e).splitlines()[-1]}", flush=True)
     if "kv" in workloads:
         served = b.served() if b.served else {}
-        row.update(kv.run(KV_LIMIT))
+        with sampled(b, sample_held=True) as mem:  # the second workload for the memory target
+            row.update(kv.run(KV_LIMIT))
+        row.update(kv_peak_mem_mib=mem["peak_mem_mib"], kv_held_mib=mem["held_mib"])
         if b.served:
             row.update(served_delta(served, b.served(), "kv"))
     return row
@@ -610,6 +624,8 @@ METRICS = {  # name -> (label, lower is better, target as a ratio to zram, or No
     "kv_p99_ms": ("redis GET p99 (ms)", True, None),
     "kv_load_s": ("redis load of the heap (s)", True, None),
     "kv_get_cpu_s": ("redis GETs: CPU time of the whole machine (CPU-s)", True, None),
+    "kv_peak_mem_mib": ("redis: memory at peak (MiB)", True, None),
+    "kv_held_mib": ("redis: swapped data held at peak (MiB, uncompressed)", True, None),
     "peak_mem_mib": ("memory at peak (MiB)", True, 0.75),
     "held_mib": ("swapped data held at peak (MiB, uncompressed)", True, None),
     "returned_pct": ("memory returned within 2 s (%)", False, None),
@@ -837,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
     if "kv" in workloads and not a.render and (why := kv.available()):
         print(f"bench: no kv workload: {why}", file=sys.stderr)
         workloads = tuple(w for w in workloads if w != "kv")
+        if not workloads:  # rounds of nothing would print a table of dashes
+            return 2
     if a.render:
         try:
             render(Path(a.render), Path(a.out))
