@@ -65,6 +65,30 @@ def test_cli_bad_channels_busy_poll_reserve_and_algorithm(tmp_path: Path, opt: s
     assert admin.mount_type(str(tmp_path)) is None
 
 
+@pytest.mark.parametrize(("opt", "word"), [("--workers=0", "1..64"), ("--workers=-2", "1..64"),
+                                           ("--workers=65", "1..64"), ("--rounds=-1", "0..1000000"),
+                                           ("--rounds=many", "0..1000000"),
+                                           ("--multiple=0", "above 0"), ("--multiple=nan", "above 0"),
+                                           ("--duration=-5", "above 0"), ("--duration=1h", "above 0"),
+                                           ("--mix=0:0:0", "three non-negative"),
+                                           ("--mix=1:x:1", "three non-negative"),
+                                           ("--mix=1:1", "three non-negative"),
+                                           ("--mix=1:-1:1", "three non-negative"),
+                                           ("--limit=lots", "not a size")])
+def test_cli_bad_stress_options_are_one_clear_line_before_any_worker(tmp_path: Path, opt: str,
+                                                                     word: str) -> None:
+    r = cli("stress", str(tmp_path), opt)  # not a mount either: the options are checked first
+    assert r.returncode == 2 and word in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "not a vswapfs mount" not in r.stderr
+
+
+def test_the_workload_refuses_a_bad_mix_in_one_line() -> None:
+    r = subprocess.run([sys.executable, "-m", "vswapfs.workload", "--mib", "1", "--mix", "1:x:1"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--mix: weights must be three non-negative" in r.stderr
+
+
 @needs_root
 def test_reserve_below_a_chunk_or_the_pool_limit_is_one_clear_line(tmp_path: Path) -> None:
     one_clear_line(cli("mount", str(tmp_path), "--reserve=1M", "--pool-limit=2M"), "larger than --reserve")

@@ -46,21 +46,51 @@ DEFAULT_BUSY_POLL_US = 200
 MAX_BUSY_POLL_US = 1000
 
 
-def _whole_number(what: str, top: int) -> Callable[[str], int]:
-    """An argparse type: an integer in 0..``top``, else one clear line naming ``what``."""
+def _whole_number(what: str, top: int, low: int = 0) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low``..``top``, else one clear line naming ``what``."""
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
-            n = -1
-        if not 0 <= n <= top:
-            raise argparse.ArgumentTypeError(f"{what} must be an integer in 0..{top}, not {text!r}")
+            n = low - 1
+        if not low <= n <= top:
+            raise argparse.ArgumentTypeError(f"{what} must be an integer in {low}..{top}, not {text!r}")
         return n
     return parse
 
 
+def _positive(what: str, top: float) -> Callable[[str], float]:
+    """An argparse type: a number above 0 and at most ``top``, else one clear line."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = -1.0
+        if not 0 < x <= top:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{what} must be a number above 0 and at most {top:g}, "
+                                             f"not {text!r}")
+        return x
+    return parse
+
+
+def _mix(text: str) -> str:
+    """An argparse type: stress's zero:text:random weights, checked before any worker starts."""
+    from .workload import parse_mix
+
+    try:
+        parse_mix(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 _channels = _whole_number("channels", MAX_CHANNELS)
 _busy_poll = _whole_number("busy-poll (µs)", MAX_BUSY_POLL_US)
+MAX_STRESS_WORKERS = 64
+_workers = _whole_number("workers", MAX_STRESS_WORKERS, low=1)
+_rounds = _whole_number("rounds", 1_000_000)
+_multiple = _positive("multiple", 100.0)
+_duration = _positive("duration (s)", 7 * 86400.0)
 
 
 def _limit(text: str) -> int:
@@ -217,13 +247,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="recover after the daemon died: abort the FUSE connection")
     t = sub.add_parser("stress", help="verify every page under memory pressure (swap must be up)")
     t.add_argument("mountpoint")
-    t.add_argument("--workers", type=int, default=2)
+    t.add_argument("--workers", type=_workers, default=2,
+                   help=f"processes that share the working set (default 2, at most {MAX_STRESS_WORKERS})")
     t.add_argument("--limit", type=_size, default=64 << 20, help="memory cgroup limit (default 64M)")
-    t.add_argument("--multiple", type=float, default=3.0, help="working set / limit (default 3)")
+    t.add_argument("--multiple", type=_multiple, default=3.0, help="working set / limit (default 3)")
     t.add_argument("--pattern", choices=("seq", "random", "cow", "mix"), default="mix")
-    t.add_argument("--duration", type=float, default=60.0, help="seconds (default 60)")
-    t.add_argument("--rounds", type=int, default=0, help="rounds per worker instead of a duration")
-    t.add_argument("--mix", default="1:1:1", help="zero:text:random page weights")
+    t.add_argument("--duration", type=_duration, default=60.0, help="seconds (default 60)")
+    t.add_argument("--rounds", type=_rounds, default=0,
+                   help="rounds per worker instead of a duration (default 0: the duration)")
+    t.add_argument("--mix", type=_mix, default="1:1:1", help="zero:text:random page weights")
     i = sub.add_parser("install-helpers", help="install mount.fuse.vswapfs and the systemd unit")
     i.add_argument("--root", default="/", help="install under this directory (default /)")
     s = sub.add_parser("status", help="a zramctl-like table of vswapfs mounts")

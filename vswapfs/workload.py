@@ -220,6 +220,19 @@ def run(mib: int, pattern: str = "seq", rounds: int = 1, mix: tuple[int, int, in
             "free_s": round(time.perf_counter() - t0, 3), "pid": os.getpid()}
 
 
+def parse_mix(text: str) -> tuple[int, int, int]:
+    """``zero:text:random`` page weights, three non-negative integers, not all 0;
+    ValueError with one clear line otherwise."""
+    bad = ValueError(f"weights must be three non-negative integers, not all 0, like 1:1:1; not {text!r}")
+    try:
+        zero, text_w, rand = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise bad from None
+    if min(zero, text_w, rand) < 0 or zero + text_w + rand == 0:
+        raise bad
+    return zero, text_w, rand
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mib", type=int, required=True)
@@ -237,9 +250,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--hold", action="store_true", help="after filling, wait for a line on stdin")
     a = p.parse_args()
-    mix = tuple(int(x) for x in a.mix.split(":"))
-    if len(mix) != 3 or sum(mix) <= 0 or min(mix) < 0:
-        p.error("--mix takes three non-negative weights like 1:1:1")
+    try:
+        mix = parse_mix(a.mix)
+    except ValueError as e:
+        p.error(f"--mix: {e}")
     if a.kind_run < 1:
         p.error(f"--kind-run takes a number of pages of at least 1, not {a.kind_run}")
     use_kind_run(a.kind_run)
