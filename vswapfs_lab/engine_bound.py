@@ -37,6 +37,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from vswapfs._build import BUILT_FROM
+
 from . import bench
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout the variants are built from
@@ -44,8 +46,7 @@ CUT_ENV = "VSWAPFS_LAB_CUT"  # read by the variants' SwapSpace: "lz4" or "raw"
 VARIANTS = {"vswapfs-dict-lz4": "lz4", "vswapfs-dict-raw": "raw"}
 BACKENDS = ("fuse-floor-c", "fuse-floor-c-lz4", "vswapfs", *VARIANTS)
 
-# The cut, as (anchor in vswapfs/engine/_space.py, text put in front of it).
-# An anchor that is not there once fails the build of the variants loudly.
+# The cut: the variants' globals, and what their write() and read() do first.
 _CUT_MODULE = '''
 _LAB_CUT: Final = os.environ.get("VSWAPFS_LAB_CUT", "")  # vswapfs_lab.engine_bound's variants
 _LAB_PAGES: dict[int, int | bytes] = {}  # slot -> same-filled value's word or the stored page
@@ -99,7 +100,7 @@ def cut_source(dest: Path, src: Path = ROOT) -> Path:
     """Copy the package and setup.py from ``src`` to ``dest`` with the cut
     applied to ``vswapfs/engine/_space.py``; returns that file's path."""
     shutil.copytree(src / "vswapfs", dest / "vswapfs",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_built.json"))
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", BUILT_FROM))
     for name in ("setup.py", "pyproject.toml"):
         shutil.copy2(src / name, dest / name)
     path = dest / "vswapfs" / "engine" / "_space.py"
