@@ -91,3 +91,18 @@ def test_the_table_gives_medians_and_the_ratio_to_the_floor() -> None:
                                "vswapfs-dict-raw": [row(11), row(12), row(13)]})
     assert "| fuse-floor-c | 10.00 (15.00) | 1.00x | 20.00 (10.00) | 3 |" in text
     assert "| vswapfs-dict-raw | 12.00 (18.00) | 1.20x | 24.00 (12.00) | 3 |" in text
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--only", "zram"], "no backend zram"),
+    (["--only", ","], "no backend named"),
+    (["--rounds", "0"], "--rounds must be at least 1, not 0"),
+    (["--limit", "-5"], "--limit must be at least 1, not -5"),
+    (["--mib", "0"], "--mib must be at least 1, not 0"),
+])
+def test_bad_options_are_one_clear_line_before_anything_is_built(
+        argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        engine_bound.main(argv)
+    assert e.value.code == 2
+    assert says in capsys.readouterr().err

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the checkout the variants are b
 CUT_ENV = "VSWAPFS_LAB_CUT"  # read by the variants' SwapSpace: "lz4" or "raw"
 VARIANTS = {"vswapfs-dict-lz4": "lz4", "vswapfs-dict-raw": "raw"}
 BACKENDS = ("fuse-floor-c", "fuse-floor-c-lz4", "vswapfs", *VARIANTS)
+HEADER_PAGES = (1 << 20) // 4096  # the image's first MiB, which the variants leave to the engine
 
 # The cut: the variants' globals, and what their write() and read() do first.
 _CUT_MODULE = '''
@@ -165,6 +166,10 @@ def one_round(b: bench.Backend, limit_mib: int, mib: int, pages: list[str]) -> d
     with bench.brought_up(b):
         r, _ = bench.run_workload(b, limit_mib, [sys.executable, "-m", "vswapfs.workload",
                                                  "--mib", str(mib), *pages])
+        if b.name in VARIANTS:  # the cut ran: past the first MiB, no page reached the engine
+            stored = int(Path(str(b.state["mnt"]), "control", "stored_pages").read_text())
+            if stored > HEADER_PAGES:
+                raise RuntimeError(f"{b.name}: the engine holds {stored} pages: the cut did not run")
     return {k: float(r[k]) for k in ("write_s", "verify_s", "write_cpu_s", "verify_cpu_s")}
 
 
@@ -194,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write every round there as JSON")
     a = p.parse_args(argv)
     names = [n for n in a.only.split(",") if n]
-    if bad := [n for n in names if n not in BACKENDS]:
-        p.error(f"no backend {', '.join(bad)}; there are {', '.join(BACKENDS)}")
-    if a.rounds < 1:
-        p.error("--rounds must be at least 1")
+    bad = [n for n in names if n not in BACKENDS]
+    if not names or bad:
+        p.error(f"no backend {', '.join(bad) or 'named'}; there are {', '.join(BACKENDS)}")
+    for flag, value in (("--rounds", a.rounds), ("--limit", a.limit), ("--mib", a.mib)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, not {value}")
     pages = ["--files"] if a.pages == "files" else ["--mix", "0:1:1"]
     rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="vswapfs-engine-bound-") as tmp:
