@@ -154,6 +154,19 @@ def _swapon(dev: str) -> None:
     _run("swapon", "--discard", "-p", str(PRIORITY), dev)
 
 
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` set while the block runs (a daemon
+    started in it inherits them), as it was before after."""
+    saved = dict(os.environ)
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def pure_copy() -> str:
     """A copy of the installed package's source without its compiled modules
     (see setup.py), in a new directory: a daemon started with it first on
@@ -187,14 +200,11 @@ def vswapfs_backend(name: str, args: list[str], zswap_pool_percent: int | None =
                 os.unlink(b)
         st["mnt"] = mnt
         values = zswap.wanted(None, zswap_pool_percent, zswap_shrinker) if front else None
-        env = dict(os.environ)
+        extra = {}
         if pure:
-            st["pure"] = os.environ["PYTHONPATH"] = pure_copy()
-        try:
+            st["pure"] = extra["PYTHONPATH"] = pure_copy()
+        with environ(**extra):
             admin.up(mnt, args, priority=PRIORITY, zswap_values=values)
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
         build = Path(mnt, "control", "build").read_text().strip()
         if build != ("python" if pure else _build.kind()):
             down()  # nothing left mounted or swapped on by a run that cannot go on

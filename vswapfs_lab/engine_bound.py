@@ -25,7 +25,6 @@ a yardstick for one run, not a daemon.  ``python3 -m vswapfs_lab.engine_bound
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -34,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from vswapfs._build import BUILT_FROM
@@ -132,19 +130,6 @@ def build_variants(dest: Path) -> None:
         raise RuntimeError(f"the variants did not compile: {kind.stdout.strip() or kind.stderr[-500:]}")
 
 
-@contextlib.contextmanager
-def environ(**values: str) -> Iterator[None]:
-    """``os.environ`` with ``values`` set while the block runs (the daemon
-    inherits it when it starts)."""
-    saved = dict(os.environ)
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def backend(name: str, variants: Path | None) -> bench.Backend:
     """The named backend; a variant's daemon starts from ``variants``."""
     if name.startswith("fuse-floor-c"):
@@ -156,7 +141,7 @@ def backend(name: str, variants: Path | None) -> bench.Backend:
     up = b.up
 
     def up_cut() -> None:
-        with environ(PYTHONPATH=str(variants), **{CUT_ENV: VARIANTS[name]}):
+        with bench.environ(PYTHONPATH=str(variants), **{CUT_ENV: VARIANTS[name]}):
             up()
     return dataclasses.replace(b, up=up_cut)
 
