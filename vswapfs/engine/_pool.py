@@ -334,11 +334,15 @@ class Pool:
 
     # -- access ---------------------------------------------------------
 
-    def load(self, obj: int, length: int) -> bytes:
-        """A copy of the object's bytes."""
+    def offset(self, obj: int, length: int) -> int:
+        """Where the object of ``length`` bytes starts in the arena (its memfd)."""
         cls = self._classes[size_class(length)]
         per = cls.per_chunk  # not divmod: compiled, // and % stay native int arithmetic
-        off = cls.chunks[obj // per] + obj % per * cls.size
+        return cls.chunks[obj // per] + obj % per * cls.size
+
+    def load(self, obj: int, length: int) -> bytes:
+        """A copy of the object's bytes."""
+        off = self.offset(obj, length)
         return self._map[off:off + length]
 
     def holds(self, obj: int, length: int) -> bool:
